@@ -1,0 +1,175 @@
+// Command metaconceal-install puts the metaconceal CNI plugin on a node: it copies the
+// plugin binary into the CNI bin dir and its entry into the node's primary CNI config,
+// keeps the entry there while the main CNI rewrites its file, and removes both on
+// uninstall. It is what the DaemonSet runs; see docs/install.md.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/conflist"
+	"github.com/metaconceal/metaconceal/pkg/installer"
+	"github.com/metaconceal/metaconceal/pkg/netconf"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	code := run(ctx, os.Args[1:], os.Stderr)
+	stop()
+	os.Exit(code)
+}
+
+// options are the parsed flags.
+type options struct {
+	binDir, confDir, plugin      string
+	once, uninstall, uninstallOn bool
+	mode, proxy, exclude         string
+	debounce, resync, waitTime   time.Duration
+	logFormat, logLevel          string
+}
+
+// parseFlags reports its errors on stderr itself.
+func parseFlags(args []string, stderr io.Writer) (*options, error) {
+	var o options
+	fs := flag.NewFlagSet("metaconceal-install", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.binDir, "cni-bin-dir", "/opt/cni/bin", "CNI bin dir the plugin binary is copied into")
+	fs.StringVar(&o.confDir, "cni-conf-dir", "/etc/cni/net.d", "CNI conf dir whose primary config gets the entry")
+	fs.StringVar(&o.plugin, "plugin-binary", defaultPluginBinary(), "plugin binary to copy (default: metaconceal next to this program)")
+	fs.BoolVar(&o.once, "once", false, "install, then exit (instead of watching the conf dir)")
+	fs.BoolVar(&o.uninstall, "uninstall", false, "remove the entry from every config in the conf dir and the binary, then exit")
+	fs.BoolVar(&o.uninstallOn, "uninstall-on-exit", false, "in watch mode, uninstall on SIGTERM/SIGINT")
+	fs.StringVar(&o.mode, "mode", string(netconf.DefaultMode), "plugin mode written into the entry: SECURE, EXPOSED or UNSPECIFIED")
+	fs.StringVar(&o.proxy, "proxy", netconf.DefaultProxy, "proxy address written into the entry")
+	fs.StringVar(&o.exclude, "exclude-namespaces", "", "comma-separated namespaces whose pods the plugin leaves alone")
+	fs.DurationVar(&o.debounce, "debounce", installer.DefaultDebounce, "watch: quiet time after a conf dir change before checking the config")
+	fs.DurationVar(&o.resync, "resync", installer.DefaultResync, "watch: how often to check binary and entry without any change (0 disables)")
+	fs.DurationVar(&o.waitTime, "wait-timeout", 0, "--once: give up when no CNI config appears within this time (0 waits forever)")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(stderr, "metaconceal-install: unexpected arguments %q\n", fs.Args())
+		return nil, errors.New("unexpected arguments")
+	}
+	return &o, nil
+}
+
+func run(ctx context.Context, args []string, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if err != nil {
+		return 2 // the flag package or parseFlags said why
+	}
+	log, err := newLogger(stderr, o.logFormat, o.logLevel)
+	if err != nil {
+		fmt.Fprintf(stderr, "metaconceal-install: %v\n", err)
+		return 2
+	}
+	if o.once && o.uninstall {
+		log.Error("--once and --uninstall exclude each other")
+		return 2
+	}
+	entry := entryOf(o)
+	if err := validateEntry(entry); err != nil {
+		log.Error("refusing to write an entry the plugin would reject", "err", err)
+		return 2
+	}
+	in, err := installer.New(installer.Options{
+		BinDir: o.binDir, ConfDir: o.confDir, PluginBinary: o.plugin, Entry: entry,
+		Debounce: o.debounce, Resync: o.resync, Log: log,
+	})
+	if err != nil {
+		log.Error("cannot start", "err", err)
+		return 1
+	}
+
+	switch {
+	case o.uninstall:
+		err = in.Uninstall()
+	case o.once:
+		if o.waitTime > 0 {
+			var cancel context.CancelFunc
+			ctx, cancel = context.WithTimeout(ctx, o.waitTime)
+			defer cancel()
+		}
+		err = in.Once(ctx)
+	default:
+		log.Info("watching", "dir", o.confDir, "uninstall_on_exit", o.uninstallOn)
+		err = in.Run(ctx, o.uninstallOn)
+	}
+	if err != nil {
+		log.Error("failed", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func entryOf(o *options) conflist.Entry {
+	return conflist.Entry{Mode: o.mode, Proxy: o.proxy, ExcludeNamespaces: splitList(o.exclude)}
+}
+
+// validateEntry runs the entry through the plugin's own config parser.
+func validateEntry(e conflist.Entry) error {
+	raw, err := e.Marshal("", "")
+	if err != nil {
+		return err
+	}
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		return err
+	}
+	m["cniVersion"], m["name"] = "1.0.0", "validate"
+	conf, err := json.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = netconf.Parse(conf)
+	return err
+}
+
+func defaultPluginBinary() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "/metaconceal/" + conflist.PluginType
+	}
+	return filepath.Join(filepath.Dir(exe), conflist.PluginType)
+}
+
+func splitList(s string) []string {
+	var out []string
+	for item := range strings.SplitSeq(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lvl}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("--log-format %q: want text or json", format)
+}

@@ -1,0 +1,461 @@
+// Package cniplugin implements the verbs of the metaconceal chained CNI plugin: ADD,
+// DEL, CHECK, GC and STATUS. plugins/metaconceal wires them into skel; tests call them
+// in-process with a skel.CmdArgs.
+package cniplugin
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"slices"
+	"time"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/metaconceal/metaconceal/pkg/netconf"
+	"github.com/metaconceal/metaconceal/pkg/redirect"
+	"github.com/metaconceal/metaconceal/pkg/state"
+)
+
+// About is printed by the VERSION verb and by running the binary without CNI_COMMAND.
+const About = "metaconceal: chained CNI plugin that redirects a pod's GCE metadata traffic to the concealing proxy"
+
+// SupportedVersions are the CNI spec versions the plugin speaks. skel dispatches CHECK
+// from 0.4.0 and GC and STATUS from 1.1.0.
+var SupportedVersions = version.PluginSupports("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
+
+// statusDialTimeout bounds STATUS: runtimes call it often and a node-local listener
+// answers in microseconds.
+const statusDialTimeout = time.Second
+
+// iptablesTimeout bounds the iptables processes of one verb.
+const iptablesTimeout = 60 * time.Second
+
+// Plugin carries the plugin's outputs; the zero value writes the result to os.Stdout
+// and logs to os.Stderr.
+type Plugin struct {
+	Stdout io.Writer
+	Stderr io.Writer
+
+	// lastRunner is the iptables runner of the last verb, for tests that count
+	// processes.
+	lastRunner *redirect.Runner
+}
+
+// Funcs returns the verbs for skel.PluginMainFuncs.
+func (p *Plugin) Funcs() skel.CNIFuncs {
+	return skel.CNIFuncs{Add: p.Add, Del: p.Del, Check: p.Check, GC: p.GC, Status: p.Status}
+}
+
+func (p *Plugin) stdout() io.Writer {
+	if p.Stdout != nil {
+		return p.Stdout
+	}
+	return os.Stdout
+}
+
+// logger logs to stderr and, when configured, appends to logFile. A log file that
+// cannot be opened is reported on stderr and does not fail the verb.
+func (p *Plugin) logger(conf *netconf.Config, verb string, args *skel.CmdArgs) (*slog.Logger, func()) {
+	var w io.Writer = os.Stderr
+	if p.Stderr != nil {
+		w = p.Stderr
+	}
+	closeFn := func() {}
+	var openErr error
+	if conf != nil && conf.LogFile != "" {
+		f, err := os.OpenFile(conf.LogFile, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		if err != nil {
+			openErr = err
+		} else {
+			w = io.MultiWriter(w, f)
+			closeFn = func() { _ = f.Close() } // append-only log; a close error loses nothing we could report
+		}
+	}
+	log := slog.New(slog.NewTextHandler(w, nil)).With("plugin", "metaconceal", "verb", verb)
+	if args != nil {
+		log = log.With("containerID", args.ContainerID, "ifname", args.IfName, "netns", args.Netns)
+	}
+	if openErr != nil {
+		log.Warn("cannot open logFile; logging to stderr only", "logFile", conf.LogFile, "err", openErr)
+	}
+	return log, closeFn
+}
+
+func (p *Plugin) newRunner(conf *netconf.Config) *redirect.Runner {
+	r := redirect.NewRunner(redirect.Backend(conf.IptablesBackend))
+	p.lastRunner = r
+	return r
+}
+
+func attachment(args *skel.CmdArgs) redirect.Attachment {
+	return redirect.Attachment{ContainerID: args.ContainerID, IfName: args.IfName}
+}
+
+// spec returns the rules of one family for conf; Metadata is empty when the config
+// lists no address of that family.
+func spec(conf *netconf.Config, family redirect.Family, att redirect.Attachment) redirect.Spec {
+	if family == redirect.IPv6 {
+		return redirect.Spec{Family: family, Attachment: att, Metadata: conf.Metadata6, Proxy: conf.Proxy6Addr}
+	}
+	return redirect.Spec{Family: family, Attachment: att, Metadata: conf.Metadata4, Proxy: conf.ProxyAddr}
+}
+
+// wantedSpecs are the families ADD installs: IPv4 when there is an IPv4 metadata
+// address, IPv6 only when the pod also has an IPv6 address.
+func wantedSpecs(conf *netconf.Config, att redirect.Attachment, podIPs []netip.Addr) []redirect.Spec {
+	var out []redirect.Spec
+	if len(conf.Metadata4) > 0 {
+		out = append(out, spec(conf, redirect.IPv4, att))
+	}
+	if len(conf.Metadata6) > 0 && slices.ContainsFunc(podIPs, func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }) {
+		out = append(out, spec(conf, redirect.IPv6, att))
+	}
+	return out
+}
+
+func hasIPv6(ips []string) bool {
+	return slices.ContainsFunc(ips, func(s string) bool {
+		a, err := netip.ParseAddr(s)
+		return err == nil && a.Is6() && !a.Is4In6()
+	})
+}
+
+// parsePrevResult requires and converts the previous plugin's result.
+func parsePrevResult(conf *netconf.Config) (*current.Result, error) {
+	if conf.RawPrevResult == nil {
+		return nil, types.NewError(types.ErrInvalidNetworkConfig, "metaconceal: must be called as a chained plugin (no prevResult)", "")
+	}
+	if err := version.ParsePrevResult(&conf.NetConf); err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "metaconceal: cannot parse prevResult", err.Error())
+	}
+	res, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return nil, types.NewError(types.ErrDecodingFailure, "metaconceal: cannot convert prevResult", err.Error())
+	}
+	return res, nil
+}
+
+func podIPs(res *current.Result) []netip.Addr {
+	var out []netip.Addr
+	for _, ipc := range res.IPs {
+		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+func ipStrings(ips []netip.Addr) []string {
+	out := make([]string, len(ips))
+	for i, a := range ips {
+		out[i] = a.String()
+	}
+	return out
+}
+
+// gone reports whether err says the netns does not exist (any more).
+func gone(err error) bool {
+	var notExist ns.NSPathNotExistErr
+	var notNS ns.NSPathNotNSErr
+	return errors.As(err, &notExist) || errors.As(err, &notNS)
+}
+
+// Add installs the attachment's rules in the pod netns, writes its state record and
+// passes prevResult through.
+func (p *Plugin) Add(args *skel.CmdArgs) error {
+	start := time.Now()
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log, closeLog := p.logger(conf, "ADD", args)
+	defer closeLog()
+	prev, err := parsePrevResult(conf)
+	if err != nil {
+		return err
+	}
+	pod := netconf.ParsePodArgs(args.Args)
+	log = log.With("podNamespace", pod.Namespace, "podName", pod.Name, "mode", conf.Mode)
+	passThrough := func() error {
+		// prevResult goes out unchanged, in the conf's version (what types.PrintResult
+		// does, to a writer that tests can capture).
+		out, err := conf.PrevResult.GetAsVersion(conf.CNIVersion)
+		if err != nil {
+			return types.NewError(types.ErrIncompatibleCNIVersion, "metaconceal: cannot convert prevResult to cniVersion "+conf.CNIVersion, err.Error())
+		}
+		return out.PrintTo(p.stdout())
+	}
+
+	if !conf.Mode.Conceals() {
+		log.Info("mode does not conceal; nothing installed")
+		return passThrough()
+	}
+	if conf.Excluded(pod.Namespace) {
+		log.Info("pod namespace is in excludeNamespaces; nothing installed")
+		return passThrough()
+	}
+
+	att := attachment(args)
+	ips := podIPs(prev)
+	specs := wantedSpecs(conf, att, ips)
+	_, statErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
+	mayExist := statErr == nil
+	runner := p.newRunner(conf)
+	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
+	defer cancel()
+
+	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
+		var applied []redirect.Spec
+		for _, s := range specs {
+			if err := runner.Apply(ctx, s, mayExist); err != nil {
+				return errors.Join(fmt.Errorf("install %s rules: %w", s.Family, err), rollback(ctx, runner, applied))
+			}
+			applied = append(applied, s)
+		}
+		if mayExist && len(conf.Metadata6) > 0 && !slices.ContainsFunc(specs, func(s redirect.Spec) bool { return s.Family == redirect.IPv6 }) {
+			// A repeated ADD whose pod lost its IPv6 address: drop IPv6 rules of earlier ADDs.
+			if _, err := runner.Remove(ctx, spec(conf, redirect.IPv6, att), false); err != nil {
+				return errors.Join(fmt.Errorf("remove stale IPv6 rules: %w", err), rollback(ctx, runner, applied))
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		log.Error("ADD failed", "err", err, "iptables", runner.CountsString())
+		return types.NewError(types.ErrInternal, "metaconceal: cannot install metadata redirect rules", err.Error())
+	}
+
+	rec := state.Record{
+		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
+		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
+	}
+	if err := state.Write(conf.StateDir, rec); err != nil {
+		rbErr := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return rollback(ctx, runner, specs) })
+		log.Error("ADD failed writing state record; rules rolled back", "err", err, "rollbackErr", rbErr, "iptables", runner.CountsString())
+		return types.NewError(types.ErrIOFailure, "metaconceal: cannot write state record", errors.Join(err, rbErr).Error())
+	}
+	log.Info("metadata concealed", "families", len(specs), "podIPs", rec.IPs, "repeat", mayExist,
+		"iptables", runner.CountsString(), "duration", time.Since(start))
+	return passThrough()
+}
+
+// rollback removes the rules of specs; it runs inside the pod netns.
+func rollback(ctx context.Context, runner *redirect.Runner, specs []redirect.Spec) error {
+	var errs []error
+	for _, s := range specs {
+		if _, err := runner.Remove(ctx, s, true); err != nil {
+			errs = append(errs, fmt.Errorf("roll back %s rules: %w", s.Family, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeAttachment removes the attachment's rules in every family that may hold them
+// and reports whether anything was removed. It runs inside the pod netns.
+// recordFound and rec say what the state record knows about what ADD installed.
+func removeAttachment(ctx context.Context, runner *redirect.Runner, conf *netconf.Config, att redirect.Attachment, recordFound bool, rec state.Record) (bool, error) {
+	removed := false
+	for _, family := range []redirect.Family{redirect.IPv4, redirect.IPv6} {
+		s := spec(conf, family, att)
+		configured := len(s.Metadata) > 0
+		installed := recordFound && (family == redirect.IPv4 || hasIPv6(rec.IPs))
+		if !configured && !installed {
+			continue
+		}
+		if family == redirect.IPv6 && recordFound && !hasIPv6(rec.IPs) {
+			continue // ADD never installs IPv6 rules for a pod without an IPv6 address
+		}
+		if !recordFound && (!conf.Mode.Conceals() || !configured) {
+			continue // nothing of ours was recorded and this config installs nothing
+		}
+		did, err := runner.Remove(ctx, s, installed && configured)
+		if err != nil {
+			return removed, fmt.Errorf("remove %s rules: %w", family, err)
+		}
+		removed = removed || did
+	}
+	return removed, nil
+}
+
+// Del removes the attachment's rules and record. A missing netns, missing rules or a
+// second DEL are not errors.
+func (p *Plugin) Del(args *skel.CmdArgs) error {
+	start := time.Now()
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log, closeLog := p.logger(conf, "DEL", args)
+	defer closeLog()
+	rec, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
+	recordFound := readErr == nil
+	if readErr != nil && !errors.Is(readErr, state.ErrNotFound) {
+		log.Warn("state record unreadable; removing rules by inspection", "err", readErr)
+	}
+	runner := p.newRunner(conf)
+	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
+	defer cancel()
+
+	removed := false
+	if args.Netns != "" {
+		err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
+			var err error
+			removed, err = removeAttachment(ctx, runner, conf, attachment(args), recordFound, rec)
+			return err
+		})
+		switch {
+		case err != nil && gone(err):
+			log.Info("netns is gone; no rules to remove", "reason", err)
+		case err != nil:
+			log.Error("DEL failed", "err", err, "iptables", runner.CountsString())
+			return types.NewError(types.ErrInternal, "metaconceal: cannot remove metadata redirect rules", err.Error())
+		}
+	}
+	if err := state.Remove(conf.StateDir, args.ContainerID, args.IfName); err != nil {
+		log.Error("DEL failed removing state record", "err", err)
+		return types.NewError(types.ErrIOFailure, "metaconceal: cannot remove state record", err.Error())
+	}
+	log.Info("attachment released", "rulesRemoved", removed, "recordFound", recordFound,
+		"iptables", runner.CountsString(), "duration", time.Since(start))
+	return nil
+}
+
+// Check verifies that the attachment's rules and record are in place and match.
+func (p *Plugin) Check(args *skel.CmdArgs) error {
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log, closeLog := p.logger(conf, "CHECK", args)
+	defer closeLog()
+	prev, err := parsePrevResult(conf)
+	if err != nil {
+		return err
+	}
+	pod := netconf.ParsePodArgs(args.Args)
+	if !conf.Mode.Conceals() || conf.Excluded(pod.Namespace) {
+		return nil
+	}
+	fail := func(msg string, err error) error {
+		log.Error("CHECK failed", "problem", msg, "err", err)
+		return types.NewError(types.ErrInternal, "metaconceal: "+msg, fmt.Sprint(err))
+	}
+	att := attachment(args)
+	ips := podIPs(prev)
+	rec, err := state.Read(conf.StateDir, args.ContainerID, args.IfName)
+	if err != nil {
+		return fail("state record of "+att.String()+" is missing or unreadable", err)
+	}
+	want := state.Record{
+		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
+		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
+	}
+	if !recordsEqual(rec, want) {
+		return fail("state record of "+att.String()+" differs", fmt.Errorf("want %+v, got %+v", want, rec))
+	}
+	runner := p.newRunner(conf)
+	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
+		var errs []error
+		for _, s := range wantedSpecs(conf, att, ips) {
+			errs = append(errs, runner.Check(s))
+		}
+		return errors.Join(errs...)
+	})
+	if err != nil {
+		return fail("metadata redirect rules of "+att.String()+" are missing or differ", err)
+	}
+	log.Info("rules and record in place", "iptables", runner.CountsString())
+	return nil
+}
+
+func recordsEqual(a, b state.Record) bool {
+	return a.ContainerID == b.ContainerID && a.IfName == b.IfName && a.Netns == b.Netns &&
+		slices.Equal(a.IPs, b.IPs) && a.PodNamespace == b.PodNamespace && a.PodName == b.PodName && a.PodUID == b.PodUID
+}
+
+// GC removes the records, and the rules where their netns still exists, of every
+// attachment not listed in cni.dev/valid-attachments.
+func (p *Plugin) GC(args *skel.CmdArgs) error {
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return err
+	}
+	log, closeLog := p.logger(conf, "GC", nil)
+	defer closeLog()
+	valid := map[string]bool{}
+	for _, a := range conf.ValidAttachments {
+		valid[state.Key(a.ContainerID, a.IfName)] = true
+	}
+	records, listErr := state.List(conf.StateDir)
+	errs := []error{listErr}
+	runner := p.newRunner(conf)
+	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
+	defer cancel()
+	collected := 0
+	for _, rec := range records {
+		if valid[rec.Key()] {
+			continue
+		}
+		att := redirect.Attachment{ContainerID: rec.ContainerID, IfName: rec.IfName}
+		if rec.Netns != "" {
+			err := ns.WithNetNSPath(rec.Netns, func(ns.NetNS) error {
+				_, err := removeAttachment(ctx, runner, conf, att, true, rec)
+				return err
+			})
+			if err != nil && !gone(err) {
+				errs = append(errs, fmt.Errorf("attachment %s: %w", att, err))
+				continue // keep the record so that a later GC or DEL retries
+			}
+		}
+		if err := state.Remove(conf.StateDir, rec.ContainerID, rec.IfName); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		collected++
+		log.Info("collected stale attachment", "containerID", rec.ContainerID, "ifname", rec.IfName, "netns", rec.Netns)
+	}
+	log.Info("GC done", "records", len(records), "valid", len(valid), "collected", collected, "iptables", runner.CountsString())
+	if err := errors.Join(errs...); err != nil {
+		return types.NewError(types.ErrInternal, "metaconceal: GC incomplete", err.Error())
+	}
+	return nil
+}
+
+// Status fails with code 50 when the proxy does not accept TCP connections: pods
+// would get "connection refused" from the metadata server, so the runtime should
+// report the node not ready.
+func (p *Plugin) Status(args *skel.CmdArgs) error {
+	conf, err := netconf.Parse(args.StdinData)
+	if err != nil {
+		return err
+	}
+	if !conf.Mode.Conceals() {
+		return nil
+	}
+	targets := []netip.AddrPort{conf.ProxyAddr}
+	if conf.Proxy6Addr.IsValid() && len(conf.Metadata6) > 0 {
+		targets = append(targets, conf.Proxy6Addr)
+	}
+	for _, t := range targets {
+		conn, err := net.DialTimeout("tcp", t.String(), statusDialTimeout)
+		if err != nil {
+			log, closeLog := p.logger(conf, "STATUS", nil)
+			log.Warn("proxy not ready", "proxy", t.String(), "err", err)
+			closeLog()
+			return types.NewError(types.ErrPluginNotAvailable,
+				fmt.Sprintf("metaconceal: proxy %s does not accept TCP connections", t), err.Error())
+		}
+		_ = conn.Close() // only the handshake mattered
+	}
+	return nil
+}

@@ -1,0 +1,469 @@
+package cniplugin
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	"github.com/containernetworking/plugins/pkg/ns"
+
+	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/redirect"
+	"github.com/metaconceal/metaconceal/pkg/state"
+	"github.com/metaconceal/metaconceal/test/simnode"
+)
+
+var backends = []string{"nft", "legacy"}
+
+// env is one backend's world: a simulated node (for STATUS) and pod netns beside it.
+type env struct {
+	t        *testing.T
+	backend  string
+	node     *simnode.Node
+	stateDir string
+}
+
+func newEnv(t *testing.T, backend string) *env {
+	t.Helper()
+	testutil.RequirePrivileged(t, "ip", "iptables-"+backend+"-restore", "iptables-"+backend+"-save", "iptables-"+backend,
+		"ip6tables-"+backend+"-restore", "ip6tables-"+backend+"-save", "ip6tables-"+backend)
+	node, err := simnode.New("mc-plugin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := node.Close(); err != nil {
+			t.Errorf("close simulated node: %v", err)
+		}
+	})
+	return &env{t: t, backend: backend, node: node, stateDir: filepath.Join(t.TempDir(), "state")}
+}
+
+func (e *env) pod() (name, path string) {
+	e.t.Helper()
+	name, path, err := e.node.NewPodNS("mc-pod")
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return name, path
+}
+
+// conf renders the plugin's stdin: extra keys override the defaults; ips become
+// prevResult (an empty list still makes a prevResult).
+func (e *env) conf(extra map[string]any, ips ...string) []byte {
+	e.t.Helper()
+	c := map[string]any{"cniVersion": "1.1.0", "name": "test", "type": "metaconceal",
+		"stateDir": e.stateDir, "iptablesBackend": e.backend}
+	var ipList []map[string]any
+	for _, ip := range ips {
+		ipList = append(ipList, map[string]any{"address": ip, "interface": 0})
+	}
+	c["prevResult"] = map[string]any{"cniVersion": "1.1.0",
+		"interfaces": []map[string]any{{"name": "eth0", "sandbox": "/x"}}, "ips": ipList}
+	for k, v := range extra {
+		if v == nil {
+			delete(c, k)
+		} else {
+			c[k] = v
+		}
+	}
+	data, err := json.Marshal(c)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return data
+}
+
+func args(cid, ifname, netns string, conf []byte) *skel.CmdArgs {
+	return &skel.CmdArgs{ContainerID: cid, IfName: ifname, Netns: netns, StdinData: conf,
+		Args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;K8S_POD_UID=uid-1"}
+}
+
+func (e *env) save(podName string, family redirect.Family) string {
+	e.t.Helper()
+	prog := "iptables-" + e.backend + "-save"
+	if family == redirect.IPv6 {
+		prog = "ip6tables-" + e.backend + "-save"
+	}
+	out, err := simnode.Run(context.Background(), "ip", "netns", "exec", podName, prog)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	return out
+}
+
+func chainOf(cid, ifname string) string {
+	return redirect.Attachment{ContainerID: cid, IfName: ifname}.Chain()
+}
+
+// run calls a verb and returns its stdout.
+func run(t *testing.T, verb func(*Plugin) func(*skel.CmdArgs) error, a *skel.CmdArgs) (string, *Plugin, error) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	p := &Plugin{Stdout: &stdout, Stderr: &stderr}
+	err := verb(p)(a)
+	t.Logf("plugin log: %s", strings.TrimSpace(stderr.String()))
+	return stdout.String(), p, err
+}
+
+func add(p *Plugin) func(*skel.CmdArgs) error    { return p.Add }
+func del(p *Plugin) func(*skel.CmdArgs) error    { return p.Del }
+func check(p *Plugin) func(*skel.CmdArgs) error  { return p.Check }
+func gc(p *Plugin) func(*skel.CmdArgs) error     { return p.GC }
+func status(p *Plugin) func(*skel.CmdArgs) error { return p.Status }
+
+// The life of one attachment: ADD installs rules and record at the cost of one
+// process, ADD again leaves one set, CHECK passes and then catches a deleted rule,
+// DEL removes everything in one process and a second DEL succeeds.
+func TestAttachmentLifecycle(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			podName, podPath := e.pod()
+			conf := e.conf(nil, "10.22.0.5/24")
+			a := args("c-life", "eth0", podPath, conf)
+			chain := chainOf("c-life", "eth0")
+
+			out, p, err := run(t, add, a)
+			if err != nil {
+				t.Fatalf("ADD: %v", err)
+			}
+			if got := p.lastRunner.Counts(); got["iptables-"+backend+"-restore"] != 1 || p.lastRunner.Total() != 1 {
+				t.Errorf("ADD ran %v, want exactly one iptables-restore", got)
+			}
+			var res map[string]any
+			if err := json.Unmarshal([]byte(out), &res); err != nil || !strings.Contains(out, "10.22.0.5/24") || res["cniVersion"] != "1.1.0" {
+				t.Errorf("ADD result is not prevResult: %q (%v)", out, err)
+			}
+			saved := e.save(podName, redirect.IPv4)
+			for want, n := range map[string]int{
+				"-A OUTPUT -m comment --comment \"metaconceal c-life eth0\" -j " + chain:                                       2, // nat and filter
+				"-A " + chain + " -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.169.252:988": 1,
+				"-A " + chain + " -d 169.254.169.254/32 -j REJECT --reject-with icmp-port-unreachable":                         1,
+			} {
+				if strings.Count(saved, want) != n {
+					t.Errorf("after ADD want %d times %q in:\n%s", n, want, saved)
+				}
+			}
+			if v6 := e.save(podName, redirect.IPv6); strings.Contains(v6, redirect.ChainPrefix) {
+				t.Errorf("IPv6 rules for a pod without IPv6:\n%s", v6)
+			}
+			rec, err := state.Read(e.stateDir, "c-life", "eth0")
+			if err != nil {
+				t.Fatalf("record: %v", err)
+			}
+			want := state.Record{ContainerID: "c-life", IfName: "eth0", Netns: podPath, IPs: []string{"10.22.0.5"},
+				PodNamespace: "team-a", PodName: "web-0", PodUID: "uid-1"}
+			if !recordsEqual(rec, want) {
+				t.Errorf("record %+v, want %+v", rec, want)
+			}
+
+			if _, _, err := run(t, add, a); err != nil {
+				t.Fatalf("second ADD: %v", err)
+			}
+			if again := e.save(podName, redirect.IPv4); strings.Count(again, "-j "+chain) != 2 || strings.Count(again, "-A "+chain) != 2 {
+				t.Errorf("after ADD twice want one jump per table and one rule per chain:\n%s", again)
+			}
+
+			if _, _, err := run(t, check, a); err != nil {
+				t.Errorf("CHECK after ADD: %v", err)
+			}
+			if _, err := simnode.Run(context.Background(), "ip", "netns", "exec", podName, "iptables-"+backend,
+				"-t", "nat", "-D", chain, "-d", "169.254.169.254/32", "-p", "tcp", "-m", "tcp", "--dport", "80",
+				"-j", "DNAT", "--to-destination", "169.254.169.252:988"); err != nil {
+				t.Fatal(err)
+			}
+			_, _, err = run(t, check, a)
+			if err == nil || !strings.Contains(fmt.Sprint(err), "nat table") {
+				t.Errorf("CHECK after deleting the DNAT rule = %v, want an error naming the nat table", err)
+			}
+			// CHECK also catches a missing record, and one that differs.
+			other := args("c-life", "eth0", podPath, e.conf(nil, "10.22.0.6/24"))
+			if _, _, err := run(t, add, other); err != nil { // restores the rules, records .6
+				t.Fatal(err)
+			}
+			if _, _, err := run(t, check, a); err == nil || !strings.Contains(fmt.Sprint(err), "record") {
+				t.Errorf("CHECK with a record of another IP = %v, want a record error", err)
+			}
+
+			_, p, err = run(t, del, a)
+			if err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			if p.lastRunner.Total() != 1 {
+				t.Errorf("DEL ran %s, want exactly one iptables-restore", p.lastRunner.CountsString())
+			}
+			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+				t.Errorf("rules left after DEL:\n%s", left)
+			}
+			if _, err := state.Read(e.stateDir, "c-life", "eth0"); !errors.Is(err, state.ErrNotFound) {
+				t.Errorf("record after DEL: %v", err)
+			}
+			if _, _, err := run(t, check, a); err == nil {
+				t.Errorf("CHECK passes after DEL")
+			}
+			if _, _, err := run(t, del, a); err != nil {
+				t.Errorf("second DEL: %v", err)
+			}
+		})
+	}
+}
+
+// Two interfaces of one pod are two attachments: DEL of one keeps the other's rules.
+func TestTwoAttachmentsOneNetns(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			podName, podPath := e.pod()
+			a0 := args("c-two", "eth0", podPath, e.conf(nil, "10.22.0.7/24"))
+			a1 := args("c-two", "net1", podPath, e.conf(nil, "10.23.0.7/24"))
+			for _, a := range []*skel.CmdArgs{a0, a1} {
+				if _, _, err := run(t, add, a); err != nil {
+					t.Fatalf("ADD %s: %v", a.IfName, err)
+				}
+			}
+			if _, _, err := run(t, del, a0); err != nil {
+				t.Fatalf("DEL eth0: %v", err)
+			}
+			saved := e.save(podName, redirect.IPv4)
+			if strings.Contains(saved, chainOf("c-two", "eth0")) {
+				t.Errorf("eth0 rules left:\n%s", saved)
+			}
+			if strings.Count(saved, "-A "+chainOf("c-two", "net1")) != 2 {
+				t.Errorf("net1 rules gone with eth0's DEL:\n%s", saved)
+			}
+			if _, _, err := run(t, check, a1); err != nil {
+				t.Errorf("CHECK net1: %v", err)
+			}
+			if _, _, err := run(t, del, a1); err != nil {
+				t.Fatalf("DEL net1: %v", err)
+			}
+		})
+	}
+}
+
+// IPv6 rules come only with an IPv6 pod address and an IPv6 metadata address: DNAT
+// to proxy6 when set, otherwise reject.
+func TestIPv6(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			podName, podPath := e.pod()
+			extra := map[string]any{"metadataAddresses": []string{"169.254.169.254", "fd20:ce::254"}, "proxy6": "[fd20:ce::252]:988"}
+			a := args("c-v6", "eth0", podPath, e.conf(extra, "10.22.0.8/24", "fd00:22::8/64"))
+			if _, p, err := run(t, add, a); err != nil {
+				t.Fatalf("ADD: %v", err)
+			} else if p.lastRunner.Total() != 2 {
+				t.Errorf("dual-stack ADD ran %s, want one restore per family", p.lastRunner.CountsString())
+			}
+			chain := chainOf("c-v6", "eth0")
+			v6 := e.save(podName, redirect.IPv6)
+			for _, want := range []string{
+				"-A " + chain + " -d fd20:ce::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd20:ce::252]:988",
+				"-A " + chain + " -d fd20:ce::254/128 -j REJECT --reject-with icmp6-port-unreachable",
+			} {
+				if !strings.Contains(v6, want) {
+					t.Errorf("want %q in:\n%s", want, v6)
+				}
+			}
+			if strings.Contains(e.save(podName, redirect.IPv4), "fd20") {
+				t.Errorf("IPv6 address in IPv4 rules")
+			}
+			if _, _, err := run(t, check, a); err != nil {
+				t.Errorf("CHECK: %v", err)
+			}
+			if _, _, err := run(t, del, a); err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			if left := e.save(podName, redirect.IPv6); strings.Contains(left, "METACONCEAL") {
+				t.Errorf("IPv6 rules left after DEL:\n%s", left)
+			}
+
+			// Without proxy6, IPv6 metadata traffic is only rejected (no nat chain).
+			delete(extra, "proxy6")
+			b := args("c-v6b", "eth0", podPath, e.conf(extra, "fd00:22::9/64"))
+			if _, _, err := run(t, add, b); err != nil {
+				t.Fatalf("ADD without proxy6: %v", err)
+			}
+			v6 = e.save(podName, redirect.IPv6)
+			chainB := chainOf("c-v6b", "eth0")
+			if !strings.Contains(v6, "-A "+chainB+" -d fd20:ce::254/128 -j REJECT") || strings.Contains(v6, "DNAT") {
+				t.Errorf("without proxy6 want only a REJECT:\n%s", v6)
+			}
+			if _, _, err := run(t, check, b); err != nil {
+				t.Errorf("CHECK without proxy6: %v", err)
+			}
+			if _, _, err := run(t, del, b); err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			if left := e.save(podName, redirect.IPv6) + e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+				t.Errorf("rules left after DEL:\n%s", left)
+			}
+		})
+	}
+}
+
+// DEL succeeds when the netns is gone, when CNI_NETNS is empty, and removes the record.
+func TestDelWithoutNetns(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			podName, podPath := e.pod()
+			a := args("c-gone", "eth0", podPath, e.conf(nil, "10.22.0.9/24"))
+			if _, _, err := run(t, add, a); err != nil {
+				t.Fatalf("ADD: %v", err)
+			}
+			if err := simnode.DeleteNetns(podName); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := run(t, del, a); err != nil {
+				t.Errorf("DEL with the netns gone: %v", err)
+			}
+			if _, err := state.Read(e.stateDir, "c-gone", "eth0"); !errors.Is(err, state.ErrNotFound) {
+				t.Errorf("record after DEL: %v", err)
+			}
+			empty := args("c-gone", "eth0", "", e.conf(nil))
+			if _, _, err := run(t, del, empty); err != nil {
+				t.Errorf("DEL with empty CNI_NETNS: %v", err)
+			}
+		})
+	}
+}
+
+// A record that cannot be written rolls the rules back: nothing is left half-applied.
+func TestAddRollsBackWhenRecordFails(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			podName, podPath := e.pod()
+			blocker := filepath.Join(t.TempDir(), "not-a-dir")
+			if err := os.WriteFile(blocker, nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+			a := args("c-rb", "eth0", podPath, e.conf(map[string]any{"stateDir": filepath.Join(blocker, "state")}, "10.22.0.10/24"))
+			out, _, err := run(t, add, a)
+			var cniErr *types.Error
+			if !errors.As(err, &cniErr) || cniErr.Code != types.ErrIOFailure {
+				t.Fatalf("ADD with an unwritable stateDir = %v, want a code-%d error", err, types.ErrIOFailure)
+			}
+			if out != "" {
+				t.Errorf("failed ADD printed a result: %q", out)
+			}
+			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+				t.Errorf("rules left after a failed ADD:\n%s", left)
+			}
+		})
+	}
+}
+
+// GC removes the record and rules of attachments not listed as valid, also when their
+// netns is gone, and keeps the valid ones.
+func TestGC(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			keepName, keepPath := e.pod()
+			staleName, stalePath := e.pod()
+			goneName, gonePath := e.pod()
+			for _, a := range []*skel.CmdArgs{
+				args("c-keep", "eth0", keepPath, e.conf(nil, "10.22.0.11/24")),
+				args("c-stale", "eth0", stalePath, e.conf(nil, "10.22.0.12/24")),
+				args("c-gone", "eth0", gonePath, e.conf(nil, "10.22.0.13/24")),
+			} {
+				if _, _, err := run(t, add, a); err != nil {
+					t.Fatalf("ADD %s: %v", a.ContainerID, err)
+				}
+			}
+			if err := simnode.DeleteNetns(goneName); err != nil {
+				t.Fatal(err)
+			}
+			gcConf := e.conf(map[string]any{"prevResult": nil,
+				"cni.dev/valid-attachments": []map[string]string{{"containerID": "c-keep", "ifname": "eth0"}}})
+			if _, _, err := run(t, gc, &skel.CmdArgs{StdinData: gcConf}); err != nil {
+				t.Fatalf("GC: %v", err)
+			}
+			recs, err := state.List(e.stateDir)
+			if err != nil || len(recs) != 1 || recs[0].ContainerID != "c-keep" {
+				t.Errorf("records after GC = %+v, %v; want only c-keep", recs, err)
+			}
+			if left := e.save(staleName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+				t.Errorf("stale attachment's rules left after GC:\n%s", left)
+			}
+			if kept := e.save(keepName, redirect.IPv4); strings.Count(kept, "-A "+chainOf("c-keep", "eth0")) != 2 {
+				t.Errorf("valid attachment's rules gone after GC:\n%s", kept)
+			}
+		})
+	}
+}
+
+// STATUS dials the proxy from the netns the plugin runs in: the simulated node.
+func TestStatus(t *testing.T) {
+	e := newEnv(t, "nft")
+	conf := e.conf(map[string]any{"prevResult": nil})
+	a := &skel.CmdArgs{StdinData: conf}
+	var statusErr error
+	err := ns.WithNetNSPath(e.node.Path, func(ns.NetNS) error {
+		_, _, statusErr = run(t, status, a)
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cniErr *types.Error
+	if !errors.As(statusErr, &cniErr) || cniErr.Code != types.ErrPluginNotAvailable || !strings.Contains(cniErr.Msg, "169.254.169.252:988") {
+		t.Errorf("STATUS without a proxy listening = %v, want code %d naming the proxy", statusErr, types.ErrPluginNotAvailable)
+	}
+
+	var ln net.Listener
+	if err := ns.WithNetNSPath(e.node.Path, func(ns.NetNS) error {
+		var err error
+		ln, err = net.Listen("tcp", "169.254.169.252:988")
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	if err := ns.WithNetNSPath(e.node.Path, func(ns.NetNS) error {
+		_, _, statusErr = run(t, status, a)
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if statusErr != nil {
+		t.Errorf("STATUS with the proxy listening: %v", statusErr)
+	}
+	exposed := e.conf(map[string]any{"prevResult": nil, "mode": "EXPOSED", "proxy": "10.255.255.1:1"})
+	if err := ns.WithNetNSPath(e.node.Path, func(ns.NetNS) error {
+		_, _, statusErr = run(t, status, &skel.CmdArgs{StdinData: exposed})
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if statusErr != nil {
+		t.Errorf("STATUS in EXPOSED mode needs no proxy, got %v", statusErr)
+	}
+}

@@ -1,0 +1,137 @@
+package cniplugin
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+)
+
+// Error paths that return before touching any netns: they need no privileges, and a
+// netns path that does not exist proves nothing was attempted there.
+func TestVerbErrorsBeforeAnyChange(t *testing.T) {
+	t.Parallel()
+	stateDir := t.TempDir()
+	const prev = `"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"}]}`
+	for _, tc := range []struct {
+		name, verb, conf string
+		code             uint
+		mention          string
+	}{
+		{"bad mode", "ADD", `{"cniVersion":"1.0.0","mode":"SECRET",` + prev + `}`, types.ErrInvalidNetworkConfig, `"SECRET"`},
+		{"bad proxy", "ADD", `{"cniVersion":"1.0.0","proxy":"nowhere",` + prev + `}`, types.ErrInvalidNetworkConfig, `"nowhere"`},
+		{"bad metadata", "ADD", `{"cniVersion":"1.0.0","metadataAddresses":["x"],` + prev + `}`, types.ErrInvalidNetworkConfig, `"x"`},
+		{"no prevResult", "ADD", `{"cniVersion":"1.0.0"}`, types.ErrInvalidNetworkConfig, "must be called as a chained plugin"},
+		{"bad prevResult", "ADD", `{"cniVersion":"1.0.0","prevResult":{"cniVersion":"1.0.0","ips":"nope"}}`, types.ErrDecodingFailure, "prevResult"},
+		{"check no prevResult", "CHECK", `{"cniVersion":"1.0.0"}`, types.ErrInvalidNetworkConfig, "must be called as a chained plugin"},
+		{"del bad config", "DEL", `{"cniVersion":"1.0.0","mode":"SECRET"}`, types.ErrInvalidNetworkConfig, `"SECRET"`},
+		{"gc bad config", "GC", `{"cniVersion":"1.1.0","iptablesBackend":"x"}`, types.ErrInvalidNetworkConfig, `"x"`},
+		{"status bad config", "STATUS", `{"cniVersion":"1.1.0","proxy":"1.2.3.4"}`, types.ErrInvalidNetworkConfig, `"1.2.3.4"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			var stdout, stderr bytes.Buffer
+			p := &Plugin{Stdout: &stdout, Stderr: &stderr}
+			conf := strings.Replace(tc.conf, "{", `{"stateDir":"`+stateDir+`",`, 1)
+			args := &skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Netns: "/nonexistent/netns", StdinData: []byte(conf)}
+			verb := map[string]func(*skel.CmdArgs) error{"ADD": p.Add, "DEL": p.Del, "CHECK": p.Check, "GC": p.GC, "STATUS": p.Status}[tc.verb]
+			err := verb(args)
+			var cniErr *types.Error
+			if !errors.As(err, &cniErr) {
+				t.Fatalf("%s returned %v (%T), want a *types.Error", tc.verb, err, err)
+			}
+			if cniErr.Code != tc.code || !strings.Contains(cniErr.Msg+cniErr.Details, tc.mention) {
+				t.Errorf("error %d %q %q, want code %d mentioning %s", cniErr.Code, cniErr.Msg, cniErr.Details, tc.code, tc.mention)
+			}
+			if stdout.Len() != 0 {
+				t.Errorf("a failing verb wrote to stdout: %q", stdout.String())
+			}
+			if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
+				t.Errorf("state dir not empty after a failed %s: %v", tc.verb, entries)
+			}
+		})
+	}
+}
+
+// EXPOSED and UNSPECIFIED pass prevResult through, in the conf's version, without
+// entering the netns (which does not exist here) or writing a record.
+func TestAddPassThroughModes(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{"EXPOSED", "UNSPECIFIED"} {
+		for _, version := range []string{"0.3.1", "0.4.0", "1.0.0", "1.1.0"} {
+			stateDir := t.TempDir()
+			var stdout, stderr bytes.Buffer
+			p := &Plugin{Stdout: &stdout, Stderr: &stderr}
+			conf := `{"cniVersion":"` + version + `","name":"n","type":"metaconceal","mode":"` + mode + `","stateDir":"` + stateDir + `",` +
+				`"prevResult":{"cniVersion":"` + version + `","interfaces":[{"name":"eth0","sandbox":"/x"}],"ips":[{"address":"10.1.0.5/24","interface":0}]}}`
+			args := &skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Netns: "/nonexistent/netns", StdinData: []byte(conf)}
+			if err := p.Add(args); err != nil {
+				t.Fatalf("%s %s ADD: %v", mode, version, err)
+			}
+			out := stdout.String()
+			if !strings.Contains(out, `"cniVersion": "`+version+`"`) || !strings.Contains(out, "10.1.0.5/24") {
+				t.Errorf("%s %s: result not passed through: %s", mode, version, out)
+			}
+			if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
+				t.Errorf("%s wrote a record: %v", mode, entries)
+			}
+			if !strings.Contains(stderr.String(), "nothing installed") {
+				t.Errorf("%s: no log line saying so: %q", mode, stderr.String())
+			}
+		}
+	}
+}
+
+func TestExcludedNamespacePassesThrough(t *testing.T) {
+	t.Parallel()
+	stateDir := t.TempDir()
+	var stdout, stderr bytes.Buffer
+	p := &Plugin{Stdout: &stdout, Stderr: &stderr}
+	conf := `{"cniVersion":"1.0.0","name":"n","type":"metaconceal","excludeNamespaces":["kube-system"],"stateDir":"` + stateDir + `",` +
+		`"prevResult":{"cniVersion":"1.0.0","ips":[{"address":"10.1.0.5/24"}]}}`
+	args := &skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Netns: "/nonexistent/netns", StdinData: []byte(conf),
+		Args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=dns"}
+	if err := p.Add(args); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	if !strings.Contains(stdout.String(), "10.1.0.5/24") {
+		t.Errorf("result not passed through: %s", stdout.String())
+	}
+	if !strings.Contains(stderr.String(), "excludeNamespaces") || !strings.Contains(stderr.String(), "kube-system") {
+		t.Errorf("exclusion not logged: %q", stderr.String())
+	}
+	if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
+		t.Errorf("excluded pod got a record: %v", entries)
+	}
+	// CHECK of an excluded pod has nothing to verify.
+	if err := p.Check(args); err != nil {
+		t.Errorf("CHECK of excluded pod: %v", err)
+	}
+}
+
+func TestLogFile(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	logFile := filepath.Join(dir, "plugin.log")
+	var stdout, stderr bytes.Buffer
+	p := &Plugin{Stdout: &stdout, Stderr: &stderr}
+	conf := `{"cniVersion":"1.0.0","mode":"EXPOSED","logFile":"` + logFile + `","stateDir":"` + dir + `","prevResult":{"cniVersion":"1.0.0"}}`
+	if err := p.Add(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Netns: "/x", StdinData: []byte(conf)}); err != nil {
+		t.Fatal(err)
+	}
+	data, err := os.ReadFile(logFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), "verb=ADD") || !strings.Contains(stderr.String(), "verb=ADD") {
+		t.Errorf("log line missing: file %q stderr %q", data, stderr.String())
+	}
+	if strings.Contains(stdout.String(), "verb=") {
+		t.Errorf("log on stdout: %q", stdout.String())
+	}
+}

@@ -1,0 +1,399 @@
+// Package proxy is the HTTP side of metaconceal-proxy: it asks pkg/policy about each
+// request, answers concealed and denied requests itself (and audits them), and sends
+// allowed ones upstream in their canonical form only.
+//
+// The upstream path is deliberately lean: one pooled http.Transport sized for the
+// concurrency, direct RoundTrip calls, only the headers that matter forwarded, pooled
+// copy buffers, and no httputil.ReverseProxy. Long polls (wait_for_change=true) are
+// coalesced: identical polls share one upstream request, cancelled when the last
+// client waiting on it goes away.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/podindex"
+	"github.com/metaconceal/metaconceal/pkg/policy"
+)
+
+// PodLookup maps a source IP to its pod; *podindex.Index implements it.
+type PodLookup interface {
+	Lookup(ip netip.Addr) (podindex.Pod, bool)
+}
+
+// Defaults for Config fields left zero.
+const (
+	DefaultUpstreamTimeout = 15 * time.Second
+	DefaultLongPollSlack   = 15 * time.Second
+	// DefaultMaxConnsPerHost sizes the upstream idle pool: every concurrent client
+	// request keeps its own upstream connection instead of dialing a new one.
+	DefaultMaxIdleConnsPerHost = 1024
+	// maxListingBytes bounds a recursive listing read for filtering, and a coalesced
+	// long poll answer held in memory for all its waiters.
+	maxListingBytes = 8 << 20
+)
+
+// Config wires a Handler.
+type Config struct {
+	// Upstream is the metadata server, scheme and host only (http://169.254.169.254).
+	Upstream *url.URL
+	Policy   *policy.Policy
+	// Pods names the pod behind a source IP in the audit log; nil logs IPs only.
+	Pods    PodLookup
+	Log     *slog.Logger
+	Metrics *Metrics
+	// Transport defaults to NewTransport().
+	Transport http.RoundTripper
+	// UpstreamTimeout bounds a request that is not a long poll.
+	UpstreamTimeout time.Duration
+	// LongPollSlack is added to a long poll's timeout_sec (or to the 3600 s maximum
+	// when it has none) before the proxy gives up on the upstream.
+	LongPollSlack time.Duration
+}
+
+// Handler is the proxy's http.Handler.
+type Handler struct {
+	upstreamScheme, upstreamHost string
+	policy                       *policy.Policy
+	pods                         PodLookup
+	log                          *slog.Logger
+	metrics                      *Metrics
+	transport                    http.RoundTripper
+	upstreamTimeout              time.Duration
+	longPollSlack                time.Duration
+
+	baseCtx    context.Context // parent of every coalesced upstream long poll
+	cancelBase context.CancelFunc
+
+	mu      sync.Mutex
+	flights map[string]*flight
+}
+
+// NewTransport returns the upstream transport: keep-alive connections pooled per
+// host with room for the proxy's concurrency, no environment proxy (the metadata
+// server is always reached directly), no compression (answers are small, and
+// transparent gunzip would cost more than it saves on a local link).
+func NewTransport() *http.Transport {
+	return &http.Transport{
+		Proxy:                 nil,
+		DialContext:           (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:          0,
+		MaxIdleConnsPerHost:   DefaultMaxIdleConnsPerHost,
+		IdleConnTimeout:       90 * time.Second,
+		DisableCompression:    true,
+		ForceAttemptHTTP2:     false,
+		ExpectContinueTimeout: 0,
+	}
+}
+
+// New validates cfg and returns a Handler.
+func New(cfg Config) (*Handler, error) {
+	if cfg.Upstream == nil || cfg.Upstream.Host == "" || (cfg.Upstream.Scheme != "http" && cfg.Upstream.Scheme != "https") {
+		return nil, errors.New("proxy: upstream must be an http:// or https:// URL with a host")
+	}
+	if p := cfg.Upstream.Path; (p != "" && p != "/") || cfg.Upstream.RawQuery != "" || cfg.Upstream.User != nil {
+		return nil, fmt.Errorf("proxy: upstream %q must be scheme and host only: the policy decides paths", cfg.Upstream.Redacted())
+	}
+	if cfg.Policy == nil {
+		return nil, errors.New("proxy: no policy")
+	}
+	h := &Handler{
+		upstreamScheme:  cfg.Upstream.Scheme,
+		upstreamHost:    cfg.Upstream.Host,
+		policy:          cfg.Policy,
+		pods:            cfg.Pods,
+		log:             cfg.Log,
+		metrics:         cfg.Metrics,
+		transport:       cfg.Transport,
+		upstreamTimeout: cfg.UpstreamTimeout,
+		longPollSlack:   cfg.LongPollSlack,
+		flights:         make(map[string]*flight),
+	}
+	if h.log == nil {
+		h.log = slog.New(slog.DiscardHandler)
+	}
+	if h.metrics == nil {
+		h.metrics = NewMetrics()
+	}
+	if h.transport == nil {
+		h.transport = NewTransport()
+	}
+	if h.upstreamTimeout <= 0 {
+		h.upstreamTimeout = DefaultUpstreamTimeout
+	}
+	if h.longPollSlack <= 0 {
+		h.longPollSlack = DefaultLongPollSlack
+	}
+	h.baseCtx, h.cancelBase = context.WithCancel(context.Background())
+	return h, nil
+}
+
+// Close cancels every upstream long poll still open; their clients get 502.
+func (h *Handler) Close() { h.cancelBase() }
+
+// Header values shared by every response; the server only reads them.
+var (
+	hdrGoogle    = []string{"Google"}
+	hdrTextPlain = []string{"text/plain; charset=utf-8"}
+	hdrNoSniff   = []string{"nosniff"}
+)
+
+// ServeHTTP decides and answers one request.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	_, forwardedFor := r.Header["X-Forwarded-For"]
+	d := h.policy.Evaluate(r.Method, r.RequestURI, forwardedFor)
+	h.metrics.countRequest(d.Rule)
+	switch {
+	case d.Verdict != policy.Allow:
+		h.block(w, r, d)
+	case d.WaitForChange:
+		h.longPoll(w, r, d)
+	default:
+		h.forward(w, r, d)
+	}
+}
+
+func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+	body := policy.ConcealedBody
+	if d.Verdict == policy.Deny {
+		body = d.Reason()
+	}
+	hdr := w.Header()
+	hdr["Content-Type"] = hdrTextPlain
+	hdr["Metadata-Flavor"] = hdrGoogle
+	hdr["X-Content-Type-Options"] = hdrNoSniff
+	hdr["Content-Length"] = []string{strconv.Itoa(len(body))}
+	w.WriteHeader(http.StatusForbidden)
+	if r.Method != http.MethodHead {
+		_, _ = io.WriteString(w, body) // a client gone mid-answer is not our error
+	}
+	h.audit(r, d)
+}
+
+// audit logs one line per concealed or denied request, naming the pod.
+func (h *Handler) audit(r *http.Request, d policy.Decision) {
+	var ns, name, src string
+	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
+		src = ap.Addr().Unmap().String()
+		if h.pods != nil {
+			if pod, ok := h.pods.Lookup(ap.Addr()); ok {
+				ns, name = pod.Namespace, pod.Name
+			}
+		}
+	} else {
+		src = r.RemoteAddr
+	}
+	nsLabel := ns
+	if nsLabel == "" {
+		nsLabel = "unknown"
+	}
+	h.metrics.blockedByNS.WithLabelValues(nsLabel, d.Verdict.String()).Inc()
+	target := r.RequestURI
+	if len(target) > 512 {
+		target = target[:512] + "..."
+	}
+	h.log.LogAttrs(context.Background(), slog.LevelWarn, "metadata request blocked",
+		slog.String("verdict", d.Verdict.String()),
+		slog.String("rule", d.Rule.String()),
+		slog.String("pod_namespace", ns),
+		slog.String("pod_name", name),
+		slog.String("source_ip", src),
+		slog.String("method", r.Method),
+		slog.String("path", d.Path),
+		slog.String("target", target),
+	)
+}
+
+// newUpstreamRequest builds the request the upstream sees: the canonical path and
+// query, the client's Host (so an absolute Location names what the client used), and
+// of the client's headers only Metadata-Flavor. The upstream enforces the header, so
+// a client that did not send it gets the upstream's own 403, exactly as without the
+// proxy; X-Forwarded-For and everything else never leave the node.
+func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, d policy.Decision) *http.Request {
+	out, _ := http.NewRequestWithContext(ctx, r.Method, "", nil) // "" cannot fail to parse
+	out.URL.Scheme = h.upstreamScheme
+	out.URL.Host = h.upstreamHost
+	out.URL.Path = d.Path
+	out.URL.RawQuery = d.RawQuery
+	out.Host = r.Host
+	if out.Host == "" {
+		out.Host = h.upstreamHost
+	}
+	if v, ok := r.Header["Metadata-Flavor"]; ok {
+		out.Header["Metadata-Flavor"] = v
+	}
+	return out
+}
+
+// forward serves a request that is not a long poll.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+	ctx, cancel := context.WithTimeout(r.Context(), h.upstreamTimeout)
+	defer cancel()
+	start := time.Now()
+	resp, err := h.transport.RoundTrip(h.newUpstreamRequest(ctx, r, d))
+	if err != nil {
+		h.upstreamFailed(w, r, err, h.upstreamTimeout)
+		return
+	}
+	defer resp.Body.Close()
+	h.metrics.latencyRequest.Observe(time.Since(start).Seconds())
+
+	if d.FilterListing && resp.StatusCode == http.StatusOK {
+		if r.Method == http.MethodHead {
+			copyHeader(w.Header(), resp.Header)
+			w.Header().Del("Content-Length") // the filtered body's length is not known
+			w.WriteHeader(resp.StatusCode)
+			return
+		}
+		body, err := readLimited(resp.Body)
+		if err == nil {
+			body, err = h.policy.FilterListing(d.Path, body)
+		}
+		if err != nil {
+			h.withheld(w, r, err)
+			return
+		}
+		writeBuffered(w, resp.StatusCode, resp.Header, body)
+		return
+	}
+
+	copyHeader(w.Header(), resp.Header)
+	w.WriteHeader(resp.StatusCode)
+	if r.Method == http.MethodHead {
+		return
+	}
+	copyBody(w, resp)
+}
+
+// upstreamFailed answers 502 or 504 for an upstream error, or nothing when the
+// client is already gone (its going away is what cancelled the upstream request).
+func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, err error, limit time.Duration) {
+	if r.Context().Err() != nil {
+		return
+	}
+	var netErr net.Error
+	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
+		h.metrics.upstreamErrors.WithLabelValues("timeout").Inc()
+		h.log.Warn("upstream metadata server timed out", "path", r.URL.Path, "limit", limit, "err", err)
+		writeError(w, http.StatusGatewayTimeout, fmt.Sprintf("metaconceal: the metadata server did not answer within %s.\n", limit))
+		return
+	}
+	h.metrics.upstreamErrors.WithLabelValues("unreachable").Inc()
+	h.log.Warn("upstream metadata server unreachable", "path", r.URL.Path, "err", err)
+	writeError(w, http.StatusBadGateway, "metaconceal: the metadata server is unreachable: "+err.Error()+"\n")
+}
+
+// withheld answers 502 for a recursive listing that could not be filtered: it is
+// never passed on unfiltered.
+func (h *Handler) withheld(w http.ResponseWriter, r *http.Request, err error) {
+	h.metrics.upstreamErrors.WithLabelValues("bad_listing").Inc()
+	h.log.Warn("recursive listing withheld: it could not be filtered", "path", r.URL.Path, "err", err)
+	writeError(w, http.StatusBadGateway, "metaconceal: the metadata server's recursive listing could not be filtered and was withheld.\n")
+}
+
+func writeError(w http.ResponseWriter, status int, body string) {
+	hdr := w.Header()
+	hdr["Content-Type"] = hdrTextPlain
+	hdr["Metadata-Flavor"] = hdrGoogle
+	hdr["Content-Length"] = []string{strconv.Itoa(len(body))}
+	w.WriteHeader(status)
+	_, _ = io.WriteString(w, body)
+}
+
+// hopHeaders are connection-level headers (RFC 9110 7.6.1) never copied across.
+var hopHeaders = map[string]bool{
+	"Connection": true, "Keep-Alive": true, "Proxy-Connection": true, "Proxy-Authenticate": true,
+	"Proxy-Authorization": true, "Te": true, "Trailer": true, "Transfer-Encoding": true, "Upgrade": true,
+}
+
+// copyHeader copies the upstream's end-to-end headers (Metadata-Flavor, ETag,
+// Location, Content-Type, Content-Length, ...) by sharing their value slices: the
+// upstream response is ours alone and the server only reads them.
+func copyHeader(dst, src http.Header) {
+	for k, v := range src {
+		if hopHeaders[k] {
+			continue
+		}
+		dst[k] = v
+	}
+}
+
+func writeBuffered(w http.ResponseWriter, status int, src http.Header, body []byte) {
+	copyHeader(w.Header(), src)
+	w.Header()["Content-Length"] = []string{strconv.Itoa(len(body))}
+	w.WriteHeader(status)
+	_, _ = w.Write(body)
+}
+
+// smallBody is the largest answer read whole and written with one Write.
+const smallBody = 16 << 10
+
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// copyBody streams the upstream body to the client with a pooled buffer. A body cut
+// short upstream aborts the client connection, so the client sees a truncated answer
+// and not a complete-looking wrong one.
+func copyBody(w http.ResponseWriter, resp *http.Response) {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	if n := resp.ContentLength; n >= 0 && n <= smallBody {
+		if n == 0 {
+			return
+		}
+		if _, err := io.ReadFull(resp.Body, buf[:n]); err != nil {
+			panic(http.ErrAbortHandler)
+		}
+		_, _ = w.Write(buf[:n])
+		return
+	}
+	if _, err := io.CopyBuffer(writerOnly{w}, resp.Body, buf); err != nil {
+		panic(http.ErrAbortHandler)
+	}
+}
+
+// writerOnly hides the ResponseWriter's ReadFrom so io.CopyBuffer uses our buffer.
+type writerOnly struct{ io.Writer }
+
+func readLimited(body io.Reader) ([]byte, error) {
+	data, err := io.ReadAll(io.LimitReader(body, maxListingBytes+1))
+	if err != nil {
+		return nil, fmt.Errorf("read upstream answer: %w", err)
+	}
+	if len(data) > maxListingBytes {
+		return nil, fmt.Errorf("upstream answer larger than %d bytes", maxListingBytes)
+	}
+	return data, nil
+}
+
+// Ready checks that the upstream answers its discovery root.
+func (h *Handler) Ready(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, h.upstreamScheme+"://"+h.upstreamHost+"/", nil)
+	if err != nil {
+		return fmt.Errorf("readiness request: %w", err)
+	}
+	req.Header.Set("Metadata-Flavor", "Google")
+	resp, err := h.transport.RoundTrip(req)
+	if err != nil {
+		return fmt.Errorf("metadata server %s: %w", h.upstreamHost, err)
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("metadata server %s answered %s to GET /", h.upstreamHost, resp.Status)
+	}
+	return nil
+}

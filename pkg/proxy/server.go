@@ -1,0 +1,89 @@
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+func itoa(n int) string { return strconv.Itoa(n) }
+
+// Server timeouts. There is deliberately no WriteTimeout: a long poll is held for as
+// long as its timeout_sec (up to an hour), bounded per request instead. Slow or idle
+// clients are bounded by the header read timeout, the header size and the idle timeout.
+const (
+	ReadHeaderTimeout = 10 * time.Second
+	IdleTimeout       = 90 * time.Second
+	MaxHeaderBytes    = 16 << 10
+)
+
+// NewServer returns the http.Server for the proxy's listeners.
+func NewServer(h http.Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           h,
+		ReadHeaderTimeout: ReadHeaderTimeout,
+		IdleTimeout:       IdleTimeout,
+		MaxHeaderBytes:    MaxHeaderBytes,
+		// "OPTIONS *" must reach the policy (and be denied), not net/http's own answer.
+		DisableGeneralOptionsHandler: true,
+		ErrorLog:                     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+}
+
+// AdminMux serves /metrics, /healthz (the process is up) and /readyz (the upstream
+// answers) for the --metrics-listen address.
+func AdminMux(h *Handler) *http.ServeMux {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(h.metrics.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
+		if err := h.Ready(r.Context()); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok\n"))
+	})
+	return mux
+}
+
+// NewAdminServer returns the http.Server for --metrics-listen.
+func NewAdminServer(h *Handler, log *slog.Logger) *http.Server {
+	return &http.Server{
+		Handler:           AdminMux(h),
+		ReadHeaderTimeout: ReadHeaderTimeout,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       IdleTimeout,
+		MaxHeaderBytes:    MaxHeaderBytes,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+}
+
+// ErrAddressNotConfigured is returned by Listen when the address is not on the host.
+var ErrAddressNotConfigured = errors.New("listen address is not configured on this host")
+
+// Listen opens a TCP listener, turning "cannot assign requested address" into a
+// message that says what to do.
+func Listen(ctx context.Context, addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", addr)
+	if errors.Is(err, syscall.EADDRNOTAVAIL) {
+		host, _, _ := net.SplitHostPort(addr)
+		return nil, fmt.Errorf("listen on %s: %w (add it to lo, e.g. `ip addr add %s/32 dev lo`, or run with --host-guard, which does so): %w",
+			addr, ErrAddressNotConfigured, host, err)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", addr, err)
+	}
+	return ln, nil
+}

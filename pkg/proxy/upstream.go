@@ -1,0 +1,232 @@
+package proxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// connPool is the lean upstream path for ordinary (not long poll) requests: HTTP/1.1
+// keep-alive connections kept in a LIFO pool, each request written and its answer
+// read by the handler's own goroutine. http.Transport hands every request to two
+// goroutines per connection (writeLoop, readLoop); on this path, where answers are
+// small and the upstream is one host away, those handoffs cost more than the
+// policy, the audit and the metrics together.
+//
+// Requests are GET or HEAD only (the policy allows nothing else), so a request that
+// failed on a reused connection before any answer byte is retried once on a new one,
+// as net/http does for idempotent requests.
+type connPool struct {
+	addr    string // host:port
+	tls     bool
+	host    string // for TLS server name
+	dialer  net.Dialer
+	maxIdle int
+	idleFor time.Duration
+
+	mu   sync.Mutex
+	idle []*upConn
+}
+
+type upConn struct {
+	conn     net.Conn
+	br       *bufio.Reader
+	bw       *bufio.Writer
+	lastUsed time.Time
+}
+
+func newConnPool(u *url.URL, maxIdle int) *connPool {
+	host, port := u.Hostname(), u.Port()
+	isTLS := u.Scheme == "https"
+	if port == "" {
+		port = "80"
+		if isTLS {
+			port = "443"
+		}
+	}
+	return &connPool{
+		addr:    net.JoinHostPort(host, port),
+		tls:     isTLS,
+		host:    host,
+		dialer:  net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
+		maxIdle: maxIdle,
+		idleFor: 60 * time.Second,
+	}
+}
+
+func (p *connPool) get(ctx context.Context) (*upConn, bool, error) {
+	now := time.Now()
+	p.mu.Lock()
+	for len(p.idle) > 0 {
+		c := p.idle[len(p.idle)-1]
+		p.idle = p.idle[:len(p.idle)-1]
+		if now.Sub(c.lastUsed) < p.idleFor {
+			p.mu.Unlock()
+			return c, true, nil
+		}
+		c.conn.Close() // idle too long: the upstream may have dropped it
+	}
+	p.mu.Unlock()
+	c, err := p.dial(ctx)
+	return c, false, err
+}
+
+func (p *connPool) dial(ctx context.Context) (*upConn, error) {
+	conn, err := p.dialer.DialContext(ctx, "tcp", p.addr)
+	if err != nil {
+		return nil, err
+	}
+	if p.tls {
+		tc := tls.Client(conn, &tls.Config{ServerName: p.host, MinVersion: tls.VersionTLS12})
+		if err := tc.HandshakeContext(ctx); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		conn = tc
+	}
+	return &upConn{conn: conn, br: bufio.NewReaderSize(conn, 4096), bw: bufio.NewWriterSize(conn, 1024)}, nil
+}
+
+func (p *connPool) put(c *upConn) {
+	c.lastUsed = time.Now()
+	p.mu.Lock()
+	if len(p.idle) < p.maxIdle {
+		p.idle = append(p.idle, c)
+		p.mu.Unlock()
+		return
+	}
+	p.mu.Unlock()
+	c.conn.Close()
+}
+
+// closeIdle closes every idle connection.
+func (p *connPool) closeIdle() {
+	p.mu.Lock()
+	idle := p.idle
+	p.idle = nil
+	p.mu.Unlock()
+	for _, c := range idle {
+		c.conn.Close()
+	}
+}
+
+// upstreamRequest is what the pool sends: everything is already canonical.
+type upstreamRequest struct {
+	method, host, path, rawQuery string
+	flavor                       []string
+}
+
+// Shared read-only requests for http.ReadResponse, which only looks at the method.
+var (
+	responseToGET  = &http.Request{Method: http.MethodGet}
+	responseToHEAD = &http.Request{Method: http.MethodHead}
+)
+
+// longAgo is a deadline in the past: setting it unblocks pending I/O at once.
+var longAgo = time.Unix(1, 0)
+
+// roundTrip sends req and returns the answer. The caller reads resp.Body and then
+// calls release(reusable) exactly once: reusable when the whole body was read
+// without error. Cancelling ctx (the client went away) or passing deadline aborts
+// the exchange.
+func (p *connPool) roundTrip(ctx context.Context, req *upstreamRequest, deadline time.Time) (*http.Response, func(reusable bool), error) {
+	for attempt := 0; ; attempt++ {
+		c, reused, err := p.get(ctx)
+		if err != nil {
+			return nil, nil, err
+		}
+		if err := c.conn.SetDeadline(deadline); err != nil {
+			c.conn.Close()
+			return nil, nil, err
+		}
+		stop := context.AfterFunc(ctx, func() { _ = c.conn.SetDeadline(longAgo) })
+		resp, err := c.exchange(req)
+		if err != nil {
+			stop()
+			c.conn.Close()
+			if reused && attempt == 0 && retryable(err) && ctx.Err() == nil {
+				continue
+			}
+			if ctx.Err() != nil {
+				return nil, nil, ctx.Err()
+			}
+			return nil, nil, err
+		}
+		release := func(reusable bool) {
+			cancelled := !stop()
+			if reusable && !cancelled && !resp.Close {
+				p.put(c)
+				return
+			}
+			c.conn.Close()
+		}
+		return resp, release, nil
+	}
+}
+
+func (c *upConn) exchange(req *upstreamRequest) (*http.Response, error) {
+	bw := c.bw
+	bw.WriteString(req.method)
+	bw.WriteByte(' ')
+	writeEscapedPath(bw, req.path)
+	if req.rawQuery != "" {
+		bw.WriteByte('?')
+		bw.WriteString(req.rawQuery)
+	}
+	bw.WriteString(" HTTP/1.1\r\nHost: ")
+	bw.WriteString(req.host)
+	for _, v := range req.flavor {
+		bw.WriteString("\r\nMetadata-Flavor: ")
+		bw.WriteString(v)
+	}
+	bw.WriteString("\r\n\r\n")
+	if err := bw.Flush(); err != nil {
+		return nil, err
+	}
+	respondTo := responseToGET
+	if req.method == http.MethodHead {
+		respondTo = responseToHEAD
+	}
+	return http.ReadResponse(c.br, respondTo)
+}
+
+// writeEscapedPath writes a canonical path percent-encoding what a request line may
+// not carry raw; the common path needs no encoding and is written as it is.
+func writeEscapedPath(bw *bufio.Writer, path string) {
+	for i := 0; i < len(path); i++ {
+		if !pathSafe(path[i]) {
+			bw.WriteString((&url.URL{Path: path}).EscapedPath())
+			return
+		}
+	}
+	bw.WriteString(path)
+}
+
+func pathSafe(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' ||
+		c == '/' || c == '-' || c == '.' || c == '_' || c == '~' || c == '@'
+}
+
+// retryable reports errors that mean a reused connection had been closed by the
+// upstream before our request reached it.
+func retryable(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+}
+
+// validHeaderValue rejects values that could split the request we write.
+func validHeaderValue(v string) bool {
+	for i := 0; i < len(v); i++ {
+		if c := v[i]; (c < 0x20 && c != '\t') || c == 0x7f {
+			return false
+		}
+	}
+	return true
+}

@@ -1,0 +1,617 @@
+// Command proxy is `make bench-proxy`: throughput and latency of metaconceal-proxy
+// against the fake upstream directly and a bare httputil.ReverseProxy, then 10,000
+// concurrent long polls held to their timeout.
+//
+// Everything runs on 127.0.0.1 in separate processes: bin/fake-gce-metadata (the
+// upstream), this binary re-executed as "bare-proxy" (the floor any Go proxy starts
+// from), bin/metaconceal-proxy, and this process as the load generator. Its client
+// is a minimal HTTP/1.1 keep-alive loop, so that the generator takes as little of the
+// shared CPU as possible. Rounds alternate between targets and rotate their order.
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"text/tabwriter"
+	"time"
+)
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "bare-proxy" {
+		os.Exit(bareProxy(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "load" {
+		os.Exit(loadOnly(os.Args[2:]))
+	}
+	os.Exit(run(os.Args[1:]))
+}
+
+// bareProxy is the comparison point: httputil.ReverseProxy with Rewrite + SetURL and
+// a pooled transport sized like metaconceal-proxy's, no policy.
+func bareProxy(args []string) int {
+	fs := flag.NewFlagSet("bare-proxy", flag.ContinueOnError)
+	listen := fs.String("listen", "127.0.0.1:0", "listen address")
+	upstream := fs.String("upstream", "", "upstream URL")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	u, err := url.Parse(*upstream)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bare-proxy:", err)
+		return 2
+	}
+	rp := &httputil.ReverseProxy{
+		Rewrite:   func(pr *httputil.ProxyRequest) { pr.SetURL(u) },
+		Transport: &http.Transport{MaxIdleConnsPerHost: 1024, IdleConnTimeout: 90 * time.Second},
+	}
+	srv := &http.Server{Handler: rp, ReadHeaderTimeout: 10 * time.Second}
+	ln, err := net.Listen("tcp", *listen)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bare-proxy:", err)
+		return 1
+	}
+	fmt.Fprintln(os.Stderr, "bare-proxy serving on", ln.Addr())
+	if err := srv.Serve(ln); err != nil {
+		fmt.Fprintln(os.Stderr, "bare-proxy:", err)
+		return 1
+	}
+	return 0
+}
+
+// loadOnly runs the load generator alone against a running target, for profiling.
+func loadOnly(args []string) int {
+	fs := flag.NewFlagSet("load", flag.ContinueOnError)
+	addr := fs.String("addr", "", "target host:port")
+	path := fs.String("path", "/computeMetadata/v1/project/project-id", "request path")
+	conns := fs.Int("conns", 200, "keep-alive connections")
+	d := fs.Duration("duration", 5*time.Second, "duration")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	r, err := load(*addr, *path, *conns, *d)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "load:", err)
+		return 1
+	}
+	fmt.Printf("%.0f req/s p50 %s p99 %s errors %d\n", r.rps(), fmtDur(r.percentile(50)), fmtDur(r.percentile(99)), r.errors)
+	return 0
+}
+
+type benchConfig struct {
+	roundTime   time.Duration
+	rounds      int
+	conns       []int
+	polls       int
+	pollTimeout int
+}
+
+func run(args []string) int {
+	fs := flag.NewFlagSet("bench-proxy", flag.ContinueOnError)
+	var cfg benchConfig
+	fs.DurationVar(&cfg.roundTime, "round", 3*time.Second, "duration of one measured round")
+	fs.IntVar(&cfg.rounds, "rounds", 3, "rounds per target and concurrency (alternating)")
+	connsFlag := fs.String("conns", "50,200", "concurrent keep-alive connections, comma-separated")
+	fs.IntVar(&cfg.polls, "long-polls", 10000, "concurrent long polls (0 skips)")
+	fs.IntVar(&cfg.pollTimeout, "long-poll-timeout", 20, "timeout_sec of the long polls")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	for s := range strings.SplitSeq(*connsFlag, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n <= 0 {
+			fmt.Fprintf(os.Stderr, "bench-proxy: --conns %q: %v\n", *connsFlag, err)
+			return 2
+		}
+		cfg.conns = append(cfg.conns, n)
+	}
+	if err := bench(cfg); err != nil {
+		fmt.Fprintln(os.Stderr, "bench-proxy:", err)
+		return 1
+	}
+	return 0
+}
+
+// binDir finds the built binaries: $METACONCEAL_BIN, else <module root>/bin.
+func binDir() (string, error) {
+	if d := os.Getenv("METACONCEAL_BIN"); d != "" {
+		return d, nil
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return filepath.Join(dir, "bin"), nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("no go.mod above the working directory; set METACONCEAL_BIN")
+		}
+		dir = parent
+	}
+}
+
+func freeAddr() (string, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return "", err
+	}
+	defer ln.Close()
+	return ln.Addr().String(), nil
+}
+
+type process struct {
+	name string
+	cmd  *exec.Cmd
+	addr string
+	logs *bytes.Buffer
+}
+
+func start(name, addr string, bin string, args ...string) (*process, error) {
+	cmd := exec.Command(bin, args...)
+	logs := &bytes.Buffer{}
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &process{name: name, cmd: cmd, addr: addr, logs: logs}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			return p, nil
+		}
+		if time.Now().After(deadline) {
+			p.stop()
+			return nil, fmt.Errorf("%s did not listen on %s within 10s: %s", name, addr, logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func (p *process) stop() {
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = p.cmd.Process.Kill()
+		<-done
+	}
+}
+
+// peakRSS reads the process's high-water resident set size (VmHWM) in KiB.
+func (p *process) peakRSS() (int, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.cmd.Process.Pid))
+	if err != nil {
+		return 0, err
+	}
+	for l := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmHWM:"); ok {
+			return strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+		}
+	}
+	return 0, errors.New("no VmHWM in /proc status")
+}
+
+func bench(cfg benchConfig) error {
+	bin, err := binDir()
+	if err != nil {
+		return err
+	}
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	var upAddr, bareAddr, mcAddr, mcMetrics string
+	for _, a := range []*string{&upAddr, &bareAddr, &mcAddr, &mcMetrics} {
+		if *a, err = freeAddr(); err != nil {
+			return err
+		}
+	}
+	upstream, err := start("fake-gce-metadata", upAddr, filepath.Join(bin, "fake-gce-metadata"), "--listen", upAddr)
+	if err != nil {
+		return err
+	}
+	defer upstream.stop()
+	bare, err := start("bare ReverseProxy", bareAddr, self, "bare-proxy", "--listen", bareAddr, "--upstream", "http://"+upAddr)
+	if err != nil {
+		return err
+	}
+	defer bare.stop()
+	stateDir, err := os.MkdirTemp("", "bench-proxy-state-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(stateDir)
+	mc, err := start("metaconceal-proxy", mcAddr, filepath.Join(bin, "metaconceal-proxy"),
+		"--listen", mcAddr, "--upstream", "http://"+upAddr, "--metrics-listen", mcMetrics,
+		"--state-dir", stateDir, "--log-format", "text")
+	if err != nil {
+		return err
+	}
+	defer mc.stop()
+
+	targets := []*process{upstream, bare, mc}
+	labels := map[*process]string{upstream: "(a) fake upstream direct", bare: "(b) bare httputil.ReverseProxy", mc: "(c) metaconceal-proxy"}
+	const path = "/computeMetadata/v1/project/project-id"
+	fmt.Printf("bench-proxy: GET %s with Metadata-Flavor: Google, keep-alive, 127.0.0.1\n", path)
+	fmt.Printf("%d rounds of %s per target and concurrency, alternating targets; %d CPUs shared by all processes\n\n",
+		cfg.rounds, cfg.roundTime, numCPU())
+
+	type key struct {
+		p     *process
+		conns int
+	}
+	results := map[key]*result{}
+	for _, t := range targets {
+		// Warm-up: connections, pools and JIT-free but cache-warm paths.
+		if _, err := load(t.addr, path, 50, 500*time.Millisecond); err != nil {
+			return fmt.Errorf("warm-up %s: %w", t.name, err)
+		}
+	}
+	for round := range cfg.rounds {
+		for _, conns := range cfg.conns {
+			order := slices.Clone(targets)
+			// Rotate the order each round, so no target always runs first or last.
+			for range round % len(order) {
+				order = append(order[1:], order[0])
+			}
+			for _, t := range order {
+				r, err := load(t.addr, path, conns, cfg.roundTime)
+				if err != nil {
+					return fmt.Errorf("%s at %d conns: %w", t.name, conns, err)
+				}
+				k := key{t, conns}
+				if results[k] == nil {
+					results[k] = &result{}
+				}
+				results[k].merge(r)
+			}
+		}
+	}
+
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "target\tconns\treq/s\tp50\tp99\terrors\tvs bare\t")
+	for _, conns := range cfg.conns {
+		bareRPS := results[key{bare, conns}].rps()
+		for _, t := range targets {
+			r := results[key{t, conns}]
+			fmt.Fprintf(tw, "%s\t%d\t%.0f\t%s\t%s\t%d\t%.2fx\t\n", labels[t], conns, r.rps(),
+				fmtDur(r.percentile(50)), fmtDur(r.percentile(99)), r.errors, r.rps()/bareRPS)
+		}
+	}
+	tw.Flush()
+	if rss, err := mc.peakRSS(); err == nil {
+		fmt.Printf("\nmetaconceal-proxy peak RSS after the throughput rounds: %.1f MiB\n", float64(rss)/1024)
+	}
+
+	if cfg.polls > 0 {
+		fmt.Printf("\nlong polls: %d concurrent GET ...?wait_for_change=true&timeout_sec=%d on metaconceal-proxy\n", cfg.polls, cfg.pollTimeout)
+		if err := longPolls(mc, mcMetrics, cfg.polls, cfg.pollTimeout); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func numCPU() int {
+	data, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return 0
+	}
+	return strings.Count(string(data), "\nprocessor") + 1
+}
+
+func fmtDur(d time.Duration) string {
+	switch {
+	case d >= time.Millisecond:
+		return fmt.Sprintf("%.2fms", float64(d)/float64(time.Millisecond))
+	default:
+		return fmt.Sprintf("%.0fµs", float64(d)/float64(time.Microsecond))
+	}
+}
+
+type result struct {
+	requests  int
+	errors    int
+	elapsed   time.Duration
+	latencies []time.Duration
+}
+
+func (r *result) merge(o *result) {
+	r.requests += o.requests
+	r.errors += o.errors
+	r.elapsed += o.elapsed
+	r.latencies = append(r.latencies, o.latencies...)
+}
+
+func (r *result) rps() float64 {
+	if r.elapsed == 0 {
+		return 0
+	}
+	return float64(r.requests) / r.elapsed.Seconds()
+}
+
+func (r *result) percentile(p float64) time.Duration {
+	if len(r.latencies) == 0 {
+		return 0
+	}
+	slices.Sort(r.latencies)
+	i := int(float64(len(r.latencies)-1) * p / 100)
+	return r.latencies[i]
+}
+
+// client is one keep-alive HTTP/1.1 connection.
+type client struct {
+	addr string
+	conn net.Conn
+	br   *bufio.Reader
+	req  []byte
+}
+
+func (c *client) dial() error {
+	conn, err := net.Dial("tcp", c.addr)
+	if err != nil {
+		return err
+	}
+	c.conn = conn
+	c.br = bufio.NewReaderSize(conn, 4096)
+	return nil
+}
+
+func (c *client) close() {
+	if c.conn != nil {
+		c.conn.Close()
+		c.conn = nil
+	}
+}
+
+// do sends the request and reads one response; it returns the status code.
+func (c *client) do() (int, error) {
+	if c.conn == nil {
+		if err := c.dial(); err != nil {
+			return 0, err
+		}
+	}
+	if _, err := c.conn.Write(c.req); err != nil {
+		c.close()
+		return 0, err
+	}
+	status, err := readResponse(c.br)
+	if err != nil {
+		c.close()
+	}
+	return status, err
+}
+
+// readResponse parses a response with a Content-Length body and discards the body.
+func readResponse(br *bufio.Reader) (int, error) {
+	line, err := br.ReadSlice('\n')
+	if err != nil {
+		return 0, err
+	}
+	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.1 ")) {
+		return 0, fmt.Errorf("bad status line %q", line)
+	}
+	status, err := strconv.Atoi(string(line[9:12]))
+	if err != nil {
+		return 0, fmt.Errorf("bad status line %q", line)
+	}
+	length := -1
+	for {
+		line, err = br.ReadSlice('\n')
+		if err != nil {
+			return 0, err
+		}
+		if len(line) <= 2 {
+			break
+		}
+		if len(line) > 16 && bytes.EqualFold(line[:15], []byte("Content-Length:")) {
+			length, err = strconv.Atoi(string(bytes.TrimSpace(line[15:])))
+			if err != nil {
+				return 0, fmt.Errorf("bad Content-Length %q", line)
+			}
+		}
+	}
+	if length < 0 {
+		return 0, errors.New("response without Content-Length")
+	}
+	if _, err := br.Discard(length); err != nil {
+		return 0, err
+	}
+	return status, nil
+}
+
+func request(path string) []byte {
+	return []byte("GET " + path + " HTTP/1.1\r\nHost: metadata.google.internal\r\nMetadata-Flavor: Google\r\n\r\n")
+}
+
+// load runs conns keep-alive clients against addr for d.
+func load(addr, path string, conns int, d time.Duration) (*result, error) {
+	req := request(path)
+	var (
+		wg      sync.WaitGroup
+		stop    atomic.Bool
+		mu      sync.Mutex
+		total   = &result{}
+		dialErr error
+	)
+	clients := make([]*client, conns)
+	for i := range clients {
+		clients[i] = &client{addr: addr, req: req}
+		if err := clients[i].dial(); err != nil {
+			dialErr = err
+			break
+		}
+	}
+	defer func() {
+		for _, c := range clients {
+			if c != nil {
+				c.close()
+			}
+		}
+	}()
+	if dialErr != nil {
+		return nil, dialErr
+	}
+	start := time.Now()
+	for _, c := range clients {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := &result{latencies: make([]time.Duration, 0, 4096)}
+			for !stop.Load() {
+				t0 := time.Now()
+				status, err := c.do()
+				if err != nil || status != http.StatusOK {
+					r.errors++
+					continue
+				}
+				r.latencies = append(r.latencies, time.Since(t0))
+				r.requests++
+			}
+			mu.Lock()
+			total.merge(r)
+			mu.Unlock()
+		}()
+	}
+	time.Sleep(d)
+	stop.Store(true)
+	wg.Wait()
+	total.elapsed = time.Since(start)
+	return total, nil
+}
+
+// longPolls holds n identical long polls on the proxy until their timeout and
+// reports failures and the proxy's peak RSS.
+func longPolls(mc *process, metricsAddr string, n, timeoutSec int) error {
+	const attr = "/computeMetadata/v1/instance/attributes/cluster-name"
+	c := &client{addr: mc.addr, req: request(attr)}
+	etag, err := currentETag(c)
+	c.close()
+	if err != nil {
+		return err
+	}
+	req := request(fmt.Sprintf("%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", attr, etag, timeoutSec))
+
+	var (
+		wg              sync.WaitGroup
+		ok, failed      atomic.Int64
+		firstErrOnce    sync.Once
+		firstErr        error
+		connected, sent atomic.Int64
+	)
+	fail := func(err error) {
+		failed.Add(1)
+		firstErrOnce.Do(func() { firstErr = err })
+	}
+	start := time.Now()
+	sem := make(chan struct{}, 256) // dial in waves: the accept backlog is finite
+	for range n {
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer wg.Done()
+			conn, err := net.DialTimeout("tcp", mc.addr, 10*time.Second)
+			<-sem
+			if err != nil {
+				fail(fmt.Errorf("dial: %w", err))
+				return
+			}
+			defer conn.Close()
+			connected.Add(1)
+			if _, err := conn.Write(req); err != nil {
+				fail(fmt.Errorf("write: %w", err))
+				return
+			}
+			sent.Add(1)
+			_ = conn.SetReadDeadline(time.Now().Add(time.Duration(timeoutSec)*time.Second + 60*time.Second))
+			status, err := readResponse(bufio.NewReaderSize(conn, 1024))
+			switch {
+			case err != nil:
+				fail(fmt.Errorf("read: %w", err))
+			case status != http.StatusOK:
+				fail(fmt.Errorf("status %d", status))
+			default:
+				ok.Add(1)
+			}
+		}()
+	}
+	openedIn := time.Since(start)
+	// Sample the proxy's own gauges while the polls are held.
+	time.Sleep(time.Second)
+	held, upstreamPolls := scrapeGauge(metricsAddr, "metaconceal_proxy_long_polls_open"), scrapeGauge(metricsAddr, "metaconceal_proxy_upstream_long_polls_open")
+	wg.Wait()
+	total := time.Since(start)
+	rss, rssErr := mc.peakRSS()
+	fmt.Printf("  opened %d connections in %s; proxy held %s polls on %s upstream request(s)\n", connected.Load(), openedIn.Round(time.Millisecond), held, upstreamPolls)
+	fmt.Printf("  answered 200 at their timeout: %d, failed: %d, all done after %s\n", ok.Load(), failed.Load(), total.Round(time.Millisecond))
+	if firstErr != nil {
+		fmt.Printf("  first failure: %v\n", firstErr)
+	}
+	if rssErr != nil {
+		return fmt.Errorf("read proxy RSS: %w", rssErr)
+	}
+	fmt.Printf("  metaconceal-proxy peak RSS (VmHWM): %.1f MiB\n", float64(rss)/1024)
+	return nil
+}
+
+func currentETag(c *client) (string, error) {
+	if err := c.dial(); err != nil {
+		return "", err
+	}
+	if _, err := c.conn.Write(c.req); err != nil {
+		return "", err
+	}
+	resp, err := http.ReadResponse(c.br, nil)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	_, _ = io.Copy(io.Discard, resp.Body)
+	etag := resp.Header.Get("ETag")
+	if resp.StatusCode != http.StatusOK || etag == "" {
+		return "", fmt.Errorf("GET for the ETag: %s, ETag %q", resp.Status, etag)
+	}
+	return etag, nil
+}
+
+func scrapeGauge(addr, name string) string {
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+addr+"/metrics", nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return "?"
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	for l := range strings.SplitSeq(string(body), "\n") {
+		if v, ok := strings.CutPrefix(l, name+" "); ok {
+			return v
+		}
+	}
+	return "?"
+}

@@ -1,0 +1,388 @@
+// Package cni is the end-to-end test of the metaconceal plugin through cnitool and the
+// pinned bridge + host-local plugins, on a simulated node (see test/simnode): nothing
+// is sent from, or changed in, the machine's own network namespace.
+package cni
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/state"
+	"github.com/metaconceal/metaconceal/test/simnode"
+)
+
+// cniPath lists the plugin directories: a fresh build of metaconceal first, then the
+// pinned tools.
+var cniPath string
+
+func TestMain(m *testing.M) {
+	os.Exit(runMain(m))
+}
+
+func runMain(m *testing.M) int {
+	binDir, err := binDir()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	pluginDir, err := os.MkdirTemp("", "mc-cni-e2e-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(pluginDir)
+	// Build the plugin from this tree so the test never runs a stale bin/metaconceal.
+	build := exec.Command("go", "build", "-o", filepath.Join(pluginDir, "metaconceal"), "github.com/metaconceal/metaconceal/plugins/metaconceal")
+	build.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := build.CombinedOutput(); err != nil {
+		fmt.Fprintf(os.Stderr, "go build metaconceal: %v\n%s", err, out)
+		return 1
+	}
+	cniPath = pluginDir + string(os.PathListSeparator) + binDir
+	return m.Run()
+}
+
+// binDir is where make build put the pinned tools: $METACONCEAL_BIN, else <module>/bin.
+func binDir() (string, error) {
+	if d := os.Getenv("METACONCEAL_BIN"); d != "" {
+		return d, nil
+	}
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return filepath.Join(dir, "bin"), nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", errors.New("cannot find the module root (go.mod) above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// world is a simulated node with the metadata and proxy servers, and conflists.
+type world struct {
+	t       *testing.T
+	node    *simnode.Node
+	confDir string
+	tmp     string
+}
+
+func newWorld(t *testing.T) *world {
+	t.Helper()
+	for _, tool := range []string{"cnitool", "bridge", "host-local"} {
+		if _, err := os.Stat(filepath.Join(strings.Split(cniPath, string(os.PathListSeparator))[1], tool)); err != nil {
+			t.Fatalf("%s missing (run make build): %v", tool, err)
+		}
+	}
+	node, err := simnode.New("mc-cni")
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &world{t: t, node: node, confDir: t.TempDir(), tmp: t.TempDir()}
+	t.Cleanup(func() {
+		if err := node.Close(); err != nil {
+			t.Errorf("close simulated node: %v", err)
+		}
+	})
+	// TCP servers that answer with the address that served them, and a UDP echo.
+	for _, addr := range []string{simnode.MetadataIP + ":80", simnode.MetadataIP + ":8080", simnode.ProxyIP + ":988"} {
+		ln, err := node.Listen("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		srv := &http.Server{Handler: http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+			fmt.Fprint(rw, r.Context().Value(http.LocalAddrContextKey).(net.Addr).String())
+		}), ReadHeaderTimeout: 5 * time.Second}
+		go srv.Serve(ln) //nolint:errcheck // returns when Close below closes the listener
+		t.Cleanup(func() { srv.Close() })
+	}
+	udp, err := node.ListenPacket("udp", simnode.MetadataIP+":5353")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { udp.Close() })
+	go func() {
+		buf := make([]byte, 512)
+		for {
+			n, from, err := udp.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = udp.WriteTo(buf[:n], from) // echo; a lost reply shows as a test timeout
+		}
+	}()
+	return w
+}
+
+// conflist writes a bridge + host-local + metaconceal conflist named name.
+func (w *world) conflist(name, bridge, subnet string, metaconceal map[string]any) {
+	w.t.Helper()
+	metaconceal["type"] = "metaconceal"
+	metaconceal["stateDir"] = filepath.Join(w.tmp, name+"-state")
+	list := map[string]any{
+		"cniVersion": "1.1.0", "name": name,
+		"plugins": []map[string]any{{
+			"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": false,
+			"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": subnet}}},
+				"routes": []map[string]string{{"dst": "0.0.0.0/0"}}, "dataDir": filepath.Join(w.tmp, name+"-ipam")},
+		}, metaconceal},
+	}
+	data, err := json.MarshalIndent(list, "", "  ")
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(w.confDir, name+".conflist"), data, 0o644); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+// conflistFromExample writes conf/examples/<example> as network name, with the node-wide
+// parts (bridge name, subnet, IPAM data dir, state dir) moved to the test's own.
+func (w *world) conflistFromExample(example, name, bridge, subnet string) {
+	w.t.Helper()
+	data, err := os.ReadFile(filepath.Join(exampleDir, example))
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	var list map[string]any
+	if err := json.Unmarshal(data, &list); err != nil {
+		w.t.Fatal(err)
+	}
+	list["name"] = name
+	for _, p := range list["plugins"].([]any) {
+		plugin := p.(map[string]any)
+		switch plugin["type"] {
+		case "bridge":
+			plugin["bridge"] = bridge
+			plugin["ipMasq"] = false // no masquerade rules in the node netns needed or wanted
+			ipam := plugin["ipam"].(map[string]any)
+			ipam["ranges"] = [][]map[string]string{{{"subnet": subnet}}}
+			ipam["dataDir"] = filepath.Join(w.tmp, name+"-ipam")
+		case "metaconceal":
+			plugin["stateDir"] = filepath.Join(w.tmp, name+"-state")
+		}
+	}
+	out, err := json.Marshal(list)
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(w.confDir, name+".conflist"), out, 0o644); err != nil {
+		w.t.Fatal(err)
+	}
+}
+
+// cnitool runs cnitool inside the node netns, as a runtime on the node would.
+func (w *world) cnitool(verb, network, podPath string) (string, error) {
+	w.t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	bin := filepath.Join(strings.Split(cniPath, string(os.PathListSeparator))[1], "cnitool")
+	return w.node.Exec(ctx, "env", "CNI_PATH="+cniPath, "NETCONFPATH="+w.confDir,
+		"CNI_ARGS=IgnoreUnknown=1;K8S_POD_NAMESPACE=e2e;K8S_POD_NAME="+filepath.Base(podPath)+";K8S_POD_UID=uid-"+filepath.Base(podPath),
+		bin, verb, network, podPath)
+}
+
+func get(nsPath, url string) (string, error) {
+	resp, err := simnode.HTTPClientIn(nsPath, 5*time.Second).Get(url)
+	if err != nil {
+		return "", err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	return string(body), err
+}
+
+// udpEcho sends one datagram from the netns and waits for the echo.
+func udpEcho(nsPath, addr string) error {
+	conn, err := simnode.DialIn(nsPath, "udp", addr, 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := conn.SetDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		return err
+	}
+	if _, err := conn.Write([]byte("ping")); err != nil {
+		return err
+	}
+	buf := make([]byte, 16)
+	n, err := conn.Read(buf)
+	if err != nil {
+		return err
+	}
+	if string(buf[:n]) != "ping" {
+		return fmt.Errorf("echo %q", buf[:n])
+	}
+	return nil
+}
+
+// icmpEcho sends one ICMP echo request from the netns (raw socket) and waits for the
+// reply.
+func icmpEcho(nsPath, addr string) error {
+	conn, err := simnode.DialIn(nsPath, "ip4:icmp", addr, 2*time.Second)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if err := conn.SetDeadline(time.Now().Add(2 * time.Second)); err != nil {
+		return err
+	}
+	req := []byte{8, 0, 0, 0, 0x12, 0x34, 0, 1, 'm', 'c'} // echo request, id 0x1234, seq 1
+	sum := 0
+	for i := 0; i < len(req); i += 2 {
+		sum += int(req[i])<<8 | int(req[i+1])
+	}
+	for sum > 0xffff {
+		sum = sum>>16 + sum&0xffff
+	}
+	req[2], req[3] = byte(^sum>>8), byte(^sum)
+	if _, err := conn.Write(req); err != nil {
+		return err
+	}
+	ipConn, ok := conn.(*net.IPConn)
+	if !ok {
+		return fmt.Errorf("dial ip4:icmp gave %T", conn)
+	}
+	buf := make([]byte, 1500)
+	for {
+		n, _, err := ipConn.ReadFrom(buf) // ReadFrom, unlike Read, strips the IPv4 header
+		if err != nil {
+			return err
+		}
+		if n >= 8 && buf[0] == 0 && buf[4] == 0x12 && buf[5] == 0x34 { // echo reply to our id
+			return nil
+		}
+	}
+}
+
+func iptablesSaveAll(t *testing.T, podName string) string {
+	t.Helper()
+	var all strings.Builder
+	for _, prog := range []string{"iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save"} {
+		out, err := simnode.Run(context.Background(), "ip", "netns", "exec", podName, prog)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all.WriteString(out)
+	}
+	return all.String()
+}
+
+func TestCNIToolEndToEnd(t *testing.T) {
+	testutil.RequirePrivileged(t, "ip", "iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save")
+	w := newWorld(t)
+	w.conflistFromExample("10-metaconceal.conflist", "mc-secure", "mcbr0", "10.99.1.0/24")
+	w.conflist("mc-exposed", "mcbr1", "10.99.2.0/24", map[string]any{"mode": "EXPOSED"})
+	const metadataURL = "http://" + simnode.MetadataIP + "/"
+
+	// The node itself reaches the metadata address: nothing here runs on the node.
+	if got, err := get(w.node.Path, metadataURL); err != nil || got != simnode.MetadataIP+":80" {
+		t.Fatalf("from the node: %q, %v; want served by %s:80", got, err, simnode.MetadataIP)
+	}
+	// STATUS: the proxy listens in the node netns.
+	if _, err := w.cnitool("status", "mc-secure", w.node.Path); err != nil {
+		t.Errorf("cnitool status with the proxy listening: %v", err)
+	}
+
+	t.Run("SECURE", func(t *testing.T) {
+		podName, podPath, err := w.node.NewPodNS("mc-cni-pod")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.cnitool("add", "mc-secure", podPath); err != nil {
+			t.Fatalf("cnitool add: %v", err)
+		}
+		if got, err := get(podPath, metadataURL); err != nil || got != simnode.ProxyIP+":988" {
+			t.Errorf("pod GET %s: %q, %v; want it to land on the proxy %s:988", metadataURL, got, err, simnode.ProxyIP)
+		}
+		if got, err := get(podPath, "http://"+simnode.ProxyIP+":988/"); err != nil || got != simnode.ProxyIP+":988" {
+			t.Errorf("pod to the proxy directly: %q, %v", got, err)
+		}
+		start := time.Now()
+		_, err = simnode.DialIn(podPath, "tcp", simnode.MetadataIP+":8080", 3*time.Second)
+		if !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("pod TCP to %s:8080 = %v, want connection refused (REJECT)", simnode.MetadataIP, err)
+		} else {
+			t.Logf("TCP to :8080 refused after %v", time.Since(start))
+		}
+		// A locally generated datagram that OUTPUT rejects fails the send with EPERM; the
+		// ICMP error, when it arrives first, shows as ECONNREFUSED.
+		if err := udpEcho(podPath, simnode.MetadataIP+":5353"); !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("pod UDP to %s:5353 = %v, want it rejected (EPERM or connection refused)", simnode.MetadataIP, err)
+		}
+		if err := icmpEcho(podPath, simnode.MetadataIP); !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ECONNREFUSED) {
+			t.Errorf("pod ping of %s = %v, want it rejected", simnode.MetadataIP, err)
+		}
+		recs, err := state.List(filepath.Join(w.tmp, "mc-secure-state"))
+		if err != nil || len(recs) != 1 || recs[0].PodNamespace != "e2e" || len(recs[0].IPs) != 1 || !strings.HasPrefix(recs[0].IPs[0], "10.99.1.") {
+			t.Errorf("state records after add: %+v, %v", recs, err)
+		}
+		if _, err := w.cnitool("check", "mc-secure", podPath); err != nil {
+			t.Errorf("cnitool check: %v", err)
+		}
+		// The node keeps direct access while the pod is concealed.
+		if got, err := get(w.node.Path, metadataURL); err != nil || got != simnode.MetadataIP+":80" {
+			t.Errorf("from the node with a concealed pod: %q, %v", got, err)
+		}
+
+		if _, err := w.cnitool("del", "mc-secure", podPath); err != nil {
+			t.Fatalf("cnitool del: %v", err)
+		}
+		if saved := iptablesSaveAll(t, podName); strings.Contains(saved, "METACONCEAL") || strings.Contains(saved, "metaconceal") {
+			t.Errorf("rules left in the pod netns after del:\n%s", saved)
+		}
+		if recs, err := state.List(filepath.Join(w.tmp, "mc-secure-state")); err != nil || len(recs) != 0 {
+			t.Errorf("state records after del: %+v, %v", recs, err)
+		}
+		if _, err := w.cnitool("del", "mc-secure", podPath); err != nil {
+			t.Errorf("second cnitool del: %v", err)
+		}
+	})
+
+	t.Run("EXPOSED", func(t *testing.T) {
+		podName, podPath, err := w.node.NewPodNS("mc-cni-pod")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.cnitool("add", "mc-exposed", podPath); err != nil {
+			t.Fatalf("cnitool add: %v", err)
+		}
+		if got, err := get(podPath, metadataURL); err != nil || got != simnode.MetadataIP+":80" {
+			t.Errorf("EXPOSED pod GET: %q, %v; want the metadata address itself", got, err)
+		}
+		if conn, err := simnode.DialIn(podPath, "tcp", simnode.MetadataIP+":8080", 3*time.Second); err != nil {
+			t.Errorf("EXPOSED pod TCP :8080: %v", err)
+		} else {
+			conn.Close()
+		}
+		if err := udpEcho(podPath, simnode.MetadataIP+":5353"); err != nil {
+			t.Errorf("EXPOSED pod UDP echo: %v", err)
+		}
+		if err := icmpEcho(podPath, simnode.MetadataIP); err != nil {
+			t.Errorf("EXPOSED pod ping: %v", err)
+		}
+		if saved := iptablesSaveAll(t, podName); strings.Contains(saved, "METACONCEAL") {
+			t.Errorf("EXPOSED installed rules:\n%s", saved)
+		}
+		if _, err := w.cnitool("del", "mc-exposed", podPath); err != nil {
+			t.Fatalf("cnitool del: %v", err)
+		}
+	})
+}
