@@ -193,3 +193,29 @@ func checkMountsHaveVolumes(t *testing.T, spec corev1.PodSpec, c corev1.Containe
 		}
 	}
 }
+
+// TestKindFakeMetadata checks the kind e2e's fake metadata DaemonSet decodes and puts
+// the metadata address on lo before serving on it.
+func TestKindFakeMetadata(t *testing.T) {
+	t.Parallel()
+	docs := readDocs(t, "../../test/kind/fake-metadata.yaml")
+	var ns corev1.Namespace
+	if err := yaml.UnmarshalStrict(docs[0], &ns); err != nil {
+		t.Fatalf("namespace: %v", err)
+	}
+	var ds appsv1.DaemonSet
+	if err := yaml.UnmarshalStrict(docs[1], &ds); err != nil {
+		t.Fatalf("daemonset: %v", err)
+	}
+	spec := ds.Spec.Template.Spec
+	if ds.Namespace != ns.Name || !spec.HostNetwork || len(spec.InitContainers) != 1 || len(spec.Containers) != 1 {
+		t.Fatalf("unexpected shape: namespace %q/%q, hostNetwork %v, %d init, %d containers", ds.Namespace, ns.Name, spec.HostNetwork, len(spec.InitContainers), len(spec.Containers))
+	}
+	init := spec.InitContainers[0]
+	if strings.Join(init.Command, " ") != "ip addr replace 169.254.169.254/32 dev lo" || !slices.Contains(init.SecurityContext.Capabilities.Add, "NET_ADMIN") {
+		t.Errorf("init container %v with %+v", init.Command, init.SecurityContext.Capabilities)
+	}
+	if !slices.Contains(spec.Containers[0].Command, "--listen=169.254.169.254:80") {
+		t.Errorf("server command %v", spec.Containers[0].Command)
+	}
+}

@@ -47,8 +47,9 @@ type Plugin struct {
 	Stderr io.Writer
 
 	// lastRunner is the iptables runner of the last verb, for tests that count
-	// processes.
+	// processes; runnerHook, when set, adjusts a new runner (tests inject failures).
 	lastRunner *redirect.Runner
+	runnerHook func(*redirect.Runner)
 }
 
 // Funcs returns the verbs for skel.PluginMainFuncs.
@@ -93,6 +94,9 @@ func (p *Plugin) logger(conf *netconf.Config, verb string, args *skel.CmdArgs) (
 
 func (p *Plugin) newRunner(conf *netconf.Config) *redirect.Runner {
 	r := redirect.NewRunner(redirect.Backend(conf.IptablesBackend))
+	if p.runnerHook != nil {
+		p.runnerHook(r)
+	}
 	p.lastRunner = r
 	return r
 }
@@ -184,17 +188,16 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	if err != nil {
 		return err
 	}
+	// prevResult goes out unchanged, in the conf's version (what types.PrintResult does,
+	// to a writer that tests can capture); converted before anything changes, so that a
+	// conversion failure leaves nothing behind.
+	result, err := conf.PrevResult.GetAsVersion(conf.CNIVersion)
+	if err != nil {
+		return types.NewError(types.ErrIncompatibleCNIVersion, "metaconceal: cannot convert prevResult to cniVersion "+conf.CNIVersion, err.Error())
+	}
+	passThrough := func() error { return result.PrintTo(p.stdout()) }
 	pod := netconf.ParsePodArgs(args.Args)
 	log = log.With("podNamespace", pod.Namespace, "podName", pod.Name, "mode", conf.Mode)
-	passThrough := func() error {
-		// prevResult goes out unchanged, in the conf's version (what types.PrintResult
-		// does, to a writer that tests can capture).
-		out, err := conf.PrevResult.GetAsVersion(conf.CNIVersion)
-		if err != nil {
-			return types.NewError(types.ErrIncompatibleCNIVersion, "metaconceal: cannot convert prevResult to cniVersion "+conf.CNIVersion, err.Error())
-		}
-		return out.PrintTo(p.stdout())
-	}
 
 	if !conf.Mode.Conceals() {
 		log.Info("mode does not conceal; nothing installed")
@@ -208,8 +211,10 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	att := attachment(args)
 	ips := podIPs(prev)
 	specs := wantedSpecs(conf, att, ips)
-	_, statErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
-	mayExist := statErr == nil
+	// Without a record this attachment has no rules yet (the common case): one restore
+	// creates them. A record, or one that cannot be read, means they may exist.
+	_, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
+	mayExist := !errors.Is(readErr, state.ErrNotFound)
 	runner := p.newRunner(conf)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
@@ -245,7 +250,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrIOFailure, "metaconceal: cannot write state record", errors.Join(err, rbErr).Error())
 	}
 	log.Info("metadata concealed", "families", len(specs), "podIPs", rec.IPs, "repeat", mayExist,
-		"iptables", runner.CountsString(), "duration", time.Since(start))
+		"iptables", runner.CountsString(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
 	return passThrough()
 }
 
@@ -260,25 +265,25 @@ func rollback(ctx context.Context, runner *redirect.Runner, specs []redirect.Spe
 	return errors.Join(errs...)
 }
 
-// removeAttachment removes the attachment's rules in every family that may hold them
-// and reports whether anything was removed. It runs inside the pod netns.
-// recordFound and rec say what the state record knows about what ADD installed.
-func removeAttachment(ctx context.Context, runner *redirect.Runner, conf *netconf.Config, att redirect.Attachment, recordFound bool, rec state.Record) (bool, error) {
+// removeAttachment removes the attachment's rules, in each family the config can
+// have installed, and reports whether anything was removed. It runs inside the pod
+// netns. recordFound and rec say what the state record knows of the ADD: with a record
+// the rules are most likely there (one restore deletes them); without one, and only
+// when this config conceals at all, a snapshot shows whether anything is left.
+func removeAttachment(ctx context.Context, runner *redirect.Runner, conf *netconf.Config, att redirect.Attachment, recordFound bool, rec state.Record, excluded bool) (bool, error) {
 	removed := false
 	for _, family := range []redirect.Family{redirect.IPv4, redirect.IPv6} {
 		s := spec(conf, family, att)
-		configured := len(s.Metadata) > 0
-		installed := recordFound && (family == redirect.IPv4 || hasIPv6(rec.IPs))
-		if !configured && !installed {
-			continue
+		if len(s.Metadata) == 0 {
+			continue // this config has no address of the family, so installs nothing there
 		}
-		if family == redirect.IPv6 && recordFound && !hasIPv6(rec.IPs) {
-			continue // ADD never installs IPv6 rules for a pod without an IPv6 address
+		if recordFound && family == redirect.IPv6 && !hasIPv6(rec.IPs) {
+			continue // ADD installs IPv6 rules only for a pod with an IPv6 address
 		}
-		if !recordFound && (!conf.Mode.Conceals() || !configured) {
-			continue // nothing of ours was recorded and this config installs nothing
+		if !recordFound && (!conf.Mode.Conceals() || excluded) {
+			continue // no record, and this config would not have installed anything
 		}
-		did, err := runner.Remove(ctx, s, installed && configured)
+		did, err := runner.Remove(ctx, s, recordFound)
 		if err != nil {
 			return removed, fmt.Errorf("remove %s rules: %w", family, err)
 		}
@@ -310,7 +315,8 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	if args.Netns != "" {
 		err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
 			var err error
-			removed, err = removeAttachment(ctx, runner, conf, attachment(args), recordFound, rec)
+			excluded := conf.Excluded(netconf.ParsePodArgs(args.Args).Namespace)
+			removed, err = removeAttachment(ctx, runner, conf, attachment(args), recordFound, rec, excluded)
 			return err
 		})
 		switch {
@@ -326,7 +332,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrIOFailure, "metaconceal: cannot remove state record", err.Error())
 	}
 	log.Info("attachment released", "rulesRemoved", removed, "recordFound", recordFound,
-		"iptables", runner.CountsString(), "duration", time.Since(start))
+		"iptables", runner.CountsString(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
 	return nil
 }
 
@@ -409,7 +415,7 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		att := redirect.Attachment{ContainerID: rec.ContainerID, IfName: rec.IfName}
 		if rec.Netns != "" {
 			err := ns.WithNetNSPath(rec.Netns, func(ns.NetNS) error {
-				_, err := removeAttachment(ctx, runner, conf, att, true, rec)
+				_, err := removeAttachment(ctx, runner, conf, att, true, rec, false)
 				return err
 			})
 			if err != nil && !gone(err) {

@@ -168,8 +168,10 @@ func TestAttachmentLifecycle(t *testing.T) {
 				t.Errorf("record %+v, want %+v", rec, want)
 			}
 
-			if _, _, err := run(t, add, a); err != nil {
+			if _, p, err := run(t, add, a); err != nil {
 				t.Fatalf("second ADD: %v", err)
+			} else if p.lastRunner.Total() != 2 {
+				t.Errorf("second ADD ran %s, want iptables-save + one reconciling iptables-restore", p.lastRunner.CountsString())
 			}
 			if again := e.save(podName, redirect.IPv4); strings.Count(again, "-j "+chain) != 2 || strings.Count(again, "-A "+chain) != 2 {
 				t.Errorf("after ADD twice want one jump per table and one rule per chain:\n%s", again)
@@ -212,8 +214,10 @@ func TestAttachmentLifecycle(t *testing.T) {
 			if _, _, err := run(t, check, a); err == nil {
 				t.Errorf("CHECK passes after DEL")
 			}
-			if _, _, err := run(t, del, a); err != nil {
+			if _, p, err := run(t, del, a); err != nil {
 				t.Errorf("second DEL: %v", err)
+			} else if got := p.lastRunner.Counts(); p.lastRunner.Total() != 1 || got["iptables-"+backend+"-save"] != 1 {
+				t.Errorf("second DEL ran %v, want only one iptables-save (nothing left to remove)", got)
 			}
 		})
 	}
@@ -365,6 +369,38 @@ func TestAddRollsBackWhenRecordFails(t *testing.T) {
 			}
 			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("rules left after a failed ADD:\n%s", left)
+			}
+		})
+	}
+}
+
+// When the IPv6 rules fail after the IPv4 ones went in, the IPv4 ones are rolled back
+// and no record is written: a failed ADD leaves nothing behind.
+func TestAddRollsBackWhenIPv6Fails(t *testing.T) {
+	for _, backend := range backends {
+		t.Run(backend, func(t *testing.T) {
+			e := newEnv(t, backend)
+			t.Parallel()
+			podName, podPath := e.pod()
+			a := args("c-rb6", "eth0", podPath, e.conf(map[string]any{"metadataAddresses": []string{"169.254.169.254", "fd20:ce::254"}},
+				"10.22.0.14/24", "fd00:22::14/64"))
+			var stdout, stderr bytes.Buffer
+			p := &Plugin{Stdout: &stdout, Stderr: &stderr, runnerHook: func(r *redirect.Runner) {
+				r.SetTools(redirect.IPv6, redirect.Tools{Restore: "/bin/false", Save: "/bin/false", Iptables: "/bin/false"})
+			}}
+			err := p.Add(a)
+			t.Logf("plugin log: %s", stderr.String())
+			if err == nil || !strings.Contains(err.Error(), "IPv6") {
+				t.Fatalf("ADD with failing ip6tables = %v, want an error naming IPv6", err)
+			}
+			if stdout.Len() != 0 {
+				t.Errorf("failed ADD printed a result: %q", stdout.String())
+			}
+			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+				t.Errorf("IPv4 rules left after the IPv6 failure:\n%s", left)
+			}
+			if recs, err := state.List(e.stateDir); err != nil || len(recs) != 0 {
+				t.Errorf("records after a failed ADD: %+v, %v", recs, err)
 			}
 		})
 	}

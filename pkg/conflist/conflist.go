@@ -4,8 +4,8 @@
 // The edits are byte splices, not a decode and re-encode: inserting the entry adds
 // `,` + the whitespace that preceded the last plugin + the entry right after the last
 // plugin, and removing it takes exactly those bytes away again. Every other byte of
-// the file (key order, unknown fields, number spelling, indentation, comments-free
-// oddities like kindnet's tab layout) is left as it was, so that uninstall gives back
+// the file (key order, unknown fields, number spelling, indentation, odd layouts such
+// as kindnet's tab-indented template) is left as it was, so that uninstall gives back
 // the original file byte for byte. Only a single-plugin .conf (or .json) file is
 // re-serialised, because it has to become a .conflist: its object is re-indented with
 // encoding/json's Indent, which keeps key order and every value as written.
@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"io"
 	"reflect"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/libcni"
@@ -51,6 +52,18 @@ const (
 	// Absent: there was no entry to remove.
 	Absent Action = "absent"
 )
+
+// SupportedVersions are the CNI spec versions the plugin implements. Chaining needs
+// 0.3.0 or later (prevResult); a list of another version would make every pod ADD on
+// the node fail, so such a list is refused rather than patched.
+var SupportedVersions = []string{"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"}
+
+func checkVersion(v string) error {
+	if slices.Contains(SupportedVersions, v) {
+		return nil
+	}
+	return fmt.Errorf("%w: cniVersion %q: %s supports %s", ErrNotChainable, v, PluginType, strings.Join(SupportedVersions, ", "))
+}
 
 // ErrNotChainable reports a configuration the entry cannot be chained into: the file is
 // left alone.
@@ -95,6 +108,7 @@ type document struct {
 	elements    []element
 	topKeys     []string
 	convertedOf string // value of ConvertedFromKey, if any
+	version     string // the list's effective cniVersion, as libcni reads it
 }
 
 // parseConflist checks that data is a conflist the runtime can load (libcni parses it)
@@ -103,10 +117,11 @@ func parseConflist(data []byte) (*document, error) {
 	if err := checkJSON(data); err != nil {
 		return nil, err
 	}
-	if _, err := libcni.NetworkConfFromBytes(data); err != nil {
+	list, err := libcni.NetworkConfFromBytes(data)
+	if err != nil {
 		return nil, fmt.Errorf("the runtime could not load it: %w", err)
 	}
-	doc := &document{data: data}
+	doc := &document{data: data, version: list.CNIVersion}
 	dec := json.NewDecoder(bytes.NewReader(data))
 	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
 		return nil, fmt.Errorf("top level is not a JSON object")
@@ -296,6 +311,9 @@ func Insert(data []byte, entry Entry) ([]byte, Action, error) {
 		if err != nil {
 			return nil, "", err
 		}
+		if err := checkVersion(doc.version); err != nil {
+			return nil, "", err
+		}
 		ours := doc.ours()
 		switch {
 		case len(ours) == len(doc.elements):
@@ -371,6 +389,9 @@ func ConvertConf(data []byte, sourceName string, entry Entry) ([]byte, error) {
 	conf, err := libcni.NetworkPluginConfFromBytes(data)
 	if err != nil {
 		return nil, fmt.Errorf("the runtime could not load it as a single-plugin config: %w", err)
+	}
+	if err := checkVersion(conf.Network.CNIVersion); err != nil {
+		return nil, err
 	}
 	if conf.Network.Type == PluginType {
 		return nil, fmt.Errorf("%w: the only plugin is %s; there is no main plugin to chain after", ErrNotChainable, PluginType)

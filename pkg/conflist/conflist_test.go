@@ -27,38 +27,38 @@ func TestInsertEdits(t *testing.T) {
 		},
 		{
 			name:   "spaces kept",
-			in:     `{"name":"n","plugins": [ {"type":"bridge"} ] }`,
-			want:   `{"name":"n","plugins": [ {"type":"bridge"}, {"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"} ] }`,
+			in:     `{"cniVersion":"1.0.0","name":"n","plugins": [ {"type":"bridge"} ] }`,
+			want:   `{"cniVersion":"1.0.0","name":"n","plugins": [ {"type":"bridge"}, {"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"} ] }`,
 			action: Added,
 		},
 		{
 			name:   "old entry replaced where it stands",
-			in:     `{"name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"EXPOSED"},{"type":"portmap"}]}`,
-			want:   `{"name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"},{"type":"portmap"}]}`,
+			in:     `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"EXPOSED"},{"type":"portmap"}]}`,
+			want:   `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"},{"type":"portmap"}]}`,
 			action: Replaced,
 		},
 		{
 			name:   "same settings in another key order are unchanged",
-			in:     `{"name":"n","plugins":[{"type":"bridge"},{ "proxy":"169.254.169.252:988", "type":"metaconceal","mode":"SECURE"}]}`,
-			want:   `{"name":"n","plugins":[{"type":"bridge"},{ "proxy":"169.254.169.252:988", "type":"metaconceal","mode":"SECURE"}]}`,
+			in:     `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{ "proxy":"169.254.169.252:988", "type":"metaconceal","mode":"SECURE"}]}`,
+			want:   `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{ "proxy":"169.254.169.252:988", "type":"metaconceal","mode":"SECURE"}]}`,
 			action: Unchanged,
 		},
 		{
 			name:   "duplicates collapse to the first",
-			in:     `{"name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"},{"type":"portmap"},{"type":"metaconceal"}]}`,
-			want:   `{"name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"},{"type":"portmap"}]}`,
+			in:     `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"},{"type":"portmap"},{"type":"metaconceal"}]}`,
+			want:   `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"},{"type":"portmap"}]}`,
 			action: Replaced,
 		},
 		{
 			name:   "first position cannot chain: moved to the end",
-			in:     `{"name":"n","plugins":[{"type":"metaconceal"},{"type":"bridge"}]}`,
-			want:   `{"name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"}]}`,
+			in:     `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"metaconceal"},{"type":"bridge"}]}`,
+			want:   `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},{"type":"metaconceal","mode":"SECURE","proxy":"169.254.169.252:988"}]}`,
 			action: Replaced,
 		},
 		{
 			name:   "unknown top-level and plugin fields untouched",
-			in:     "{\"x-vendor\":{\"b\":1,\"a\":[1e3,2.50]},\"name\":\"n\",\"plugins\":[{\"type\":\"bridge\",\"z\":\"\\u00e9\"}],\"disableCheck\":true}\n",
-			want:   "{\"x-vendor\":{\"b\":1,\"a\":[1e3,2.50]},\"name\":\"n\",\"plugins\":[{\"type\":\"bridge\",\"z\":\"\\u00e9\"},{\"type\":\"metaconceal\",\"mode\":\"SECURE\",\"proxy\":\"169.254.169.252:988\"}],\"disableCheck\":true}\n",
+			in:     "{\"x-vendor\":{\"b\":1,\"a\":[1e3,2.50]},\"cniVersion\":\"0.4.0\",\"name\":\"n\",\"plugins\":[{\"type\":\"bridge\",\"z\":\"\\u00e9\"}],\"disableCheck\":true}\n",
+			want:   "{\"x-vendor\":{\"b\":1,\"a\":[1e3,2.50]},\"cniVersion\":\"0.4.0\",\"name\":\"n\",\"plugins\":[{\"type\":\"bridge\",\"z\":\"\\u00e9\"},{\"type\":\"metaconceal\",\"mode\":\"SECURE\",\"proxy\":\"169.254.169.252:988\"}],\"disableCheck\":true}\n",
 			action: Added,
 		},
 	}
@@ -91,17 +91,20 @@ func TestInsertRefuses(t *testing.T) {
 	tests := []struct {
 		name, in, wantErr string
 	}{
-		{"bad JSON", `{"name":"n","plugins":[{"type":"bridge"},]}`, "not valid JSON at byte offset"},
-		{"trailing garbage", `{"name":"n","plugins":[{"type":"bridge"}]} x`, "not valid JSON"},
+		{"bad JSON", `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"},]}`, "not valid JSON at byte offset"},
+		{"trailing garbage", `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]} x`, "not valid JSON"},
 		{"empty file", ``, "not valid JSON"},
 		{"not an object", `[{"type":"bridge"}]`, "could not load"},
 		{"no plugins key", `{"name":"n","cniVersion":"1.1.0"}`, `no "plugins" list`},
-		{"empty plugins", `{"name":"n","plugins":[]}`, "could not load"},
-		{"plugins not a list", `{"name":"n","plugins":{"type":"bridge"}}`, "could not load"},
-		{"plugin without type", `{"name":"n","plugins":[{"bridge":"cni0"}]}`, "missing 'type'"},
+		{"empty plugins", `{"cniVersion":"1.0.0","name":"n","plugins":[]}`, "could not load"},
+		{"plugins not a list", `{"cniVersion":"1.0.0","name":"n","plugins":{"type":"bridge"}}`, "could not load"},
+		{"plugin without type", `{"cniVersion":"1.0.0","name":"n","plugins":[{"bridge":"cni0"}]}`, "missing 'type'"},
 		{"no name", `{"plugins":[{"type":"bridge"}]}`, "no name"},
-		{"duplicate plugins key", `{"name":"n","plugins":[{"type":"a"}],"plugins":[{"type":"b"}]}`, "appears twice"},
-		{"only metaconceal", `{"name":"n","plugins":[{"type":"metaconceal"}]}`, "no main plugin"},
+		{"duplicate plugins key", `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"a"}],"plugins":[{"type":"b"}]}`, "appears twice"},
+		{"version without prevResult", `{"cniVersion":"0.2.0","name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion "0.2.0"`},
+		{"no version", `{"name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion ""`},
+		{"version from the future", `{"cniVersion":"9.0.0","name":"n","plugins":[{"type":"bridge"}]}`, `cniVersion "9.0.0"`},
+		{"only metaconceal", `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"metaconceal"}]}`, "no main plugin"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -121,11 +124,11 @@ func TestInstallRefusesWithoutWriting(t *testing.T) {
 	tests := []struct {
 		name, file, body, wantErr string
 	}{
-		{"bad JSON conflist", "10-x.conflist", "{\"name\":\"n\",\"plugins\":[{\"type\":\"bridge\"}\n", "not valid JSON"},
+		{"bad JSON conflist", "10-x.conflist", "{\"cniVersion\":\"0.4.0\",\"name\":\"n\",\"plugins\":[{\"type\":\"bridge\"}\n", "not valid JSON"},
 		{"bad JSON conf", "10-x.conf", "{\"type\":", "not valid JSON"},
 		{"conf without type", "10-x.conf", `{"name":"n","cniVersion":"0.4.0"}`, "missing 'type'"},
-		{"conflist in a .conf", "10-x.conf", `{"name":"n","type":"bridge","plugins":[{"type":"bridge"}]}`, `also has a "plugins" key`},
-		{"empty plugins", "10-x.conflist", `{"name":"n","plugins":[]}`, "no plugins"},
+		{"conflist in a .conf", "10-x.conf", `{"cniVersion":"0.4.0","name":"n","type":"bridge","plugins":[{"type":"bridge"}]}`, `also has a "plugins" key`},
+		{"empty plugins", "10-x.conflist", `{"cniVersion":"1.0.0","name":"n","plugins":[]}`, "no plugins"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -268,6 +271,20 @@ func TestInstallConversionGuards(t *testing.T) {
 			t.Error("entry still there")
 		}
 	})
+}
+
+func TestInstallRefusesSymlink(t *testing.T) {
+	t.Parallel()
+	dir := writeFiles(t, map[string]string{"real.txt": `{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}`})
+	if err := os.Symlink("real.txt", filepath.Join(dir, "10-n.conflist")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Install(dir, entry); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("Install: %v; want a refusal", err)
+	}
+	if info, err := os.Lstat(filepath.Join(dir, "10-n.conflist")); err != nil || info.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("symlink replaced: %v, %v", info, err)
+	}
 }
 
 func TestInstallRefusesPluginDir(t *testing.T) {

@@ -180,15 +180,16 @@ func uninstallFile(dir, path string) (Change, error) {
 	if filepath.Ext(path) != ".conflist" {
 		return Change{}, nil // a single-plugin file never holds a chained entry
 	}
+	// A file that does not even name the plugin is none of our business, whatever it is.
+	if raw, err := os.ReadFile(path); err == nil && !strings.Contains(string(raw), `"`+PluginType+`"`) {
+		return Change{}, nil
+	}
 	data, info, err := readConfig(path)
 	if err != nil {
-		return Change{}, err
+		return Change{Path: path}, err
 	}
 	out, action, err := Remove(data)
 	if err != nil {
-		if !strings.Contains(string(data), `"`+PluginType+`"`) {
-			return Change{}, nil // not ours to fix, and no entry of ours in it
-		}
 		return Change{Path: path}, fmt.Errorf("%s: %w", path, err)
 	}
 	if action == Absent {
@@ -226,6 +227,12 @@ func uninstallFile(dir, path string) (Change, error) {
 }
 
 func readConfig(path string) ([]byte, fs.FileInfo, error) {
+	// A symlink would be replaced by a regular file on rename, cutting it from whatever
+	// its owner updates; and inside a container it may resolve to another file than on
+	// the host. Refuse rather than guess.
+	if info, err := os.Lstat(path); err == nil && info.Mode()&fs.ModeSymlink != 0 {
+		return nil, nil, fmt.Errorf("%s is a symbolic link; refusing to replace it (patch its target by hand)", path)
+	}
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, nil, fmt.Errorf("opening %s: %w", path, err)

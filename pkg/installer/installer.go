@@ -236,7 +236,16 @@ func (in *Installer) reconcileConfig(unchangedLevel slog.Level) (conflist.Change
 	return ch, nil
 }
 
+// installBinary copies the binary under the conf dir lock, which every write of ours
+// holds while its temporary file exists; so removeStaleTemps, under the same lock, only
+// ever finds leftovers of a process that died mid-write.
 func (in *Installer) installBinary() error {
+	unlock, err := lockDir(in.opts.ConfDir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	in.removeStaleTemps()
 	changed, err := InstallBinary(in.opts.PluginBinary, in.opts.BinDir, conflist.PluginType)
 	if err != nil {
 		return err
@@ -248,6 +257,30 @@ func (in *Installer) installBinary() error {
 		in.log.Debug("plugin binary already up to date", "path", dst)
 	}
 	return nil
+}
+
+// removeStaleTemps deletes temporary files a killed installer left in the bin and conf
+// dirs. The runtime never loads them (their extension is not a config's), but they
+// should not pile up on the node. Call with the conf dir lock held.
+func (in *Installer) removeStaleTemps() {
+	for _, dir := range []string{in.opts.ConfDir, in.opts.BinDir} {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			in.log.Warn("cannot list for leftover temporary files", "dir", dir, "err", err)
+			continue
+		}
+		for _, e := range entries {
+			if e.IsDir() || !conflist.IsTempFile(e.Name()) {
+				continue
+			}
+			path := filepath.Join(dir, e.Name())
+			if err := os.Remove(path); err != nil {
+				in.log.Warn("cannot remove leftover temporary file", "path", path, "err", err)
+				continue
+			}
+			in.log.Info("removed leftover temporary file", "path", path)
+		}
+	}
 }
 
 // Uninstall removes the entry from every config in the conf dir, then the binary. When

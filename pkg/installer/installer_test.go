@@ -181,6 +181,25 @@ func TestOnceWaitsForConfig(t *testing.T) {
 	}
 }
 
+func TestOnceRemovesLeftoverTempFiles(t *testing.T) {
+	t.Parallel()
+	n := newNode(t)
+	n.write(t, "10-calico.conflist", calico)
+	for _, p := range []string{
+		filepath.Join(n.conf, ".10-calico.conflist.metaconceal-tmp-123"),
+		filepath.Join(n.bin, ".metaconceal.metaconceal-tmp-456"),
+	} {
+		if err := os.WriteFile(p, []byte("half"), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := n.installer(t).Once(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	assertDir(t, n.conf, "10-calico.conflist")
+	assertDir(t, n.bin, "metaconceal")
+}
+
 func TestOnceGivesUpWithContext(t *testing.T) {
 	t.Parallel()
 	n := newNode(t)

@@ -381,9 +381,9 @@ func TestFilterListing(t *testing.T) {
 		mustDrop         []string
 	}{
 		{
-			name: "v1 root",
-			path: "/computeMetadata/v1/",
-			body: `{"instance":{"attributes":{"kube-env":"KUBELET_KEY","cluster-name":"c","secret":"s"},"serviceAccounts":{"default":{"email":"e","identity":"JWT"}}},"project":{"attributes":{"Kube-Env":"P"},"projectId":"p","numericProjectId":12345678901234567890}}`,
+			name:     "v1 root",
+			path:     "/computeMetadata/v1/",
+			body:     `{"instance":{"attributes":{"kube-env":"KUBELET_KEY","cluster-name":"c","secret":"s"},"serviceAccounts":{"default":{"email":"e","identity":"JWT"}}},"project":{"attributes":{"Kube-Env":"P"},"projectId":"p","numericProjectId":12345678901234567890}}`,
 			mustKeep: []string{`"cluster-name":"c"`, `"email":"e"`, `"projectId":"p"`, `12345678901234567890`},
 			mustDrop: []string{"KUBELET_KEY", "JWT", `"s"`, `"P"`},
 		},
@@ -431,5 +431,16 @@ func writeFile(t *testing.T, path, content string) {
 	t.Helper()
 	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// BenchmarkEvaluate measures the policy on the common request; it should not allocate.
+func BenchmarkEvaluate(b *testing.B) {
+	p := mustPolicy(b, Config{})
+	b.ReportAllocs()
+	for b.Loop() {
+		if d := p.Evaluate("GET", "/computeMetadata/v1/project/project-id", false); d.Verdict != Allow {
+			b.Fatal(d.Rule)
+		}
 	}
 }

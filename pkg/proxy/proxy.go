@@ -53,7 +53,8 @@ type Config struct {
 	Pods    PodLookup
 	Log     *slog.Logger
 	Metrics *Metrics
-	// Transport defaults to NewTransport().
+	// Transport carries long polls and readiness checks; defaults to NewTransport().
+	// Ordinary requests use the proxy's own lean connection pool.
 	Transport http.RoundTripper
 	// UpstreamTimeout bounds a request that is not a long poll.
 	UpstreamTimeout time.Duration
@@ -73,11 +74,13 @@ type Handler struct {
 	upstreamTimeout              time.Duration
 	longPollSlack                time.Duration
 
+	pool       *connPool       // ordinary requests
 	baseCtx    context.Context // parent of every coalesced upstream long poll
 	cancelBase context.CancelFunc
 
 	mu      sync.Mutex
 	flights map[string]*flight
+	running sync.WaitGroup // flights not yet delivered
 }
 
 // NewTransport returns the upstream transport: keep-alive connections pooled per
@@ -135,12 +138,25 @@ func New(cfg Config) (*Handler, error) {
 	if h.longPollSlack <= 0 {
 		h.longPollSlack = DefaultLongPollSlack
 	}
+	h.pool = newConnPool(cfg.Upstream, DefaultMaxIdleConnsPerHost)
 	h.baseCtx, h.cancelBase = context.WithCancel(context.Background())
 	return h, nil
 }
 
-// Close cancels every upstream long poll still open; their clients get 502.
-func (h *Handler) Close() { h.cancelBase() }
+// Close cancels every upstream long poll still open, answers their clients 503
+// (shutting down, retry), waits up to 5 s for those answers to be written, and closes
+// idle upstream connections.
+func (h *Handler) Close() {
+	h.cancelBase()
+	h.pool.closeIdle()
+	delivered := make(chan struct{})
+	go func() { h.running.Wait(); close(delivered) }()
+	select {
+	case <-delivered:
+	case <-time.After(5 * time.Second):
+		h.log.Warn("long poll answers still being written at shutdown")
+	}
+}
 
 // Header values shared by every response; the server only reads them.
 var (
@@ -230,34 +246,39 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, d pol
 	if out.Host == "" {
 		out.Host = h.upstreamHost
 	}
-	if v, ok := r.Header["Metadata-Flavor"]; ok {
+	if v := forwardedFlavor(r); v != nil {
 		out.Header["Metadata-Flavor"] = v
 	}
 	return out
 }
 
-// forward serves a request that is not a long poll.
+// forward serves a request that is not a long poll, on the lean connection pool.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision) {
-	ctx, cancel := context.WithTimeout(r.Context(), h.upstreamTimeout)
-	defer cancel()
+	req := upstreamRequest{method: r.Method, host: r.Host, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
+	if req.host == "" {
+		req.host = h.upstreamHost
+	}
 	start := time.Now()
-	resp, err := h.transport.RoundTrip(h.newUpstreamRequest(ctx, r, d))
+	resp, release, err := h.pool.roundTrip(r.Context(), &req, start.Add(h.upstreamTimeout))
 	if err != nil {
 		h.upstreamFailed(w, r, err, h.upstreamTimeout)
 		return
 	}
-	defer resp.Body.Close()
 	h.metrics.latencyRequest.Observe(time.Since(start).Seconds())
+	reusable := false
+	defer func() { release(reusable) }()
 
 	if d.FilterListing && resp.StatusCode == http.StatusOK {
 		if r.Method == http.MethodHead {
 			copyHeader(w.Header(), resp.Header)
 			w.Header().Del("Content-Length") // the filtered body's length is not known
 			w.WriteHeader(resp.StatusCode)
+			reusable = true
 			return
 		}
 		body, err := readLimited(resp.Body)
 		if err == nil {
+			reusable = resp.Body.Close() == nil
 			body, err = h.policy.FilterListing(d.Path, body)
 		}
 		if err != nil {
@@ -271,9 +292,23 @@ func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decis
 	copyHeader(w.Header(), resp.Header)
 	w.WriteHeader(resp.StatusCode)
 	if r.Method == http.MethodHead {
+		reusable = true
 		return
 	}
-	copyBody(w, resp)
+	reusable = copyBody(w, resp)
+}
+
+// forwardedFlavor is the client's Metadata-Flavor header, the one header forwarded.
+// Values that could split the upstream request are dropped (the upstream then
+// refuses the request for lack of the header).
+func forwardedFlavor(r *http.Request) []string {
+	v := r.Header["Metadata-Flavor"]
+	for _, s := range v {
+		if !validHeaderValue(s) {
+			return nil
+		}
+	}
+	return v
 }
 
 // upstreamFailed answers 502 or 504 for an upstream error, or nothing when the
@@ -282,24 +317,15 @@ func (h *Handler) upstreamFailed(w http.ResponseWriter, r *http.Request, err err
 	if r.Context().Err() != nil {
 		return
 	}
-	var netErr net.Error
-	if errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()) {
-		h.metrics.upstreamErrors.WithLabelValues("timeout").Inc()
-		h.log.Warn("upstream metadata server timed out", "path", r.URL.Path, "limit", limit, "err", err)
-		writeError(w, http.StatusGatewayTimeout, fmt.Sprintf("metaconceal: the metadata server did not answer within %s.\n", limit))
-		return
-	}
-	h.metrics.upstreamErrors.WithLabelValues("unreachable").Inc()
-	h.log.Warn("upstream metadata server unreachable", "path", r.URL.Path, "err", err)
-	writeError(w, http.StatusBadGateway, "metaconceal: the metadata server is unreachable: "+err.Error()+"\n")
+	status, body := h.failureAnswer(err, limit)
+	writeError(w, status, body)
 }
 
 // withheld answers 502 for a recursive listing that could not be filtered: it is
 // never passed on unfiltered.
 func (h *Handler) withheld(w http.ResponseWriter, r *http.Request, err error) {
-	h.metrics.upstreamErrors.WithLabelValues("bad_listing").Inc()
-	h.log.Warn("recursive listing withheld: it could not be filtered", "path", r.URL.Path, "err", err)
-	writeError(w, http.StatusBadGateway, "metaconceal: the metadata server's recursive listing could not be filtered and was withheld.\n")
+	status, body := h.failureAnswer(&listingError{err}, 0)
+	writeError(w, status, body)
 }
 
 func writeError(w http.ResponseWriter, status int, body string) {
@@ -341,26 +367,29 @@ const smallBody = 16 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// copyBody streams the upstream body to the client with a pooled buffer. A body cut
-// short upstream aborts the client connection, so the client sees a truncated answer
-// and not a complete-looking wrong one.
-func copyBody(w http.ResponseWriter, resp *http.Response) {
+// copyBody streams the upstream body to the client with a pooled buffer and reports
+// whether it was read whole (the connection can then be reused). A body cut short
+// upstream aborts the client connection, so the client sees a truncated answer and
+// not a complete-looking wrong one.
+func copyBody(w http.ResponseWriter, resp *http.Response) bool {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
 	if n := resp.ContentLength; n >= 0 && n <= smallBody {
-		if n == 0 {
-			return
+		if n > 0 {
+			if _, err := io.ReadFull(resp.Body, buf[:n]); err != nil {
+				resp.Body.Close()
+				panic(http.ErrAbortHandler)
+			}
+			_, _ = w.Write(buf[:n]) // a client gone mid-answer is not our error
 		}
-		if _, err := io.ReadFull(resp.Body, buf[:n]); err != nil {
-			panic(http.ErrAbortHandler)
-		}
-		_, _ = w.Write(buf[:n])
-		return
+		return resp.Body.Close() == nil
 	}
 	if _, err := io.CopyBuffer(writerOnly{w}, resp.Body, buf); err != nil {
+		resp.Body.Close()
 		panic(http.ErrAbortHandler)
 	}
+	return resp.Body.Close() == nil
 }
 
 // writerOnly hides the ResponseWriter's ReadFrom so io.CopyBuffer uses our buffer.

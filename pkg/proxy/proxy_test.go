@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -112,6 +113,7 @@ type answer struct {
 	status int
 	header http.Header
 	body   string
+	close  bool // the server said Connection: close
 }
 
 // raw sends target exactly as given (no client-side URL cleaning) over a new
@@ -141,7 +143,7 @@ func raw(t *testing.T, base, method, target string, headers map[string]string) a
 	if err != nil {
 		t.Fatal(err)
 	}
-	return answer{resp.StatusCode, resp.Header, string(body)}
+	return answer{resp.StatusCode, resp.Header, string(body), resp.Close}
 }
 
 var flavor = map[string]string{"Metadata-Flavor": "Google"}
@@ -574,4 +576,42 @@ func TestNewRejectsBadUpstream(t *testing.T) {
 			t.Errorf("New accepted upstream %q", raw)
 		}
 	}
+}
+
+func TestLongPollHeadAndShutdown(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, policy.RecursiveDeny, nil)
+	const attr = "/computeMetadata/v1/instance/attributes/cluster-name"
+
+	// An etag that differs answers at once; the parked answer closes the connection.
+	a := raw(t, f.proxy.URL, "HEAD", attr+"?wait_for_change=true&last_etag=0", flavor)
+	if a.status != 200 || a.body != "" || a.header.Get("Content-Length") != strconv.Itoa(len("fake-cluster")) || !a.close {
+		t.Errorf("HEAD long poll: %d %q %v", a.status, a.body, a.header)
+	}
+	a = raw(t, f.proxy.URL, "GET", attr+"?wait_for_change=true&last_etag=0", flavor)
+	if a.status != 200 || a.body != "fake-cluster" || a.header.Get("ETag") == "" {
+		t.Errorf("GET long poll with an old etag: %d %q", a.status, a.body)
+	}
+
+	// Shutting down answers held polls 503 instead of cutting them.
+	etag := etagOf(t, f.proxy.URL, attr)
+	done := make(chan answer, 1)
+	go func() {
+		done <- raw(t, f.proxy.URL, "GET", attr+"?wait_for_change=true&timeout_sec=60&last_etag="+etag, flavor)
+	}()
+	waitFor(t, "the poll to be held", func() bool {
+		return strings.Contains(scrape(t, f), "metaconceal_proxy_long_polls_open 1\n")
+	})
+	f.handler.Close()
+	select {
+	case a := <-done:
+		if a.status != 503 || !strings.Contains(a.body, "shutting down") {
+			t.Errorf("held poll at shutdown: %d %q, want 503", a.status, a.body)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("held poll not answered 5s after Close")
+	}
+	waitFor(t, "the open polls gauge to return to 0", func() bool {
+		return strings.Contains(scrape(t, f), "metaconceal_proxy_long_polls_open 0\n")
+	})
 }

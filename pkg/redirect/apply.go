@@ -86,9 +86,10 @@ type Runner struct {
 	// Wait is how long restore waits for the xtables lock (legacy backend).
 	Wait time.Duration
 
-	mu     sync.Mutex
-	tools  map[Family]Tools
-	counts map[string]int
+	mu      sync.Mutex
+	tools   map[Family]Tools
+	counts  map[string]int
+	elapsed time.Duration
 }
 
 // NewRunner returns a Runner for backend with a 10 s lock wait.
@@ -112,6 +113,17 @@ func (r *Runner) Tools(family Family) (Tools, error) {
 	}
 	r.tools[family] = t
 	return t, nil
+}
+
+// SetTools fixes the programs used for family instead of resolving them from the
+// backend (tests use it to make one family fail).
+func (r *Runner) SetTools(family Family, t Tools) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.tools == nil {
+		r.tools = map[Family]Tools{}
+	}
+	r.tools[family] = t
 }
 
 func (r *Runner) count(program string) {
@@ -149,8 +161,22 @@ func (r *Runner) CountsString() string {
 	return strings.Join(parts, ",")
 }
 
+// Elapsed returns the wall time spent waiting for the processes Runner started
+// itself (go-iptables calls in Check are not timed).
+func (r *Runner) Elapsed() time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.elapsed
+}
+
 func (r *Runner) exec(ctx context.Context, program, stdin string, args ...string) (string, error) {
 	r.count(program)
+	start := time.Now()
+	defer func() {
+		r.mu.Lock()
+		r.elapsed += time.Since(start)
+		r.mu.Unlock()
+	}()
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, program, args...)
 	cmd.Stdin = strings.NewReader(stdin)

@@ -154,8 +154,9 @@ func (w *world) conflist(name, bridge, subnet string, metaconceal map[string]any
 }
 
 // conflistFromExample writes conf/examples/<example> as network name, with the node-wide
-// parts (bridge name, subnet, IPAM data dir, state dir) moved to the test's own.
-func (w *world) conflistFromExample(example, name, bridge, subnet string) {
+// parts (bridge name, subnet, IPAM data dir, state dir) moved to the test's own and the
+// metaconceal keys overridden.
+func (w *world) conflistFromExample(example, name, bridge, subnet string, metaconceal map[string]any) {
 	w.t.Helper()
 	data, err := os.ReadFile(filepath.Join(exampleDir, example))
 	if err != nil {
@@ -177,6 +178,9 @@ func (w *world) conflistFromExample(example, name, bridge, subnet string) {
 			ipam["dataDir"] = filepath.Join(w.tmp, name+"-ipam")
 		case "metaconceal":
 			plugin["stateDir"] = filepath.Join(w.tmp, name+"-state")
+			for k, v := range metaconceal {
+				plugin[k] = v
+			}
 		}
 	}
 	out, err := json.Marshal(list)
@@ -288,7 +292,8 @@ func iptablesSaveAll(t *testing.T, podName string) string {
 func TestCNIToolEndToEnd(t *testing.T) {
 	testutil.RequirePrivileged(t, "ip", "iptables-nft-save", "iptables-legacy-save", "ip6tables-nft-save", "ip6tables-legacy-save")
 	w := newWorld(t)
-	w.conflistFromExample("10-metaconceal.conflist", "mc-secure", "mcbr0", "10.99.1.0/24")
+	w.conflistFromExample("10-metaconceal.conflist", "mc-secure", "mcbr0", "10.99.1.0/24", nil)
+	w.conflistFromExample("10-metaconceal.conflist", "mc-secure-legacy", "mcbr2", "10.99.3.0/24", map[string]any{"iptablesBackend": "legacy"})
 	w.conflist("mc-exposed", "mcbr1", "10.99.2.0/24", map[string]any{"mode": "EXPOSED"})
 	const metadataURL = "http://" + simnode.MetadataIP + "/"
 
@@ -301,7 +306,71 @@ func TestCNIToolEndToEnd(t *testing.T) {
 		t.Errorf("cnitool status with the proxy listening: %v", err)
 	}
 
-	t.Run("SECURE", func(t *testing.T) {
+	for _, network := range []string{"mc-secure", "mc-secure-legacy"} {
+		t.Run("SECURE/"+network, func(t *testing.T) {
+			podName, podPath, err := w.node.NewPodNS("mc-cni-pod")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if _, err := w.cnitool("add", network, podPath); err != nil {
+				t.Fatalf("cnitool add: %v", err)
+			}
+			// The rules are where the network's backend puts them: auto follows iptables-save.
+			save := map[string]string{"mc-secure": "iptables-save", "mc-secure-legacy": "iptables-legacy-save"}[network]
+			if out, err := simnode.Run(context.Background(), "ip", "netns", "exec", podName, save); err != nil || strings.Count(out, "-j METACONCEAL-") != 2 {
+				t.Errorf("%s in the pod after add (%v):\n%s", save, err, out)
+			}
+			if got, err := get(podPath, metadataURL); err != nil || got != simnode.ProxyIP+":988" {
+				t.Errorf("pod GET %s: %q, %v; want it to land on the proxy %s:988", metadataURL, got, err, simnode.ProxyIP)
+			}
+			if got, err := get(podPath, "http://"+simnode.ProxyIP+":988/"); err != nil || got != simnode.ProxyIP+":988" {
+				t.Errorf("pod to the proxy directly: %q, %v", got, err)
+			}
+			start := time.Now()
+			_, err = simnode.DialIn(podPath, "tcp", simnode.MetadataIP+":8080", 3*time.Second)
+			if !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("pod TCP to %s:8080 = %v, want connection refused (REJECT)", simnode.MetadataIP, err)
+			} else {
+				t.Logf("TCP to :8080 refused after %v", time.Since(start))
+			}
+			// A locally generated datagram that OUTPUT rejects fails the send with EPERM; the
+			// ICMP error, when it arrives first, shows as ECONNREFUSED.
+			if err := udpEcho(podPath, simnode.MetadataIP+":5353"); !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("pod UDP to %s:5353 = %v, want it rejected (EPERM or connection refused)", simnode.MetadataIP, err)
+			}
+			if err := icmpEcho(podPath, simnode.MetadataIP); !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ECONNREFUSED) {
+				t.Errorf("pod ping of %s = %v, want it rejected", simnode.MetadataIP, err)
+			}
+			recs, err := state.List(filepath.Join(w.tmp, network+"-state"))
+			if err != nil || len(recs) != 1 || recs[0].PodNamespace != "e2e" || len(recs[0].IPs) != 1 || !strings.HasPrefix(recs[0].IPs[0], "10.99.") {
+				t.Errorf("state records after add: %+v, %v", recs, err)
+			}
+			if _, err := w.cnitool("check", network, podPath); err != nil {
+				t.Errorf("cnitool check: %v", err)
+			}
+			// The node keeps direct access while the pod is concealed.
+			if got, err := get(w.node.Path, metadataURL); err != nil || got != simnode.MetadataIP+":80" {
+				t.Errorf("from the node with a concealed pod: %q, %v", got, err)
+			}
+
+			if _, err := w.cnitool("del", network, podPath); err != nil {
+				t.Fatalf("cnitool del: %v", err)
+			}
+			if saved := iptablesSaveAll(t, podName); strings.Contains(saved, "METACONCEAL") || strings.Contains(saved, "metaconceal") {
+				t.Errorf("rules left in the pod netns after del:\n%s", saved)
+			}
+			if recs, err := state.List(filepath.Join(w.tmp, network+"-state")); err != nil || len(recs) != 0 {
+				t.Errorf("state records after del: %+v, %v", recs, err)
+			}
+			if _, err := w.cnitool("del", network, podPath); err != nil {
+				t.Errorf("second cnitool del: %v", err)
+			}
+		})
+	}
+
+	// cnitool gc names no valid attachment: the pod's record and rules go, its
+	// interface stays (bridge does not implement GC).
+	t.Run("GC", func(t *testing.T) {
 		podName, podPath, err := w.node.NewPodNS("mc-cni-pod")
 		if err != nil {
 			t.Fatal(err)
@@ -309,50 +378,20 @@ func TestCNIToolEndToEnd(t *testing.T) {
 		if _, err := w.cnitool("add", "mc-secure", podPath); err != nil {
 			t.Fatalf("cnitool add: %v", err)
 		}
-		if got, err := get(podPath, metadataURL); err != nil || got != simnode.ProxyIP+":988" {
-			t.Errorf("pod GET %s: %q, %v; want it to land on the proxy %s:988", metadataURL, got, err, simnode.ProxyIP)
+		if saved := iptablesSaveAll(t, podName); !strings.Contains(saved, "METACONCEAL") {
+			t.Fatalf("no rules after add:\n%s", saved)
 		}
-		if got, err := get(podPath, "http://"+simnode.ProxyIP+":988/"); err != nil || got != simnode.ProxyIP+":988" {
-			t.Errorf("pod to the proxy directly: %q, %v", got, err)
+		if _, err := w.cnitool("gc", "mc-secure", podPath); err != nil {
+			t.Fatalf("cnitool gc: %v", err)
 		}
-		start := time.Now()
-		_, err = simnode.DialIn(podPath, "tcp", simnode.MetadataIP+":8080", 3*time.Second)
-		if !errors.Is(err, syscall.ECONNREFUSED) {
-			t.Errorf("pod TCP to %s:8080 = %v, want connection refused (REJECT)", simnode.MetadataIP, err)
-		} else {
-			t.Logf("TCP to :8080 refused after %v", time.Since(start))
-		}
-		// A locally generated datagram that OUTPUT rejects fails the send with EPERM; the
-		// ICMP error, when it arrives first, shows as ECONNREFUSED.
-		if err := udpEcho(podPath, simnode.MetadataIP+":5353"); !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ECONNREFUSED) {
-			t.Errorf("pod UDP to %s:5353 = %v, want it rejected (EPERM or connection refused)", simnode.MetadataIP, err)
-		}
-		if err := icmpEcho(podPath, simnode.MetadataIP); !errors.Is(err, syscall.EPERM) && !errors.Is(err, syscall.ECONNREFUSED) {
-			t.Errorf("pod ping of %s = %v, want it rejected", simnode.MetadataIP, err)
-		}
-		recs, err := state.List(filepath.Join(w.tmp, "mc-secure-state"))
-		if err != nil || len(recs) != 1 || recs[0].PodNamespace != "e2e" || len(recs[0].IPs) != 1 || !strings.HasPrefix(recs[0].IPs[0], "10.99.1.") {
-			t.Errorf("state records after add: %+v, %v", recs, err)
-		}
-		if _, err := w.cnitool("check", "mc-secure", podPath); err != nil {
-			t.Errorf("cnitool check: %v", err)
-		}
-		// The node keeps direct access while the pod is concealed.
-		if got, err := get(w.node.Path, metadataURL); err != nil || got != simnode.MetadataIP+":80" {
-			t.Errorf("from the node with a concealed pod: %q, %v", got, err)
-		}
-
-		if _, err := w.cnitool("del", "mc-secure", podPath); err != nil {
-			t.Fatalf("cnitool del: %v", err)
-		}
-		if saved := iptablesSaveAll(t, podName); strings.Contains(saved, "METACONCEAL") || strings.Contains(saved, "metaconceal") {
-			t.Errorf("rules left in the pod netns after del:\n%s", saved)
+		if saved := iptablesSaveAll(t, podName); strings.Contains(saved, "METACONCEAL") {
+			t.Errorf("rules left after gc:\n%s", saved)
 		}
 		if recs, err := state.List(filepath.Join(w.tmp, "mc-secure-state")); err != nil || len(recs) != 0 {
-			t.Errorf("state records after del: %+v, %v", recs, err)
+			t.Errorf("state records after gc: %+v, %v", recs, err)
 		}
 		if _, err := w.cnitool("del", "mc-secure", podPath); err != nil {
-			t.Errorf("second cnitool del: %v", err)
+			t.Errorf("cnitool del after gc: %v", err)
 		}
 	})
 

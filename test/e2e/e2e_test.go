@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -31,6 +32,9 @@ const (
 	concealedBody = "This metadata endpoint is concealed."
 	metadataURL   = "http://169.254.169.254"
 	proxyAddr     = "169.254.169.252:988"
+	metadataIP6   = "fd20:ce::254" // GCE's metadata server on IPv6
+	proxyAddr6    = "[fd20:ce::252]:988"
+	podSubnet6    = "fd00:77::/64"
 	proxyURL      = "http://" + proxyAddr
 	tenantNS      = "e2e-tenant"
 	excludedNS    = "kube-system"
@@ -43,6 +47,7 @@ const (
 // env is one simulated node with everything running on it.
 type env struct {
 	top        *testing.T // the top-level test, for cleanups that outlive a subtest
+	td         *teardown
 	node       *simnode.Node
 	rt         *harness.Runtime
 	bin        string
@@ -65,7 +70,7 @@ func TestRealRuntime(t *testing.T) {
 	ctx := context.Background()
 	begin := time.Now()
 	hostBefore := ourHostRules(t)
-	e := setup(t)
+	e := setup(t, false)
 	t.Logf("setup (pause image, containerd, fake GCE, proxy) took %s", time.Since(begin).Round(time.Millisecond))
 
 	var normal pod
@@ -102,8 +107,13 @@ func TestRealRuntime(t *testing.T) {
 		if _, err := state.Read(e.stateDir, p.id, "eth0"); err == nil {
 			t.Errorf("a state record exists for the hostNetwork sandbox")
 		}
-		// A hostNetwork sandbox shares the node's netns: ask from there.
-		r := harness.MetadataGet(ctx, e.node.Path, metadataURL+kubeEnvPath)
+		// A hostNetwork sandbox shares the node's netns (containerd runs in it): check
+		// that, then ask from the sandbox process's own netns.
+		sandboxNetns := fmt.Sprintf("/proc/%d/ns/net", p.sb.PID)
+		if same, err := sameNetns(sandboxNetns, e.node.Path); err != nil || !same {
+			t.Fatalf("hostNetwork sandbox (pid %d) is not in the node netns: same=%v err=%v", p.sb.PID, same, err)
+		}
+		r := harness.MetadataGet(ctx, sandboxNetns, metadataURL+kubeEnvPath)
 		if r.Status != 200 || r.Body != e.kubeEnv {
 			t.Errorf("kube-env from the hostNetwork pod: want the full value, got %s", r)
 		}
@@ -189,17 +199,7 @@ func TestRealRuntime(t *testing.T) {
 	t.Run("attack: CAP_NET_ADMIN pod flushes its own tables", func(t *testing.T) {
 		attacker = e.newPod(t, tenantNS, "attacker", false)
 		e.requireConcealed(t, attacker.netns, metadataURL+kubeEnvPath)
-		for _, tool := range []string{"iptables", "ip6tables", "iptables-legacy", "ip6tables-legacy"} {
-			if _, err := exec.LookPath(tool); err != nil {
-				continue
-			}
-			for _, table := range []string{"nat", "filter", "mangle", "raw"} {
-				for _, op := range []string{"-F", "-X"} {
-					// A table a backend does not hold is not an error worth failing on.
-					_, _ = simnode.Run(ctx, "nsenter", "--net="+attacker.netns, tool, "-w", "-t", table, op)
-				}
-			}
-		}
+		flushAll(ctx, attacker.netns)
 		if rules := rulesOfOurs(t, attacker.netns); rules != "" {
 			t.Fatalf("flush left rules in the pod's netns, the attack did not happen:\n%s", rules)
 		}
@@ -465,46 +465,47 @@ func TestRealRuntime(t *testing.T) {
 
 // setup builds the node and starts everything on it; t.Cleanup undoes it all, in
 // reverse order, also when a later step fails.
-func setup(t *testing.T) *env {
+func setup(t *testing.T, dualStack bool) *env {
 	t.Helper()
 	ctx := context.Background()
 	root := moduleRoot(t)
-	e := &env{top: t, bin: binDir(root)}
+	e := &env{top: t, bin: binDir(root), td: &teardown{}}
+	e.td.catchSignals(t)
 	for _, b := range []string{"metaconceal", "metaconceal-proxy", "fake-gce-metadata", "bridge", "host-local", "loopback", "crictl"} {
 		if _, err := os.Stat(filepath.Join(e.bin, b)); err != nil {
 			t.Fatalf("%s missing in %s (run `make build`): %v", b, e.bin, err)
 		}
 	}
-	node, err := simnode.New("mc-e2e")
+	var nodeAddrs []string
+	if dualStack {
+		nodeAddrs = []string{metadataIP6 + "/128", "fd20:ce::252/128"}
+	}
+	node, err := simnode.New("mc-e2e", nodeAddrs...)
 	if err != nil {
 		t.Fatalf("create node netns: %v", err)
 	}
 	e.node = node
-	t.Cleanup(func() {
-		if err := node.Close(); err != nil {
-			t.Errorf("delete node netns: %v", err)
-		}
-	})
+	e.td.add(t, "delete node netns", node.Close)
 	// A short dir of our own: containerd's socket path must stay under 108 bytes.
 	dir, err := os.MkdirTemp("", "mc-e2e-")
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.dir = dir
-	t.Cleanup(func() {
-		if err := os.RemoveAll(dir); err != nil {
-			t.Errorf("remove %s: %v", dir, err)
-		}
-	})
+	e.td.add(t, "remove "+dir, func() error { return os.RemoveAll(dir) })
 	e.stateDir = filepath.Join(dir, "metaconceal-state")
 	e.pluginLog = filepath.Join(dir, "metaconceal-plugin.log")
 	e.cniCalls = filepath.Join(dir, "cni-calls.log")
 	e.proxyLog = filepath.Join(dir, "proxy.log")
 
 	e.fakeLog = filepath.Join(dir, "fake-gce.log")
+	fakeListen := "169.254.169.254:80"
+	if dualStack {
+		fakeListen += ",[" + metadataIP6 + "]:80"
+	}
 	e.fakeGCE = startInNode(t, node, e.fakeLog,
-		filepath.Join(e.bin, "fake-gce-metadata"), "--listen", "169.254.169.254:80", "--log-requests")
-	t.Cleanup(func() { _ = e.fakeGCE.stop(syscall.SIGTERM, 5*time.Second) })
+		filepath.Join(e.bin, "fake-gce-metadata"), "--listen", fakeListen, "--log-requests")
+	e.td.add(t, "stop fake GCE server", func() error { return e.fakeGCE.stop(syscall.SIGTERM, 5*time.Second) })
 	waitFor(t, "fake GCE metadata server", func() error {
 		r := harness.MetadataGet(ctx, node.Path, metadataURL+projectIDPath)
 		if r.Status != 200 {
@@ -524,18 +525,21 @@ func setup(t *testing.T) *env {
 		}
 	}
 
-	e.proxyArgs = []string{"--listen", proxyAddr, "--upstream", metadataURL,
+	proxyListen := proxyAddr
+	if dualStack {
+		proxyListen += "," + proxyAddr6
+	}
+	e.proxyArgs = []string{"--listen", proxyListen, "--upstream", metadataURL,
 		"--metrics-listen", "127.0.0.1:9988", "--state-dir", e.stateDir}
-	e.proxy = e.startProxy(t)
-	t.Cleanup(func() {
-		if e.proxy != nil {
-			_ = e.proxy.stop(syscall.SIGTERM, 15*time.Second)
-		}
-		// Idempotent: the last subtest already did it when all went well.
+	e.td.add(t, "remove the host guard", func() error {
+		// Idempotent: the last subtest already did it when all went well. The proxies
+		// started are stopped first (their own steps come later, so run earlier).
 		if out, err := node.Exec(context.Background(), filepath.Join(e.bin, "metaconceal-proxy"), append(e.proxyArgs, "--remove-host-guard")...); err != nil {
-			t.Errorf("cleanup: metaconceal-proxy --remove-host-guard: %v (%s)", err, out)
+			return fmt.Errorf("metaconceal-proxy --remove-host-guard: %w (%s)", err, out)
 		}
+		return nil
 	})
+	e.proxy = e.startProxy(t)
 
 	pauseBin, err := harness.BuildPauseBinary(ctx, root, dir)
 	if err != nil {
@@ -551,7 +555,7 @@ func setup(t *testing.T) *env {
 	if d := os.Getenv("METACONCEAL_E2E_CONF_DIR"); d != "" {
 		confRoot = d
 	}
-	example, err := harness.FindExampleConflist(confRoot)
+	example, err := harness.FindExampleConflist(confRoot, dualStack)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -560,8 +564,12 @@ func setup(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	network := "mc-e2e-" + simnode.RandomSuffix()
+	subnets := []string{podSubnet}
+	if dualStack {
+		subnets = append(subnets, podSubnet6)
+	}
 	conflist, err := harness.RewriteConflist(shipped, harness.ConflistOptions{
-		Name: network, Bridge: "mce2e0", Subnet: podSubnet,
+		Name: network, Bridge: "mce2e0", Subnets: subnets,
 		IPAMDir: filepath.Join(dir, "ipam"), StateDir: e.stateDir, LogFile: e.pluginLog,
 		Exclude: []string{excludedNS},
 		// containerd 1.6's libcni reads results up to spec 1.0.0.
@@ -600,10 +608,8 @@ func setup(t *testing.T) *env {
 		t.Fatal(err)
 	}
 	e.rt = rt
+	e.td.add(t, "stop the runtime and remove its leftovers", rt.Close)
 	t.Cleanup(func() {
-		if err := rt.Close(); err != nil {
-			t.Errorf("runtime cleanup: %v", err)
-		}
 		if t.Failed() {
 			t.Logf("containerd log tail:\n%s", harness.Tail(rt.LogPath, 40))
 			t.Logf("proxy log tail:\n%s", harness.Tail(e.proxyLog, 20))
@@ -618,7 +624,7 @@ func (e *env) startProxy(t *testing.T) *process {
 	p := startInNode(t, e.node, e.proxyLog, filepath.Join(e.bin, "metaconceal-proxy"), append(e.proxyArgs, "--host-guard")...)
 	// Usually stopped by a subtest; this also covers a start that fails below. On the
 	// top-level test: a proxy restarted inside a subtest must outlive that subtest.
-	e.top.Cleanup(func() { _ = p.stop(syscall.SIGTERM, 10*time.Second) })
+	e.td.add(e.top, "stop metaconceal-proxy", func() error { return p.stop(syscall.SIGTERM, 15*time.Second) })
 	waitFor(t, "metaconceal-proxy", func() error {
 		if p.exited() {
 			return fmt.Errorf("exited: %s", harness.Tail(e.proxyLog, 10))
@@ -701,7 +707,7 @@ func (e *env) cniCallsFor(t *testing.T, id string) []cniCall {
 
 // ourRule matches an iptables-save line that belongs to metaconceal: anything naming
 // the metadata or proxy address, or a chain of ours.
-var ourRule = regexp.MustCompile(`(?i)169\.254\.169\.25[24]|metaconceal|\bMC-`)
+var ourRule = regexp.MustCompile(`(?i)169\.254\.169\.25[24]|fd20:ce::25[24]|metaconceal|\bMC-`)
 
 func filterOurs(dump string) string {
 	var out []string
@@ -773,6 +779,67 @@ func ourHostRules(t *testing.T) string {
 		all = append(all, tool+":\n"+filterOurs(out))
 	}
 	return strings.Join(all, "\n")
+}
+
+// teardown runs each cleanup step once, newest first: from t.Cleanup normally, or from
+// a SIGINT/SIGTERM handler when the run is interrupted (Ctrl-C on `make e2e`, a CI
+// cancel), since Go runs no t.Cleanup for a test binary that is killed.
+type teardown struct {
+	mu    sync.Mutex
+	steps []*teardownStep
+}
+
+type teardownStep struct {
+	once sync.Once
+	fn   func() error
+	err  error
+}
+
+func (s *teardownStep) run() error {
+	s.once.Do(func() { s.err = s.fn() })
+	return s.err
+}
+
+func (td *teardown) add(t *testing.T, what string, fn func() error) {
+	s := &teardownStep{fn: fn}
+	td.mu.Lock()
+	td.steps = append(td.steps, s)
+	td.mu.Unlock()
+	t.Cleanup(func() {
+		if err := s.run(); err != nil {
+			t.Errorf("cleanup: %s: %v", what, err)
+		}
+	})
+}
+
+func (td *teardown) runAll() {
+	td.mu.Lock()
+	steps := slices.Clone(td.steps)
+	td.mu.Unlock()
+	for i := len(steps) - 1; i >= 0; i-- {
+		if err := steps[i].run(); err != nil {
+			fmt.Fprintf(os.Stderr, "e2e: cleanup after interrupt: %v\n", err)
+		}
+	}
+}
+
+func (td *teardown) catchSignals(t *testing.T) {
+	sigs := make(chan os.Signal, 1)
+	signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() {
+		select {
+		case sig := <-sigs:
+			fmt.Fprintf(os.Stderr, "e2e: %v: removing the node, the runtime and everything they made\n", sig)
+			td.runAll()
+			os.Exit(2)
+		case <-done:
+		}
+	}()
+	t.Cleanup(func() {
+		signal.Stop(sigs)
+		close(done)
+	})
 }
 
 // process is a program started inside the node netns (`ip netns exec` execs it, so the
@@ -859,7 +926,7 @@ func forEach(n, parallel int, fn func(i int)) {
 // podSubnet is the conflist's pod range; the fake server logs "remote=IP:port".
 const podSubnet = "10.77.0.0/24"
 
-var remoteInPodSubnet = regexp.MustCompile(`remote=(10\.77\.0\.\d+):\d+`)
+var remoteInPodSubnet = regexp.MustCompile(`remote=(10\.77\.0\.\d+|\[fd00:77::[0-9a-f:]+\]):\d+`)
 
 // directRequests returns the request-log lines of the fake metadata server whose client
 // is a pod IP not in allowed.
@@ -888,6 +955,19 @@ func reportErrors(t *testing.T, what string, errs []error) {
 	}
 	shown := failed[:min(3, len(failed))]
 	t.Errorf("%s: %d of %d failed; first: %v", what, len(failed), len(errs), errors.Join(shown...))
+}
+
+// sameNetns reports whether two netns files (bind mount or /proc/PID/ns/net) are the
+// same namespace.
+func sameNetns(a, b string) (bool, error) {
+	var sa, sb syscall.Stat_t
+	if err := syscall.Stat(a, &sa); err != nil {
+		return false, fmt.Errorf("stat %s: %w", a, err)
+	}
+	if err := syscall.Stat(b, &sb); err != nil {
+		return false, fmt.Errorf("stat %s: %w", b, err)
+	}
+	return sa.Dev == sb.Dev && sa.Ino == sb.Ino, nil
 }
 
 func readFile(t *testing.T, path string) string {

@@ -39,13 +39,17 @@ type conflist struct {
 	adds   []time.Duration
 	dels   []time.Duration
 	counts map[string]map[string]int // verb -> "iptables" log value -> occurrences
+	// inside holds the plugin's own durations from its log, by verb: the time from the
+	// verb's start to its log line, without process start and libcni.
+	inside map[string][]time.Duration
 }
 
 func main() {
 	pods := flag.Int("pods", 20, "pods per conflist")
 	warmup := flag.Int("warmup", 2, "untimed pods per conflist first (bridge creation, page cache)")
+	backend := flag.String("iptables-backend", "auto", "metaconceal's iptablesBackend: auto, nft or legacy")
 	flag.Parse()
-	if err := run(*pods, *warmup); err != nil {
+	if err := run(*pods, *warmup, *backend); err != nil {
 		fmt.Fprintln(os.Stderr, "bench-cni:", err)
 		os.Exit(1)
 	}
@@ -62,7 +66,7 @@ func binDir() (string, error) {
 	return filepath.Join(filepath.Dir(strings.TrimSpace(string(out))), "bin"), nil
 }
 
-func run(pods, warmup int) (err error) {
+func run(pods, warmup int, backend string) (err error) {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it creates network namespaces")
 	}
@@ -115,10 +119,11 @@ func run(pods, warmup int) (err error) {
 	lists := []*conflist{
 		{name: "bench-bridge", label: "bridge"},
 		{name: "bench-portmap", label: "bridge+portmap", chain: map[string]any{"type": "portmap", "capabilities": map[string]bool{"portMappings": true}}},
-		{name: "bench-metaconceal", label: "bridge+metaconceal", chain: map[string]any{"type": "metaconceal", "stateDir": stateDir}},
+		{name: "bench-metaconceal", label: "bridge+metaconceal", chain: map[string]any{"type": "metaconceal", "stateDir": stateDir, "iptablesBackend": backend}},
 	}
 	for i, l := range lists {
 		l.counts = map[string]map[string]int{"ADD": {}, "DEL": {}}
+		l.inside = map[string][]time.Duration{}
 		plugins := []map[string]any{{
 			"type": "bridge", "bridge": fmt.Sprintf("mcbench%d", i), "isGateway": true, "ipMasq": false,
 			"ipam": map[string]any{"type": "host-local", "ranges": [][]map[string]string{{{"subnet": fmt.Sprintf("10.97.%d.0/24", i)}}},
@@ -136,7 +141,8 @@ func run(pods, warmup int) (err error) {
 		}
 	}
 
-	fmt.Printf("bench-cni: %d pods per conflist (+%d warm-up), alternating; cnitool wall time inside the node netns %s\n", pods, warmup, node.Name)
+	fmt.Printf("bench-cni: %d pods per conflist (+%d warm-up), alternating; cnitool wall time inside the node netns %s; metaconceal iptablesBackend %s\n",
+		pods, warmup, node.Name, backend)
 	for i := range pods + warmup {
 		timed := i >= warmup
 		// Rotate the order so that no conflist always runs right after another.
@@ -160,6 +166,7 @@ func run(pods, warmup int) (err error) {
 			if timed {
 				l.adds = append(l.adds, d)
 				countInvocations(l.counts["ADD"], logs)
+				l.inside["ADD"] = append(l.inside["ADD"], loggedDurations(logs)...)
 			}
 		}
 		for _, p := range created {
@@ -171,6 +178,7 @@ func run(pods, warmup int) (err error) {
 			if timed {
 				p.l.dels = append(p.l.dels, d)
 				countInvocations(p.l.counts["DEL"], logs)
+				p.l.inside["DEL"] = append(p.l.inside["DEL"], loggedDurations(logs)...)
 			}
 			if err := simnode.DeleteNetns(p.name); err != nil {
 				return err
@@ -218,6 +226,18 @@ func countInvocations(into map[string]int, logs string) {
 	}
 }
 
+var durationLog = regexp.MustCompile(`plugin=metaconceal .* duration=(\S+)`)
+
+func loggedDurations(logs string) []time.Duration {
+	var out []time.Duration
+	for _, m := range durationLog.FindAllStringSubmatch(logs, -1) {
+		if d, err := time.ParseDuration(m[1]); err == nil {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
 // percentile is the nearest-rank percentile of ds.
 func percentile(ds []time.Duration, p float64) time.Duration {
 	s := slices.Clone(ds)
@@ -246,6 +266,10 @@ func report(lists []*conflist) {
 			parts = append(parts, fmt.Sprintf("%s (x%d)", k, n))
 		}
 		slices.Sort(parts)
-		fmt.Printf("metaconceal %s iptables processes per call, from its log: %s\n", verb, strings.Join(parts, ", "))
+		fmt.Printf("metaconceal %s iptables processes per call, from its log: %s", verb, strings.Join(parts, ", "))
+		if in := mc.inside[verb]; len(in) > 0 {
+			fmt.Printf("; time inside the plugin p50 %s p90 %s", strings.TrimSpace(ms(percentile(in, 50))), strings.TrimSpace(ms(percentile(in, 90))))
+		}
+		fmt.Println()
 	}
 }

@@ -18,23 +18,24 @@ func main() {
 	in := flag.String("in", "", "conflist to start from (empty: the first bridge + host-local + metaconceal conflist under -conf-root)")
 	confRoot := flag.String("conf-root", "conf", "where to look when -in is empty")
 	var o harness.ConflistOptions
-	var exclude string
+	var exclude, subnets string
 	flag.StringVar(&o.Name, "name", "metaconceal-demo", "network name")
 	flag.StringVar(&o.Bridge, "bridge", "mcdemo0", "bridge device in the node netns")
-	flag.StringVar(&o.Subnet, "subnet", "10.88.0.0/24", "pod subnet")
+	flag.StringVar(&subnets, "subnet", "10.88.0.0/24", "pod subnet(s), comma-separated")
 	flag.StringVar(&o.IPAMDir, "ipam-dir", "", "host-local dataDir")
 	flag.StringVar(&o.StateDir, "state-dir", "", "metaconceal stateDir")
 	flag.StringVar(&o.LogFile, "log-file", "", "metaconceal logFile")
 	flag.StringVar(&exclude, "exclude", "", "comma-separated excludeNamespaces (empty: as shipped)")
 	flag.StringVar(&o.CNIVersion, "cni-version", "", "override cniVersion")
 	flag.Parse()
+	o.Subnets = strings.Split(subnets, ",")
 	if exclude != "" {
 		o.Exclude = strings.Split(exclude, ",")
 	}
 
 	path := *in
 	if path == "" {
-		found, err := harness.FindExampleConflist(*confRoot)
+		found, err := harness.FindExampleConflist(*confRoot, false)
 		if err != nil {
 			fail(err)
 		}

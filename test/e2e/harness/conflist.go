@@ -14,7 +14,7 @@ import (
 type ConflistOptions struct {
 	Name       string   // network name
 	Bridge     string   // bridge device (in the node netns)
-	Subnet     string   // pod subnet for host-local
+	Subnets    []string // pod subnets for host-local, one range set each (nil: as shipped)
 	IPAMDir    string   // host-local dataDir (empty: as shipped)
 	StateDir   string   // metaconceal stateDir (empty: as shipped)
 	LogFile    string   // metaconceal logFile (empty: as shipped)
@@ -23,8 +23,9 @@ type ConflistOptions struct {
 }
 
 // FindExampleConflist returns the first conflist under root (in lexical order) whose
-// chain holds bridge, host-local and metaconceal.
-func FindExampleConflist(root string) (string, error) {
+// chain holds bridge, host-local and metaconceal; with wantIPv6, the first whose
+// metaconceal entry also lists an IPv6 metadata address.
+func FindExampleConflist(root string, wantIPv6 bool) (string, error) {
 	var candidates []string
 	err := filepath.WalkDir(root, func(p string, d os.DirEntry, err error) error {
 		if err != nil {
@@ -45,11 +46,15 @@ func FindExampleConflist(root string) (string, error) {
 			return "", fmt.Errorf("read %s: %w", p, err)
 		}
 		types := pluginTypes(data)
-		if types["bridge"] && types["host-local"] && types["metaconceal"] {
+		if types["bridge"] && types["host-local"] && types["metaconceal"] && (!wantIPv6 || types["ipv6-metadata"]) {
 			return p, nil
 		}
 	}
-	return "", fmt.Errorf("no conflist with bridge + host-local + metaconceal under %s (found %d conflists)", root, len(candidates))
+	what := "bridge + host-local + metaconceal"
+	if wantIPv6 {
+		what += " with an IPv6 metadata address"
+	}
+	return "", fmt.Errorf("no conflist with %s under %s (found %d conflists)", what, root, len(candidates))
 }
 
 func pluginTypes(data []byte) map[string]bool {
@@ -59,6 +64,7 @@ func pluginTypes(data []byte) map[string]bool {
 			IPAM struct {
 				Type string `json:"type"`
 			} `json:"ipam"`
+			MetadataAddresses []string `json:"metadataAddresses"`
 		} `json:"plugins"`
 	}
 	types := map[string]bool{}
@@ -70,13 +76,19 @@ func pluginTypes(data []byte) map[string]bool {
 		if p.IPAM.Type != "" {
 			types[p.IPAM.Type] = true
 		}
+		for _, a := range p.MetadataAddresses {
+			if p.Type == "metaconceal" && strings.Contains(a, ":") {
+				types["ipv6-metadata"] = true
+			}
+		}
 	}
 	return types
 }
 
 // RewriteConflist applies o to a conflist. The bridge gets no masquerade (a simulated
 // node has no uplink, and its nat table should hold only what metaconceal and the
-// proxy put there) and a default route, so pods reach the node's link-local addresses.
+// proxy put there) and, per subnet, a default route, so pods reach the node's
+// metadata and proxy addresses through it.
 func RewriteConflist(data []byte, o ConflistOptions) ([]byte, error) {
 	var list map[string]any
 	if err := json.Unmarshal(data, &list); err != nil {
@@ -110,11 +122,20 @@ func RewriteConflist(data []byte, o ConflistOptions) ([]byte, error) {
 				ipam = map[string]any{"type": "host-local"}
 				p["ipam"] = ipam
 			}
-			if o.Subnet != "" {
-				ipam["ranges"] = []any{[]any{map[string]any{"subnet": o.Subnet}}}
+			if o.Subnets != nil {
+				var ranges, routes []any
+				for _, subnet := range o.Subnets {
+					ranges = append(ranges, []any{map[string]any{"subnet": subnet}})
+					dst := "0.0.0.0/0"
+					if strings.Contains(subnet, ":") {
+						dst = "::/0"
+					}
+					routes = append(routes, map[string]any{"dst": dst})
+				}
+				ipam["ranges"] = ranges
+				ipam["routes"] = routes
 				delete(ipam, "subnet")
 			}
-			ipam["routes"] = []any{map[string]any{"dst": "0.0.0.0/0"}}
 			if o.IPAMDir != "" {
 				ipam["dataDir"] = o.IPAMDir
 			}

@@ -34,7 +34,7 @@ func TestRewriteConflist(t *testing.T) {
 		{
 			name: "throwaway places set, shipped options kept",
 			in:   exampleConflist,
-			opts: ConflistOptions{Name: "n1", Bridge: "br9", Subnet: "10.9.0.0/24", IPAMDir: "/tmp/ipam",
+			opts: ConflistOptions{Name: "n1", Bridge: "br9", Subnets: []string{"10.9.0.0/24", "fd00:9::/64"}, IPAMDir: "/tmp/ipam",
 				StateDir: "/tmp/state", LogFile: "/tmp/log", Exclude: []string{"kube-system"}, CNIVersion: "1.0.0"},
 			check: func(t *testing.T, list map[string]any) {
 				plugins := list["plugins"].([]any)
@@ -57,8 +57,12 @@ func TestRewriteConflist(t *testing.T) {
 					}
 				}
 				ranges, _ := json.Marshal(ipam["ranges"])
-				if string(ranges) != `[[{"subnet":"10.9.0.0/24"}]]` {
+				if string(ranges) != `[[{"subnet":"10.9.0.0/24"}],[{"subnet":"fd00:9::/64"}]]` {
 					t.Errorf("ranges: got %s", ranges)
+				}
+				routes, _ := json.Marshal(ipam["routes"])
+				if string(routes) != `[{"dst":"0.0.0.0/0"},{"dst":"::/0"}]` {
+					t.Errorf("routes: got %s", routes)
 				}
 				excl, _ := json.Marshal(mc["excludeNamespaces"])
 				if string(excl) != `["kube-system"]` {
@@ -112,6 +116,7 @@ func TestFindExampleConflist(t *testing.T) {
 		"a-ptp.conflist":    `{"plugins":[{"type":"ptp","ipam":{"type":"host-local"}},{"type":"metaconceal"}]}`,
 		"b-bridge.conflist": exampleConflist,
 		"c-bridge.conflist": exampleConflist,
+		"d-dual.conflist":   strings.Replace(exampleConflist, `"mode": "SECURE"`, `"metadataAddresses": ["169.254.169.254", "fd20:ce::254"]`, 1),
 		"notes.json":        exampleConflist,
 	}
 	for name, body := range files {
@@ -119,14 +124,19 @@ func TestFindExampleConflist(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	got, err := FindExampleConflist(dir)
-	if err != nil {
-		t.Fatal(err)
+	for _, tt := range []struct {
+		wantIPv6 bool
+		want     string
+	}{{false, "b-bridge.conflist"}, {true, "d-dual.conflist"}} {
+		got, err := FindExampleConflist(dir, tt.wantIPv6)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if filepath.Base(got) != tt.want {
+			t.Errorf("wantIPv6=%v: got %s, want %s", tt.wantIPv6, got, tt.want)
+		}
 	}
-	if filepath.Base(got) != "b-bridge.conflist" {
-		t.Errorf("got %s, want the first bridge + host-local + metaconceal conflist b-bridge.conflist", got)
-	}
-	if _, err := FindExampleConflist(t.TempDir()); err == nil {
+	if _, err := FindExampleConflist(t.TempDir(), false); err == nil {
 		t.Errorf("empty dir: want an error")
 	}
 }

@@ -89,7 +89,7 @@ func ListenTCPWitness(netnsPath, addr string) (*Witness, error) {
 	var ln net.Listener
 	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
 		var err error
-		ln, err = net.Listen("tcp4", addr)
+		ln, err = net.Listen("tcp", addr)
 		return err
 	})
 	if err != nil {
@@ -115,7 +115,7 @@ func ListenUDPWitness(netnsPath, addr string) (*Witness, error) {
 	var pc net.PacketConn
 	err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
 		var err error
-		pc, err = net.ListenPacket("udp4", addr)
+		pc, err = net.ListenPacket("udp", addr)
 		return err
 	})
 	if err != nil {

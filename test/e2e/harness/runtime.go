@@ -317,10 +317,11 @@ func (r *Runtime) Close() error {
 				r.mu.Lock()
 				r.sandboxes[id] = true
 				r.mu.Unlock()
-				if _, err := r.Crictl(ctx, "stopp", id); err != nil {
+				// NotFound: removed meanwhile (an interrupt's cleanup races the test).
+				if _, err := r.Crictl(ctx, "stopp", id); err != nil && !isNotFound(err) {
 					errs = append(errs, err)
 				}
-				if _, err := r.Crictl(ctx, "rmp", "-f", id); err != nil {
+				if _, err := r.Crictl(ctx, "rmp", "-f", id); err != nil && !isNotFound(err) {
 					errs = append(errs, err)
 				}
 			}
@@ -332,6 +333,10 @@ func (r *Runtime) Close() error {
 	errs = append(errs, r.killShims())
 	errs = append(errs, r.removeLeftovers()...)
 	return errors.Join(errs...)
+}
+
+func isNotFound(err error) bool {
+	return strings.Contains(err.Error(), "code = NotFound")
 }
 
 func (r *Runtime) hasExited() bool {

@@ -1,0 +1,69 @@
+package main
+
+import (
+	"bytes"
+	"io"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+)
+
+func TestParseFlagsDefaults(t *testing.T) {
+	t.Parallel()
+	o, err := parseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(o.listen, listFlag{defaultListen}) || o.upstream != "http://169.254.169.254" ||
+		o.metricsListen != "127.0.0.1:989" || o.stateDir != "/run/metaconceal" || o.recursive != "deny" || o.hostGuard {
+		t.Errorf("defaults = %+v", o)
+	}
+	o, err = parseFlags([]string{"--listen", "169.254.169.252:988", "--listen", "127.0.0.1:988,[fd00::1]:988"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := (listFlag{"169.254.169.252:988", "127.0.0.1:988", "[fd00::1]:988"}); !slices.Equal(o.listen, want) {
+		t.Errorf("--listen = %v, want %v", o.listen, want)
+	}
+	if _, err := parseFlags([]string{"stray"}, io.Discard); err == nil {
+		t.Error("a stray argument was accepted")
+	}
+}
+
+func TestGuardConfig(t *testing.T) {
+	t.Parallel()
+	o := options{listen: listFlag{"169.254.169.252:988"}}
+	cfg, err := guardConfig(o, &url.URL{Scheme: "http", Host: "169.254.169.254"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(cfg.ListenAddrs, []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}) ||
+		!slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254")}) || cfg.MetadataPort != 0 {
+		t.Errorf("guard config = %+v", cfg)
+	}
+	cfg, err = guardConfig(o, &url.URL{Scheme: "http", Host: "10.1.2.3:8080"})
+	if err != nil || cfg.MetadataPort != 8080 {
+		t.Errorf("guard config with a port = %+v, %v", cfg, err)
+	}
+	if _, err := guardConfig(options{listen: listFlag{"metadata.local:988"}}, &url.URL{Scheme: "http", Host: "x"}); err == nil {
+		t.Error("a host name listen address was accepted for the guard")
+	}
+}
+
+func TestRunFailsClearlyOnUnconfiguredAddress(t *testing.T) {
+	t.Parallel()
+	var stderr bytes.Buffer
+	// 192.0.2.0/24 (TEST-NET-1) is not configured here; binding sends no packet.
+	code := run([]string{"--listen", "192.0.2.77:988", "--metrics-listen", "", "--state-dir", t.TempDir()}, &stderr)
+	if code != 1 || !strings.Contains(stderr.String(), "not configured on this host") {
+		t.Errorf("exit %d, stderr %q", code, stderr.String())
+	}
+	if code := run([]string{"--recursive", "sometimes"}, &stderr); code != 1 {
+		t.Errorf("bad --recursive: exit %d", code)
+	}
+	if code := run([]string{"--log-format", "xml"}, &stderr); code != 2 {
+		t.Errorf("bad --log-format: exit %d", code)
+	}
+}
