@@ -20,6 +20,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -34,6 +35,9 @@ import (
 )
 
 const defaultListen = "169.254.169.252:988"
+
+// gceMetadataAddr6 is GCE's IPv6 metadata address.
+var gceMetadataAddr6 = netip.MustParseAddr("fd20:ce::254")
 
 type listFlag []string
 
@@ -58,6 +62,7 @@ type options struct {
 	hostGuard       bool
 	removeHostGuard bool
 	iptablesBackend string
+	metadataAddrs   listFlag
 	logFormat       string
 	logLevel        string
 	upstreamTimeout time.Duration
@@ -87,6 +92,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.recursive, "recursive", "deny", "recursive listings outside service accounts: deny (as GKE) or filter (strip concealed entries)")
 	fs.BoolVar(&o.hostGuard, "host-guard", false, "install the node-wide guard (DNAT of forwarded metadata traffic, REJECT of the rest, listen address on lo); it stays after the proxy stops")
 	fs.BoolVar(&o.removeHostGuard, "remove-host-guard", false, "remove what --host-guard installed, then exit (for uninstall)")
+	fs.Var(&o.metadataAddrs, "metadata-addr", "metadata server addresses the host guard covers; repeatable or comma-separated (default: the --upstream IP, plus fd20:ce::254, GCE's IPv6 metadata address, when a --listen address is IPv6)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", "", "iptables binaries for the host guard: empty (iptables on PATH), nft or legacy")
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -130,8 +136,23 @@ func guardConfig(o options, upstream *url.URL) (hostguard.Config, error) {
 		}
 		cfg.ListenAddrs = append(cfg.ListenAddrs, ap)
 	}
-	if ip, err := netip.ParseAddr(upstream.Hostname()); err == nil {
+	for _, a := range o.metadataAddrs {
+		ip, err := netip.ParseAddr(a)
+		if err != nil {
+			return cfg, fmt.Errorf("--metadata-addr %q: %w", a, err)
+		}
+		cfg.MetadataAddrs = append(cfg.MetadataAddrs, ip)
+	}
+	if len(cfg.MetadataAddrs) == 0 {
+		ip, err := netip.ParseAddr(upstream.Hostname())
+		if err != nil {
+			ip = hostguard.DefaultMetadataAddr
+		}
 		cfg.MetadataAddrs = []netip.Addr{ip}
+		listens6 := slices.ContainsFunc(cfg.ListenAddrs, func(ap netip.AddrPort) bool { return ap.Addr().Unmap().Is6() })
+		if listens6 && ip.Unmap().Is4() {
+			cfg.MetadataAddrs = append(cfg.MetadataAddrs, gceMetadataAddr6)
+		}
 	}
 	if p := upstream.Port(); p != "" {
 		port, err := strconv.ParseUint(p, 10, 16)
@@ -262,7 +283,7 @@ func serve(o options, log *slog.Logger) error {
 	var serveErr error
 	select {
 	case <-ctx.Done():
-		log.Info("shutting down", "grace", o.shutdownGrace)
+		log.Info("shutting down", "grace", o.shutdownGrace.String())
 	case serveErr = <-errc:
 		log.Error("listener failed", "err", serveErr)
 	}

@@ -43,6 +43,15 @@ func TestGuardConfig(t *testing.T) {
 		!slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254")}) || cfg.MetadataPort != 0 {
 		t.Errorf("guard config = %+v", cfg)
 	}
+	// Listening on IPv6 too (dual stack) guards GCE's IPv6 metadata address as well.
+	cfg, err = guardConfig(options{listen: listFlag{"169.254.169.252:988", "[fd20:ce::252]:988"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
+	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")}) {
+		t.Errorf("dual-stack guard config = %+v, %v", cfg, err)
+	}
+	cfg, err = guardConfig(options{listen: o.listen, metadataAddrs: listFlag{"10.9.9.9"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
+	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("10.9.9.9")}) {
+		t.Errorf("--metadata-addr guard config = %+v, %v", cfg, err)
+	}
 	cfg, err = guardConfig(o, &url.URL{Scheme: "http", Host: "10.1.2.3:8080"})
 	if err != nil || cfg.MetadataPort != 8080 {
 		t.Errorf("guard config with a port = %+v, %v", cfg, err)

@@ -199,17 +199,21 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	pod := netconf.ParsePodArgs(args.Args)
 	log = log.With("podNamespace", pod.Namespace, "podName", pod.Name, "mode", conf.Mode)
 
-	if !conf.Mode.Conceals() {
-		log.Info("mode does not conceal; nothing installed")
-		return passThrough()
-	}
-	if conf.Excluded(pod.Namespace) {
-		log.Info("pod namespace is in excludeNamespaces; nothing installed")
+	att := attachment(args)
+	ips := podIPs(prev)
+	if reason := exposedReason(conf, pod); reason != "" {
+		// No rules, but a record that says so: with the proxy's host guard on, this
+		// pod's metadata traffic reaches the proxy anyway, which serves it in full only
+		// because of this record.
+		rec := exposedRecord(args, pod, ips, reason)
+		if err := state.Write(conf.StateDir, rec); err != nil {
+			log.Error("ADD failed writing state record", "err", err)
+			return types.NewError(types.ErrIOFailure, "metaconceal: cannot write state record", err.Error())
+		}
+		log.Info(reason+"; nothing installed, pod recorded as exposed", "podIPs", rec.IPs)
 		return passThrough()
 	}
 
-	att := attachment(args)
-	ips := podIPs(prev)
 	specs := wantedSpecs(conf, att, ips)
 	// Without a record this attachment has no rules yet (the common case): one restore
 	// creates them. A record, or one that cannot be read, means they may exist.
@@ -280,6 +284,9 @@ func removeAttachment(ctx context.Context, runner *redirect.Runner, conf *netcon
 		if recordFound && family == redirect.IPv6 && !hasIPv6(rec.IPs) {
 			continue // ADD installs IPv6 rules only for a pod with an IPv6 address
 		}
+		if recordFound && rec.Exposed {
+			continue // ADD recorded the pod as exposed and installed no rules
+		}
 		if !recordFound && (!conf.Mode.Conceals() || excluded) {
 			continue // no record, and this config would not have installed anything
 		}
@@ -349,9 +356,6 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		return err
 	}
 	pod := netconf.ParsePodArgs(args.Args)
-	if !conf.Mode.Conceals() || conf.Excluded(pod.Namespace) {
-		return nil
-	}
 	fail := func(msg string, err error) error {
 		log.Error("CHECK failed", "problem", msg, "err", err)
 		return types.NewError(types.ErrInternal, "metaconceal: "+msg, fmt.Sprint(err))
@@ -366,8 +370,15 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
 		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
 	}
+	if reason := exposedReason(conf, pod); reason != "" {
+		want = exposedRecord(args, pod, ips, reason)
+	}
 	if !recordsEqual(rec, want) {
 		return fail("state record of "+att.String()+" differs", fmt.Errorf("want %+v, got %+v", want, rec))
+	}
+	if want.Exposed {
+		log.Info("exposed attachment recorded; no rules to check", "reason", want.ExposedReason)
+		return nil
 	}
 	runner := p.newRunner(conf)
 	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
@@ -386,7 +397,27 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 
 func recordsEqual(a, b state.Record) bool {
 	return a.ContainerID == b.ContainerID && a.IfName == b.IfName && a.Netns == b.Netns &&
-		slices.Equal(a.IPs, b.IPs) && a.PodNamespace == b.PodNamespace && a.PodName == b.PodName && a.PodUID == b.PodUID
+		slices.Equal(a.IPs, b.IPs) && a.PodNamespace == b.PodNamespace && a.PodName == b.PodName && a.PodUID == b.PodUID &&
+		a.Exposed == b.Exposed && a.ExposedReason == b.ExposedReason
+}
+
+// exposedReason says why this config leaves the pod unconcealed, or "" when it conceals.
+func exposedReason(conf *netconf.Config, pod netconf.PodArgs) string {
+	switch {
+	case !conf.Mode.Conceals():
+		return "mode " + string(conf.Mode)
+	case conf.Excluded(pod.Namespace):
+		return "excludeNamespaces"
+	}
+	return ""
+}
+
+func exposedRecord(args *skel.CmdArgs, pod netconf.PodArgs, ips []netip.Addr, reason string) state.Record {
+	return state.Record{
+		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
+		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
+		Exposed: true, ExposedReason: reason,
+	}
 }
 
 // GC removes the records, and the rules where their netns still exists, of every

@@ -10,6 +10,8 @@ import (
 
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
 // Error paths that return before touching any netns: they need no privileges, and a
@@ -77,11 +79,19 @@ func TestAddPassThroughModes(t *testing.T) {
 			if !strings.Contains(out, `"cniVersion": "`+version+`"`) || !strings.Contains(out, "10.1.0.5/24") {
 				t.Errorf("%s %s: result not passed through: %s", mode, version, out)
 			}
-			if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
-				t.Errorf("%s wrote a record: %v", mode, entries)
+			rec, err := state.Read(stateDir, "c1", "eth0")
+			if err != nil || !rec.Exposed || rec.ExposedReason != "mode "+mode || len(rec.IPs) != 1 || rec.IPs[0] != "10.1.0.5" {
+				t.Errorf("%s %s: want an exposed record with the pod IP, got %+v, %v", mode, version, rec, err)
 			}
 			if !strings.Contains(stderr.String(), "nothing installed") {
 				t.Errorf("%s: no log line saying so: %q", mode, stderr.String())
+			}
+			// DEL of the exposed attachment removes the record without entering the netns.
+			if err := p.Del(args); err != nil {
+				t.Fatalf("%s %s DEL: %v", mode, version, err)
+			}
+			if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
+				t.Errorf("%s: record left after DEL: %v", mode, entries)
 			}
 		}
 	}
@@ -105,12 +115,26 @@ func TestExcludedNamespacePassesThrough(t *testing.T) {
 	if !strings.Contains(stderr.String(), "excludeNamespaces") || !strings.Contains(stderr.String(), "kube-system") {
 		t.Errorf("exclusion not logged: %q", stderr.String())
 	}
-	if entries, _ := os.ReadDir(stateDir); len(entries) != 0 {
-		t.Errorf("excluded pod got a record: %v", entries)
+	rec, err := state.Read(stateDir, "c1", "eth0")
+	if err != nil || !rec.Exposed || rec.ExposedReason != "excludeNamespaces" || rec.PodNamespace != "kube-system" || rec.PodName != "dns" {
+		t.Fatalf("want an exposed record naming the pod, got %+v, %v", rec, err)
 	}
-	// CHECK of an excluded pod has nothing to verify.
+	// CHECK of an excluded pod verifies its record only (the netns does not exist here).
 	if err := p.Check(args); err != nil {
 		t.Errorf("CHECK of excluded pod: %v", err)
+	}
+	rec.Exposed = false
+	if err := state.Write(stateDir, rec); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Check(args); err == nil {
+		t.Error("CHECK accepted an excluded pod whose record says it is concealed")
+	}
+	if err := state.Remove(stateDir, "c1", "eth0"); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Check(args); err == nil {
+		t.Error("CHECK accepted an excluded pod without a record")
 	}
 }
 

@@ -26,10 +26,13 @@ import (
 // MissReloadInterval bounds how often an unknown IP forces a reload.
 const MissReloadInterval = 200 * time.Millisecond
 
-// Pod names a pod.
+// Pod names a pod, and says whether the plugin left it unconcealed on purpose.
 type Pod struct {
 	Namespace string
 	Name      string
+	// Exposed: the plugin deliberately left this attachment unconcealed (mode EXPOSED
+	// or an excluded namespace); the proxy then serves it in full.
+	Exposed bool
 }
 
 // Index is safe for concurrent use.
@@ -106,7 +109,7 @@ func (x *Index) reload(seen *snapshot) *snapshot {
 	}
 	byIP := make(map[netip.Addr]Pod, len(records))
 	for _, rec := range records {
-		pod := Pod{Namespace: rec.PodNamespace, Name: rec.PodName}
+		pod := Pod{Namespace: rec.PodNamespace, Name: rec.PodName, Exposed: rec.Exposed}
 		for _, s := range rec.IPs {
 			ip, ok := parseIP(s)
 			if !ok {

@@ -37,10 +37,11 @@ func TestLookup(t *testing.T) {
 
 	rec2 := rec
 	rec2.ContainerID, rec2.IPs, rec2.PodName = "c2", []string{"10.1.2.4"}, "web-1"
+	rec2.Exposed, rec2.ExposedReason = true, "excludeNamespaces"
 	if err := state.Write(dir, rec2); err != nil {
 		t.Fatal(err)
 	}
-	if got, ok := x.Lookup(netip.MustParseAddr("10.1.2.4")); !ok || got.Name != "web-1" {
+	if got, ok := x.Lookup(netip.MustParseAddr("10.1.2.4")); !ok || got.Name != "web-1" || !got.Exposed {
 		t.Fatalf("new record not picked up: %v, %v", got, ok)
 	}
 

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"strconv"
 	"strings"
 )
 
@@ -13,8 +14,8 @@ import (
 // names as they are (kube-env), so both spellings are matched. Any key named kube-env,
 // in any case or spelling, is removed wherever it is.
 //
-// A listing that is not a JSON object, or a directory outside /computeMetadata/v1/, is
-// an error: the caller must then withhold the answer.
+// A listing that is not JSON, or a directory outside /computeMetadata/v1/, is an
+// error: the caller must then withhold the answer.
 func (p *Policy) FilterListing(canonPath string, body []byte) ([]byte, error) {
 	dir, ok := SplitV1(canonPath)
 	if !ok {
@@ -29,39 +30,39 @@ func (p *Policy) FilterListing(canonPath string, body []byte) ([]byte, error) {
 	if dec.More() {
 		return nil, fmt.Errorf("policy: recursive listing of %s: trailing data after the JSON value", canonPath)
 	}
-	obj, ok := root.(map[string]any)
-	if !ok {
-		// A leaf's recursive answer is its bare value; the path itself was checked.
-		if _, isArray := root.([]any); isArray {
-			return nil, fmt.Errorf("policy: recursive listing of %s: %w", canonPath, errNotJSONObject)
-		}
-		return body, nil
-	}
 	path := append([]string(nil), dir...)
-	if !p.filterObject(path, obj) {
+	if !p.filterValue(path, root) {
 		return body, nil
 	}
-	out, err := json.Marshal(obj)
+	out, err := json.Marshal(root)
 	if err != nil {
 		return nil, fmt.Errorf("policy: encode filtered listing of %s: %w", canonPath, err)
 	}
 	return out, nil
 }
 
-// filterObject deletes concealed keys of obj (the directory at path) in place and
-// reports whether it deleted anything.
-func (p *Policy) filterObject(path []string, obj map[string]any) bool {
+// filterValue deletes concealed entries below the value at path in place and reports
+// whether it deleted anything. Arrays (network-interfaces/0/...) are walked with
+// their indexes as path segments.
+func (p *Policy) filterValue(path []string, value any) bool {
 	changed := false
-	for key, value := range obj {
-		kebab := camelToKebab(key)
-		if p.concealedRule(append(path, key)) != 0 || p.concealedRule(append(path, kebab)) != 0 ||
-			strings.EqualFold(strings.ReplaceAll(kebab, "_", "-"), "kube-env") {
-			delete(obj, key)
-			changed = true
-			continue
+	switch v := value.(type) {
+	case map[string]any:
+		for key, child := range v {
+			kebab := camelToKebab(key)
+			if p.concealedRule(append(path, key)) != 0 || p.concealedRule(append(path, kebab)) != 0 ||
+				strings.EqualFold(strings.ReplaceAll(kebab, "_", "-"), "kube-env") {
+				delete(v, key)
+				changed = true
+				continue
+			}
+			if p.filterValue(append(path, kebab), child) {
+				changed = true
+			}
 		}
-		if child, ok := value.(map[string]any); ok {
-			if p.filterObject(append(path, kebab), child) {
+	case []any:
+		for i, child := range v {
+			if p.filterValue(append(path, strconv.Itoa(i)), child) {
 				changed = true
 			}
 		}

@@ -11,7 +11,6 @@ package policy
 import (
 	"bytes"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"os"
 	"slices"
@@ -88,6 +87,10 @@ type Config struct {
 // Policy evaluates requests. It is immutable and safe for concurrent use.
 type Policy struct {
 	recursive RecursiveMode
+	// exposed: the policy for pods the plugin left unconcealed on purpose (see
+	// Exposed): nothing concealed, recursive allowed under v1, nothing filtered. The
+	// request is still canonicalized and malformed requests are still denied.
+	exposed bool
 	// concealed are patterns (lowercase segments under /computeMetadata/v1/, "*" for any
 	// one segment) whose path and descendants are concealed.
 	concealed []pattern
@@ -113,6 +116,9 @@ var builtinPatterns = []pattern{
 // builtinKeys are the query keys GCE defines for /computeMetadata/v1/, in the order
 // the canonical query lists them.
 var builtinKeys = []string{"recursive", "alt", "wait_for_change", "last_etag", "timeout_sec"}
+
+// identityKeys are the identity endpoint's query keys; only exposed pods reach it.
+var identityKeys = []string{"audience", "format", "licenses"}
 
 // MaxTimeoutSec is the longest long poll GCE accepts.
 const MaxTimeoutSec = 3600
@@ -149,6 +155,16 @@ func New(cfg Config) (*Policy, error) {
 	}
 	slices.Sort(p.extraKeys)
 	return p, nil
+}
+
+// Exposed returns the policy for pods whose state record marks them exposed (mode
+// EXPOSED, excluded namespaces): they would reach the metadata server directly but for
+// the node-wide host guard, so they are served in full. Canonicalization and every
+// deny rule for malformed or ambiguous requests still apply.
+func (p *Policy) Exposed() *Policy {
+	q := *p
+	q.exposed = true
+	return &q
 }
 
 func parsePattern(raw string) ([]string, error) {
@@ -251,15 +267,23 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 	}
 	inV1 := d.Rule == RuleV1
 
+	exposedHit := false // something only an exposed pod may have
+	extraKeys := p.extraKeys
 	if inV1 {
 		if r := p.concealedRule(rest); r != 0 {
-			d.Verdict, d.Rule = Conceal, r
-			return d
+			if !p.exposed {
+				d.Verdict, d.Rule = Conceal, r
+				return d
+			}
+			exposedHit = true
+			if r == RuleIdentity {
+				extraKeys = append(slices.Clip(identityKeys), p.extraKeys...)
+			}
 		}
 	}
 
 	if hasQuery && rawQuery != "" {
-		q, rule := p.parseQuery(rawQuery)
+		q, rule := p.parseQuery(rawQuery, extraKeys)
 		if rule != 0 {
 			d.Verdict, d.Rule = Deny, rule
 			return d
@@ -270,6 +294,8 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 			switch {
 			case underAccount:
 				d.Rule = RuleServiceAccountRecursive
+			case inV1 && p.exposed:
+				exposedHit = true
 			case inV1 && p.recursive == RecursiveFilter:
 				d.Rule = RuleRecursiveFiltered
 			default:
@@ -277,7 +303,7 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 				return d
 			}
 			d.Recursive = q.values[keyRecursive] == "true"
-			if d.Recursive {
+			if d.Recursive && !p.exposed {
 				if q.values[keyAlt] == "text" && p.holdsListed(rest) {
 					d.Verdict, d.Rule = Deny, RuleRecursiveAltText
 					return d
@@ -287,7 +313,10 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 		}
 		d.WaitForChange = q.values[keyWaitForChange] == "true"
 		d.TimeoutSec = q.timeoutSec
-		d.RawQuery = q.canonical(p.extraKeys)
+		d.RawQuery = q.canonical(extraKeys)
+	}
+	if exposedHit {
+		d.Rule = RuleExposedPod
 	}
 	return d
 }
@@ -456,5 +485,3 @@ func SplitV1(canon string) ([]string, bool) {
 	}
 	return segs[2:], true
 }
-
-var errNotJSONObject = errors.New("policy: recursive listing is not a JSON object")

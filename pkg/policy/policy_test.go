@@ -417,7 +417,16 @@ func TestFilterListing(t *testing.T) {
 			}
 		}
 	}
-	for _, bad := range []string{`not json`, `[1,2]`, `{"a":1} {}`} {
+	// Arrays: a leaf's array answer passes; objects inside arrays are filtered.
+	out, err := p.FilterListing("/computeMetadata/v1/instance/service-accounts/default/scopes", []byte(`["a","b"]`))
+	if err != nil || string(out) != `["a","b"]` {
+		t.Errorf("array listing: %s, %v", out, err)
+	}
+	out, err = p.FilterListing("/computeMetadata/v1/instance/", []byte(`{"networkInterfaces":[{"ip":"10.0.0.2","kube-env":"K"}]}`))
+	if err != nil || strings.Contains(string(out), "K\"") || !strings.Contains(string(out), "10.0.0.2") {
+		t.Errorf("objects in arrays: %s, %v", out, err)
+	}
+	for _, bad := range []string{`not json`, `{"a":1} {}`} {
 		if _, err := p.FilterListing("/computeMetadata/v1/instance/", []byte(bad)); err == nil {
 			t.Errorf("FilterListing(%s) succeeded, want an error", bad)
 		}
@@ -442,5 +451,42 @@ func BenchmarkEvaluate(b *testing.B) {
 		if d := p.Evaluate("GET", "/computeMetadata/v1/project/project-id", false); d.Verdict != Allow {
 			b.Fatal(d.Rule)
 		}
+	}
+}
+
+func TestExposedPolicy(t *testing.T) {
+	t.Parallel()
+	p := mustPolicy(t, Config{}).Exposed()
+	const v1 = "/computeMetadata/v1/"
+	cases := []struct {
+		target  string
+		xff     bool
+		verdict Verdict
+		rule    Rule
+	}{
+		{v1 + "instance/attributes/kube-env", false, Allow, RuleExposedPod},
+		{v1 + "instance/attributes/%6bube-env?alt=text", false, Allow, RuleExposedPod},
+		{v1 + "instance/service-accounts/default/identity?audience=x", false, Allow, RuleExposedPod},
+		{v1 + "instance/?recursive=true", false, Allow, RuleExposedPod},
+		{v1 + "instance/attributes/?recursive=true&alt=text", false, Allow, RuleExposedPod},
+		{v1 + "project/project-id", false, Allow, RuleV1},
+		{"/computeMetadata/v1beta1/instance/attributes/kube-env", false, Deny, RuleLegacyAPI},
+		{v1 + "instance/attributes/kube-env", true, Deny, RuleXForwardedFor},
+		{v1 + "instance/attributes%252Fkube-env", false, Deny, RuleBadEscape},
+		{v1 + "instance/?foo=bar", false, Deny, RuleUnknownQueryKey},
+		{"/?recursive=true", false, Deny, RuleRecursive},
+	}
+	for _, tc := range cases {
+		d := p.Evaluate("GET", tc.target, tc.xff)
+		if d.Verdict != tc.verdict || d.Rule != tc.rule {
+			t.Errorf("exposed %q: %s/%s, want %s/%s", tc.target, d.Verdict, d.Rule, tc.verdict, tc.rule)
+		}
+		if d.FilterListing {
+			t.Errorf("exposed %q: listing filtered", tc.target)
+		}
+	}
+	d := p.Evaluate("GET", v1+"Instance/./attributes//kube-env", false)
+	if d.Path != v1+"Instance/attributes/kube-env" {
+		t.Errorf("exposed pods still get the canonical path only: %q", d.Path)
 	}
 }

@@ -2,6 +2,7 @@ package policy
 
 import (
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -30,7 +31,7 @@ func (q *query) has(key int) bool { return q.present&(1<<key) != 0 }
 // parseQuery validates rawQuery (without '?') and returns it parsed, or the rule that
 // refuses it. Keys are decoded once and matched case-insensitively, so every spelling
 // of a key (Recursive, re%63ursive) is that key.
-func (p *Policy) parseQuery(rawQuery string) (query, Rule) {
+func (p *Policy) parseQuery(rawQuery string, extraKeys []string) (query, Rule) {
 	q := query{timeoutSec: -1}
 	for i := 0; i < len(rawQuery); i++ {
 		c := rawQuery[i]
@@ -57,7 +58,7 @@ func (p *Policy) parseQuery(rawQuery string) (query, Rule) {
 		key = strings.ToLower(key)
 		idx := builtinKeyIndex(key)
 		if idx < 0 {
-			if !p.isExtraKey(key) {
+			if !slices.Contains(extraKeys, key) {
 				return q, RuleUnknownQueryKey
 			}
 			for _, e := range q.extra {
@@ -91,15 +92,6 @@ func builtinKeyIndex(key string) int {
 		}
 	}
 	return -1
-}
-
-func (p *Policy) isExtraKey(key string) bool {
-	for _, k := range p.extraKeys {
-		if k == key {
-			return true
-		}
-	}
-	return false
 }
 
 // canonicalValue validates a builtin key's decoded value and returns its one spelling.

@@ -41,6 +41,7 @@ const (
 	RuleV1
 	RuleServiceAccountRecursive
 	RuleRecursiveFiltered
+	RuleExposedPod
 	RuleKubeEnv
 	RuleIdentity
 	RuleConcealedPath
@@ -71,6 +72,7 @@ var ruleInfos = [numRules]ruleInfo{
 	RuleV1:                      {"v1", "path under /computeMetadata/v1/"},
 	RuleServiceAccountRecursive: {"service-account-recursive", "recursive listing of a service account directory"},
 	RuleRecursiveFiltered:       {"recursive-filtered", "recursive listing, concealed entries removed from the answer"},
+	RuleExposedPod:              {"exposed-pod", "the pod's state record marks it exposed (mode EXPOSED or an excluded namespace): served in full"},
 	RuleKubeEnv:                 {"kube-env", "kube-env holds kubelet credentials"},
 	RuleIdentity:                {"identity", "service-accounts/<account>/identity mints VM identity tokens"},
 	RuleConcealedPath:           {"policy-concealed-path", "path concealed by the policy file"},
@@ -118,7 +120,7 @@ func Rules() []Rule {
 // Verdict is the verdict a rule always leads to.
 func (r Rule) Verdict() Verdict {
 	switch r {
-	case RuleDiscovery, RuleV1, RuleServiceAccountRecursive, RuleRecursiveFiltered:
+	case RuleDiscovery, RuleV1, RuleServiceAccountRecursive, RuleRecursiveFiltered, RuleExposedPod:
 		return Allow
 	case RuleKubeEnv, RuleIdentity, RuleConcealedPath:
 		return Conceal

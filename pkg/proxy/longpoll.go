@@ -73,9 +73,13 @@ func longPollKey(r *http.Request, d policy.Decision) string {
 	return b.String()
 }
 
-// joinFlight returns the open flight for r, starting one if there is none. The caller
-// holds a reference and must give it back through leave (or delivery).
+// joinFlight returns the open flight for r, starting one if there is none, or nil
+// once the handler is closing. The caller holds h.mu, and then a reference it must
+// give back through leaveLocked (or delivery).
 func (h *Handler) joinFlight(r *http.Request, d policy.Decision, key string) *flight {
+	if h.closed {
+		return nil
+	}
 	f := h.flights[key]
 	if f != nil {
 		h.metrics.coalesced.Inc()
@@ -118,6 +122,11 @@ func (h *Handler) longPoll(w http.ResponseWriter, r *http.Request, d policy.Deci
 	h.mu.Lock()
 	f := h.joinFlight(r, d, key)
 	h.mu.Unlock()
+	if f == nil {
+		h.metrics.longPollsOpen.Dec()
+		writeError(w, http.StatusServiceUnavailable, "metaconceal: the proxy is shutting down; retry.\n")
+		return
+	}
 
 	if hj, ok := w.(http.Hijacker); ok {
 		if conn, _, err := hj.Hijack(); err == nil {

@@ -67,6 +67,7 @@ type Config struct {
 type Handler struct {
 	upstreamScheme, upstreamHost string
 	policy                       *policy.Policy
+	exposedPolicy                *policy.Policy // for pods the plugin left unconcealed
 	pods                         PodLookup
 	log                          *slog.Logger
 	metrics                      *Metrics
@@ -80,6 +81,7 @@ type Handler struct {
 
 	mu      sync.Mutex
 	flights map[string]*flight
+	closed  bool           // no new flights once Close started
 	running sync.WaitGroup // flights not yet delivered
 }
 
@@ -115,6 +117,7 @@ func New(cfg Config) (*Handler, error) {
 		upstreamScheme:  cfg.Upstream.Scheme,
 		upstreamHost:    cfg.Upstream.Host,
 		policy:          cfg.Policy,
+		exposedPolicy:   cfg.Policy.Exposed(),
 		pods:            cfg.Pods,
 		log:             cfg.Log,
 		metrics:         cfg.Metrics,
@@ -147,6 +150,9 @@ func New(cfg Config) (*Handler, error) {
 // (shutting down, retry), waits up to 5 s for those answers to be written, and closes
 // idle upstream connections.
 func (h *Handler) Close() {
+	h.mu.Lock()
+	h.closed = true
+	h.mu.Unlock()
 	h.cancelBase()
 	h.pool.closeIdle()
 	delivered := make(chan struct{})
@@ -169,10 +175,28 @@ var (
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	_, forwardedFor := r.Header["X-Forwarded-For"]
 	d := h.policy.Evaluate(r.Method, r.RequestURI, forwardedFor)
+	var src source
+	if d.Verdict != policy.Allow || d.FilterListing {
+		// Only requests the policy restricts need to know the pod: an exposed one
+		// (mode EXPOSED, excluded namespace) is served in full, and a blocked one is
+		// audited with its name.
+		src = h.source(r)
+		if src.pod.Exposed {
+			if e := h.exposedPolicy.Evaluate(r.Method, r.RequestURI, forwardedFor); e.Verdict == policy.Allow {
+				d = e
+				h.log.LogAttrs(context.Background(), slog.LevelInfo, "metadata request served to an exposed pod",
+					slog.String("rule", d.Rule.String()),
+					slog.String("pod_namespace", src.pod.Namespace),
+					slog.String("pod_name", src.pod.Name),
+					slog.String("source_ip", src.ip),
+					slog.String("path", d.Path))
+			}
+		}
+	}
 	h.metrics.countRequest(d.Rule)
 	switch {
 	case d.Verdict != policy.Allow:
-		h.block(w, r, d)
+		h.block(w, r, d, src)
 	case d.WaitForChange:
 		h.longPoll(w, r, d)
 	default:
@@ -180,7 +204,25 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+// source is who sent a request: its IP and, from the state records, its pod.
+type source struct {
+	ip  string
+	pod podindex.Pod // zero when the IP has no state record
+}
+
+func (h *Handler) source(r *http.Request) source {
+	ap, err := netip.ParseAddrPort(r.RemoteAddr)
+	if err != nil {
+		return source{ip: r.RemoteAddr}
+	}
+	s := source{ip: ap.Addr().Unmap().String()}
+	if h.pods != nil {
+		s.pod, _ = h.pods.Lookup(ap.Addr())
+	}
+	return s
+}
+
+func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decision, src source) {
 	body := policy.ConcealedBody
 	if d.Verdict == policy.Deny {
 		body = d.Reason()
@@ -194,23 +236,12 @@ func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decisio
 	if r.Method != http.MethodHead {
 		_, _ = io.WriteString(w, body) // a client gone mid-answer is not our error
 	}
-	h.audit(r, d)
+	h.audit(r, d, src)
 }
 
 // audit logs one line per concealed or denied request, naming the pod.
-func (h *Handler) audit(r *http.Request, d policy.Decision) {
-	var ns, name, src string
-	if ap, err := netip.ParseAddrPort(r.RemoteAddr); err == nil {
-		src = ap.Addr().Unmap().String()
-		if h.pods != nil {
-			if pod, ok := h.pods.Lookup(ap.Addr()); ok {
-				ns, name = pod.Namespace, pod.Name
-			}
-		}
-	} else {
-		src = r.RemoteAddr
-	}
-	nsLabel := ns
+func (h *Handler) audit(r *http.Request, d policy.Decision, src source) {
+	nsLabel := src.pod.Namespace
 	if nsLabel == "" {
 		nsLabel = "unknown"
 	}
@@ -222,9 +253,9 @@ func (h *Handler) audit(r *http.Request, d policy.Decision) {
 	h.log.LogAttrs(context.Background(), slog.LevelWarn, "metadata request blocked",
 		slog.String("verdict", d.Verdict.String()),
 		slog.String("rule", d.Rule.String()),
-		slog.String("pod_namespace", ns),
-		slog.String("pod_name", name),
-		slog.String("source_ip", src),
+		slog.String("pod_namespace", src.pod.Namespace),
+		slog.String("pod_name", src.pod.Name),
+		slog.String("source_ip", src.ip),
 		slog.String("method", r.Method),
 		slog.String("path", d.Path),
 		slog.String("target", target),

@@ -184,6 +184,12 @@ func TestAllowed(t *testing.T) {
 		t.Errorf("recursive service account: %d %q", a.status, a.body)
 	}
 
+	// A leaf's recursive answer is a bare JSON value (here an array): passed on.
+	a = raw(t, base, "GET", "/computeMetadata/v1/instance/service-accounts/default/scopes?recursive=true", flavor)
+	if a.status != 200 || !strings.HasPrefix(a.body, "[") {
+		t.Errorf("recursive leaf: %d %q", a.status, a.body)
+	}
+
 	a = raw(t, base, "GET", "/computeMetadata/v1/instance/attributes/", flavor)
 	if a.status != 200 || !strings.Contains(a.body, "kube-env\n") || strings.Contains(a.body, fakegce.KubeEnvMarker) {
 		t.Errorf("attributes listing: %d %q, want key names only", a.status, a.body)
@@ -614,4 +620,91 @@ func TestLongPollHeadAndShutdown(t *testing.T) {
 	waitFor(t, "the open polls gauge to return to 0", func() bool {
 		return strings.Contains(scrape(t, f), "metaconceal_proxy_long_polls_open 0\n")
 	})
+}
+
+// An upstream that drops idle keep-alive connections must not fail the next request:
+// a request that failed on a reused connection before any answer is retried once.
+func TestUpstreamClosesIdleConnections(t *testing.T) {
+	t.Parallel()
+	fake := fakegce.New()
+	up := httptest.NewUnstartedServer(fake)
+	up.Config.IdleTimeout = 50 * time.Millisecond
+	up.Start()
+	t.Cleanup(up.Close)
+	u, _ := url.Parse(up.URL)
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) { c.Upstream = u })
+	// Several requests at once leave several connections in the pool.
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/project/project-id", flavor)
+		}()
+	}
+	wg.Wait()
+	for i := range 3 {
+		time.Sleep(200 * time.Millisecond) // the upstream closes the pooled connections
+		if a := raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/project/project-id", flavor); a.status != 200 || a.body != "fake-project" {
+			t.Fatalf("request %d after the upstream closed its idle connection: %d %q", i, a.status, a.body)
+		}
+	}
+}
+
+func TestClientGoneCancelsOrdinaryRequest(t *testing.T) {
+	t.Parallel()
+	reached := make(chan context.Context, 1)
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		reached <- r.Context()
+		<-r.Context().Done()
+	}))
+	t.Cleanup(slow.Close)
+	u, _ := url.Parse(slow.URL)
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) { c.Upstream = u; c.UpstreamTimeout = time.Minute })
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, "GET", f.proxy.URL+"/computeMetadata/v1/project/project-id", nil)
+	go func() {
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	var upstreamCtx context.Context
+	select {
+	case upstreamCtx = <-reached:
+	case <-time.After(5 * time.Second):
+		t.Fatal("request never reached the upstream")
+	}
+	cancel()
+	select {
+	case <-upstreamCtx.Done():
+	case <-time.After(5 * time.Second):
+		t.Fatal("upstream request still open 5s after the client left")
+	}
+}
+
+// A pod the plugin left unconcealed on purpose (mode EXPOSED, an excluded namespace)
+// reaches the proxy only through the host guard; it is served in full.
+func TestExposedPodServedInFull(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
+		c.Pods = fixedPods{netip.MustParseAddr("127.0.0.1"): {Namespace: "kube-system", Name: "agent", Exposed: true}}
+	})
+	a := raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/instance/attributes/kube-env", flavor)
+	if a.status != 200 || !strings.Contains(a.body, fakegce.KubeEnvMarker) {
+		t.Errorf("kube-env for an exposed pod: %d %q", a.status, a.body)
+	}
+	a = raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/instance/?recursive=true", flavor)
+	if a.status != 200 || !strings.Contains(a.body, fakegce.KubeEnvMarker) {
+		t.Errorf("recursive listing for an exposed pod: %d, kube-env missing", a.status)
+	}
+	a = raw(t, f.proxy.URL, "GET", "/0.1/meta-data/attributes/kube-env", flavor)
+	if a.status != 403 || !strings.Contains(a.body, "legacy-api") {
+		t.Errorf("legacy API for an exposed pod: %d %q, want still denied", a.status, a.body)
+	}
+	if m := scrape(t, f); !strings.Contains(m, `metaconceal_proxy_requests_total{rule="exposed-pod",verdict="allow"} 2`+"\n") {
+		t.Errorf("exposed-pod counter:\n%s", grepLines(m, "exposed"))
+	}
+	if !strings.Contains(f.logs.String(), `"msg":"metadata request served to an exposed pod"`) {
+		t.Errorf("no log line for the exposed pod's access: %s", f.logs.String())
+	}
 }

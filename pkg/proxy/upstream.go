@@ -22,7 +22,7 @@ import (
 // policy, the audit and the metrics together.
 //
 // Requests are GET or HEAD only (the policy allows nothing else), so a request that
-// failed on a reused connection before any answer byte is retried once on a new one,
+// failed on a reused connection before any answer byte is retried on another one,
 // as net/http does for idempotent requests.
 type connPool struct {
 	addr    string // host:port
@@ -138,7 +138,7 @@ var longAgo = time.Unix(1, 0)
 // without error. Cancelling ctx (the client went away) or passing deadline aborts
 // the exchange.
 func (p *connPool) roundTrip(ctx context.Context, req *upstreamRequest, deadline time.Time) (*http.Response, func(reusable bool), error) {
-	for attempt := 0; ; attempt++ {
+	for {
 		c, reused, err := p.get(ctx)
 		if err != nil {
 			return nil, nil, err
@@ -152,7 +152,9 @@ func (p *connPool) roundTrip(ctx context.Context, req *upstreamRequest, deadline
 		if err != nil {
 			stop()
 			c.conn.Close()
-			if reused && attempt == 0 && retryable(err) && ctx.Err() == nil {
+			// Every stale pooled connection is dropped in turn; a new connection
+			// (reused == false) is never retried.
+			if reused && retryable(err) && ctx.Err() == nil {
 				continue
 			}
 			if ctx.Err() != nil {
@@ -189,7 +191,11 @@ func (c *upConn) exchange(req *upstreamRequest) (*http.Response, error) {
 	}
 	bw.WriteString("\r\n\r\n")
 	if err := bw.Flush(); err != nil {
-		return nil, err
+		return nil, &notAnsweredError{err}
+	}
+	// An upstream that closed the idle connection shows here, before any answer byte.
+	if _, err := c.br.Peek(1); err != nil {
+		return nil, &notAnsweredError{err}
 	}
 	respondTo := responseToGET
 	if req.method == http.MethodHead {
@@ -215,10 +221,22 @@ func pathSafe(c byte) bool {
 		c == '/' || c == '-' || c == '.' || c == '_' || c == '~' || c == '@'
 }
 
+// notAnsweredError is a failure before any byte of the answer arrived.
+type notAnsweredError struct{ err error }
+
+func (e *notAnsweredError) Error() string { return e.err.Error() }
+func (e *notAnsweredError) Unwrap() error { return e.err }
+
 // retryable reports errors that mean a reused connection had been closed by the
-// upstream before our request reached it.
+// upstream before it answered: no answer byte, and the connection closed or reset
+// (not a timeout, which a retry would only double).
 func retryable(err error) bool {
-	return errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
+	var na *notAnsweredError
+	if !errors.As(err, &na) {
+		return false
+	}
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.EPIPE)
 }
 
 // validHeaderValue rejects values that could split the request we write.

@@ -30,6 +30,13 @@ type Record struct {
 	PodNamespace string   `json:"podNamespace,omitempty"`
 	PodName      string   `json:"podName,omitempty"`
 	PodUID       string   `json:"podUID,omitempty"`
+	// Exposed marks an attachment the plugin deliberately left unconcealed (mode
+	// EXPOSED or an excluded namespace). The proxy serves such a pod in full when the
+	// node-wide host guard sends its traffic there anyway; a pod without a record, or
+	// with Exposed false, is concealed (fail closed).
+	Exposed bool `json:"exposed,omitempty"`
+	// ExposedReason says why, for logs: "mode EXPOSED" or "excludeNamespaces".
+	ExposedReason string `json:"exposedReason,omitempty"`
 }
 
 // Key identifies an attachment the way CNI does.
