@@ -20,7 +20,6 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
-	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -92,7 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.recursive, "recursive", "deny", "recursive listings outside service accounts: deny (as GKE) or filter (strip concealed entries)")
 	fs.BoolVar(&o.hostGuard, "host-guard", false, "install the node-wide guard (DNAT of forwarded metadata traffic, REJECT of the rest, listen address on lo); it stays after the proxy stops")
 	fs.BoolVar(&o.removeHostGuard, "remove-host-guard", false, "remove what --host-guard installed, then exit (for uninstall)")
-	fs.Var(&o.metadataAddrs, "metadata-addr", "metadata server addresses the host guard covers; repeatable or comma-separated (default: the --upstream IP, plus fd20:ce::254, GCE's IPv6 metadata address, when a --listen address is IPv6)")
+	fs.Var(&o.metadataAddrs, "metadata-addr", "metadata server addresses the host guard covers; repeatable or comma-separated (default: the --upstream IP, plus fd20:ce::254, GCE's IPv6 metadata address: redirected when a --listen address is IPv6, rejected otherwise)")
 	fs.StringVar(&o.iptablesBackend, "iptables-backend", "", "iptables binaries for the host guard: empty (iptables on PATH), nft or legacy")
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -149,8 +148,11 @@ func guardConfig(o options, upstream *url.URL) (hostguard.Config, error) {
 			ip = hostguard.DefaultMetadataAddr
 		}
 		cfg.MetadataAddrs = []netip.Addr{ip}
-		listens6 := slices.ContainsFunc(cfg.ListenAddrs, func(ap netip.AddrPort) bool { return ap.Addr().Unmap().Is6() })
-		if listens6 && ip.Unmap().Is4() {
+		// GCE answers on its IPv6 address too. Guard it always: with an IPv6 --listen
+		// address pods' TCP to port 80 goes there, without one every packet to it is
+		// rejected (fail closed), so a dual-stack pod that flushed its own rules gets
+		// nothing over IPv6.
+		if ip.Unmap().Is4() {
 			cfg.MetadataAddrs = append(cfg.MetadataAddrs, gceMetadataAddr6)
 		}
 	}

@@ -40,10 +40,10 @@ func TestGuardConfig(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.Equal(cfg.ListenAddrs, []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}) ||
-		!slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254")}) || cfg.MetadataPort != 0 {
-		t.Errorf("guard config = %+v", cfg)
+		!slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")}) || cfg.MetadataPort != 0 {
+		t.Errorf("guard config = %+v (GCE's IPv6 metadata address must be guarded, rejected, even without an IPv6 listener)", cfg)
 	}
-	// Listening on IPv6 too (dual stack) guards GCE's IPv6 metadata address as well.
+	// Listening on IPv6 too (dual stack): the same addresses, now with an IPv6 DNAT target.
 	cfg, err = guardConfig(options{listen: listFlag{"169.254.169.252:988", "[fd20:ce::252]:988"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
 	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")}) {
 		t.Errorf("dual-stack guard config = %+v, %v", cfg, err)
