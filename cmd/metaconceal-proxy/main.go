@@ -21,10 +21,10 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
-	"strings"
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/cliflag"
 	"github.com/metaconceal/metaconceal/pkg/doctor"
 	"github.com/metaconceal/metaconceal/pkg/hostguard"
 	"github.com/metaconceal/metaconceal/pkg/podindex"
@@ -38,21 +38,8 @@ const defaultListen = "169.254.169.252:988"
 // gceMetadataAddr6 is GCE's IPv6 metadata address.
 var gceMetadataAddr6 = netip.MustParseAddr("fd20:ce::254")
 
-type listFlag []string
-
-func (l *listFlag) String() string { return strings.Join(*l, ",") }
-
-func (l *listFlag) Set(v string) error {
-	for item := range strings.SplitSeq(v, ",") {
-		if item = strings.TrimSpace(item); item != "" {
-			*l = append(*l, item)
-		}
-	}
-	return nil
-}
-
 type options struct {
-	listen          listFlag
+	listen          cliflag.List
 	upstream        string
 	metricsListen   string
 	stateDir        string
@@ -61,7 +48,7 @@ type options struct {
 	hostGuard       bool
 	removeHostGuard bool
 	iptablesBackend string
-	metadataAddrs   listFlag
+	metadataAddrs   cliflag.List
 	logFormat       string
 	logLevel        string
 	upstreamTimeout time.Duration
@@ -104,7 +91,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("unexpected argument %q", fs.Arg(0))
 	}
 	if len(o.listen) == 0 {
-		o.listen = listFlag{defaultListen}
+		o.listen = cliflag.List{defaultListen}
 	}
 	return o, nil
 }

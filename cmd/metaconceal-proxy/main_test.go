@@ -8,6 +8,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/metaconceal/metaconceal/internal/cliflag"
 )
 
 func TestParseFlagsDefaults(t *testing.T) {
@@ -16,7 +18,7 @@ func TestParseFlagsDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !slices.Equal(o.listen, listFlag{defaultListen}) || o.upstream != "http://169.254.169.254" ||
+	if !slices.Equal(o.listen, cliflag.List{defaultListen}) || o.upstream != "http://169.254.169.254" ||
 		o.metricsListen != "127.0.0.1:989" || o.stateDir != "/run/metaconceal" || o.recursive != "deny" || o.hostGuard {
 		t.Errorf("defaults = %+v", o)
 	}
@@ -24,7 +26,7 @@ func TestParseFlagsDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if want := (listFlag{"169.254.169.252:988", "127.0.0.1:988", "[fd00::1]:988"}); !slices.Equal(o.listen, want) {
+	if want := (cliflag.List{"169.254.169.252:988", "127.0.0.1:988", "[fd00::1]:988"}); !slices.Equal(o.listen, want) {
 		t.Errorf("--listen = %v, want %v", o.listen, want)
 	}
 	if _, err := parseFlags([]string{"stray"}, io.Discard); err == nil {
@@ -34,7 +36,7 @@ func TestParseFlagsDefaults(t *testing.T) {
 
 func TestGuardConfig(t *testing.T) {
 	t.Parallel()
-	o := options{listen: listFlag{"169.254.169.252:988"}}
+	o := options{listen: cliflag.List{"169.254.169.252:988"}}
 	cfg, err := guardConfig(o, &url.URL{Scheme: "http", Host: "169.254.169.254"})
 	if err != nil {
 		t.Fatal(err)
@@ -44,11 +46,11 @@ func TestGuardConfig(t *testing.T) {
 		t.Errorf("guard config = %+v (GCE's IPv6 metadata address must be guarded, rejected, even without an IPv6 listener)", cfg)
 	}
 	// Listening on IPv6 too (dual stack): the same addresses, now with an IPv6 DNAT target.
-	cfg, err = guardConfig(options{listen: listFlag{"169.254.169.252:988", "[fd20:ce::252]:988"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
+	cfg, err = guardConfig(options{listen: cliflag.List{"169.254.169.252:988", "[fd20:ce::252]:988"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
 	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")}) {
 		t.Errorf("dual-stack guard config = %+v, %v", cfg, err)
 	}
-	cfg, err = guardConfig(options{listen: o.listen, metadataAddrs: listFlag{"10.9.9.9"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
+	cfg, err = guardConfig(options{listen: o.listen, metadataAddrs: cliflag.List{"10.9.9.9"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
 	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("10.9.9.9")}) {
 		t.Errorf("--metadata-addr guard config = %+v, %v", cfg, err)
 	}
@@ -56,7 +58,7 @@ func TestGuardConfig(t *testing.T) {
 	if err != nil || cfg.MetadataPort != 8080 {
 		t.Errorf("guard config with a port = %+v, %v", cfg, err)
 	}
-	if _, err := guardConfig(options{listen: listFlag{"metadata.local:988"}}, &url.URL{Scheme: "http", Host: "x"}); err == nil {
+	if _, err := guardConfig(options{listen: cliflag.List{"metadata.local:988"}}, &url.URL{Scheme: "http", Host: "x"}); err == nil {
 		t.Error("a host name listen address was accepted for the guard")
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"syscall"
 
 	"github.com/containernetworking/cni/libcni"
+
+	"github.com/metaconceal/metaconceal/internal/fsutil"
 )
 
 // Extensions are the file extensions containerd (go-cni) and CRI-O (ocicni) read from
@@ -127,7 +129,7 @@ func convert(dir, primary string, data []byte, info fs.FileInfo, entry Entry) (C
 	if err := os.Remove(primary); err != nil {
 		return ch, fmt.Errorf("removing %s after writing %s: %w", primary, target, err)
 	}
-	return ch, syncDir(dir)
+	return ch, fsutil.SyncDir(dir)
 }
 
 // checkNoPluginDir refuses a list whose plugins libcni would extend with files from
@@ -223,7 +225,7 @@ func uninstallFile(dir, path string) (Change, error) {
 	if err := os.Remove(path); err != nil {
 		return ch, fmt.Errorf("removing %s: %w", path, err)
 	}
-	return ch, syncDir(dir)
+	return ch, fsutil.SyncDir(dir)
 }
 
 func readConfig(path string) ([]byte, fs.FileInfo, error) {
@@ -290,7 +292,7 @@ func WriteFileAtomic(path string, data []byte, like fs.FileInfo) (err error) {
 	if err = os.Rename(tmp.Name(), path); err != nil {
 		return fmt.Errorf("renaming %s to %s: %w", tmp.Name(), path, err)
 	}
-	return syncDir(dir)
+	return fsutil.SyncDir(dir)
 }
 
 func keepOwner(f *os.File, like fs.FileInfo) error {
@@ -307,16 +309,4 @@ func keepOwner(f *os.File, like fs.FileInfo) error {
 		return nil
 	}
 	return f.Chown(int(want.Uid), int(want.Gid))
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("opening %s for fsync: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
 }

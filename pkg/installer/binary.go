@@ -12,6 +12,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+
+	"github.com/metaconceal/metaconceal/internal/fsutil"
 )
 
 // binaryMode is what CNI plugin binaries get: the runtime executes them as root.
@@ -70,7 +72,7 @@ func InstallBinary(src, binDir, name string) (changed bool, err error) {
 	if err = os.Rename(tmp.Name(), dst); err != nil {
 		return false, fmt.Errorf("renaming %s to %s: %w", tmp.Name(), dst, err)
 	}
-	return true, syncDir(binDir)
+	return true, fsutil.SyncDir(binDir)
 }
 
 // ensureMode makes an identical binary executable again if someone changed its mode.
@@ -97,7 +99,7 @@ func RemoveBinary(binDir, name string) (removed bool, err error) {
 		}
 		return false, fmt.Errorf("removing %s: %w", path, err)
 	}
-	return true, syncDir(binDir)
+	return true, fsutil.SyncDir(binDir)
 }
 
 func fileSHA256(path string) ([]byte, error) {
@@ -118,16 +120,4 @@ func fileSHA256(path string) ([]byte, error) {
 		return nil, fmt.Errorf("reading %s: %w", path, err)
 	}
 	return h.Sum(nil), nil
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return fmt.Errorf("opening %s for fsync: %w", dir, err)
-	}
-	defer d.Close()
-	if err := d.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", dir, err)
-	}
-	return nil
 }

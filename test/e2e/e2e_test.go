@@ -468,8 +468,15 @@ func TestRealRuntime(t *testing.T) {
 func setup(t *testing.T, dualStack bool) *env {
 	t.Helper()
 	ctx := context.Background()
-	root := moduleRoot(t)
-	e := &env{top: t, bin: binDir(root), td: &teardown{}}
+	root, err := testutil.ModuleRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin, err := testutil.BinDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{top: t, bin: bin, td: &teardown{}}
 	e.td.catchSignals(t)
 	for _, b := range []string{"metaconceal", "metaconceal-proxy", "fake-gce-metadata", "bridge", "host-local", "loopback", "crictl"} {
 		if _, err := os.Stat(filepath.Join(e.bin, b)); err != nil {
@@ -1003,29 +1010,4 @@ func logMentions(text, namespace, word string) bool {
 		}
 	}
 	return false
-}
-
-func moduleRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			t.Fatal("go.mod not found above the test's directory")
-		}
-		dir = parent
-	}
-}
-
-func binDir(root string) string {
-	if b := os.Getenv("METACONCEAL_BIN"); b != "" {
-		return b
-	}
-	return filepath.Join(root, "bin")
 }

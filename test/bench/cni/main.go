@@ -29,6 +29,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/testutil"
 	"github.com/metaconceal/metaconceal/test/simnode"
 )
 
@@ -55,22 +56,11 @@ func main() {
 	}
 }
 
-func binDir() (string, error) {
-	if d := os.Getenv("METACONCEAL_BIN"); d != "" {
-		return d, nil
-	}
-	out, err := exec.Command("go", "env", "GOMOD").Output()
-	if err != nil || strings.TrimSpace(string(out)) == "" || strings.TrimSpace(string(out)) == os.DevNull {
-		return "", fmt.Errorf("cannot find the module root (go env GOMOD): %v", err)
-	}
-	return filepath.Join(filepath.Dir(strings.TrimSpace(string(out))), "bin"), nil
-}
-
 func run(pods, warmup int, backend string) (err error) {
 	if os.Geteuid() != 0 {
 		return errors.New("needs root: it creates network namespaces")
 	}
-	bin, err := binDir()
+	bin, err := testutil.BinDir()
 	if err != nil {
 		return err
 	}

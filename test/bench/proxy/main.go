@@ -32,6 +32,8 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/metaconceal/metaconceal/internal/testutil"
 )
 
 func main() {
@@ -129,27 +131,6 @@ func run(args []string) int {
 	return 0
 }
 
-// binDir finds the built binaries: $METACONCEAL_BIN, else <module root>/bin.
-func binDir() (string, error) {
-	if d := os.Getenv("METACONCEAL_BIN"); d != "" {
-		return d, nil
-	}
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return filepath.Join(dir, "bin"), nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("no go.mod above the working directory; set METACONCEAL_BIN")
-		}
-		dir = parent
-	}
-}
-
 func freeAddr() (string, error) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -216,7 +197,7 @@ func (p *process) peakRSS() (int, error) {
 }
 
 func bench(cfg benchConfig) error {
-	bin, err := binDir()
+	bin, err := testutil.BinDir()
 	if err != nil {
 		return err
 	}

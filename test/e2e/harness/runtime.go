@@ -187,11 +187,11 @@ func (r *Runtime) waitReady(ctx context.Context, timeout time.Duration) error {
 
 // Crictl runs bin/crictl against this runtime and returns its stdout.
 func (r *Runtime) Crictl(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, r.crictl, append([]string{"--config", r.crictlCfg}, args...)...)
+	return simnode.Run(ctx, r.crictl, append([]string{"--config", r.crictlCfg}, args...)...)
 }
 
 func (r *Runtime) ctr(ctx context.Context, args ...string) (string, error) {
-	return run(ctx, "ctr", append([]string{"-a", r.Socket, "-n", "k8s.io"}, args...)...)
+	return simnode.Run(ctx, "ctr", append([]string{"-a", r.Socket, "-n", "k8s.io"}, args...)...)
 }
 
 // PodSpec is the part of a CRI PodSandboxConfig the tests vary.
@@ -516,16 +516,6 @@ func copyExecutable(src, dst string) error {
 		return fmt.Errorf("write %s: %w", dst, err)
 	}
 	return nil
-}
-
-func run(ctx context.Context, name string, args ...string) (string, error) {
-	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, name, args...)
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	if err := cmd.Run(); err != nil {
-		return stdout.String(), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
-	}
-	return stdout.String(), nil
 }
 
 func tail(path string, n int) string {

@@ -13,26 +13,12 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/cliflag"
 	"github.com/metaconceal/metaconceal/test/fakegce"
 )
-
-// listFlag is a repeatable flag that also accepts comma-separated lists.
-type listFlag []string
-
-func (l *listFlag) String() string { return strings.Join(*l, ",") }
-
-func (l *listFlag) Set(v string) error {
-	for item := range strings.SplitSeq(v, ",") {
-		if item = strings.TrimSpace(item); item != "" {
-			*l = append(*l, item)
-		}
-	}
-	return nil
-}
 
 func main() {
 	os.Exit(run(os.Args[1:]))
@@ -40,7 +26,7 @@ func main() {
 
 func run(args []string) int {
 	fs := flag.NewFlagSet("fake-gce-metadata", flag.ContinueOnError)
-	var listen, scopes listFlag
+	var listen, scopes cliflag.List
 	fs.Var(&listen, "listen", "address:port to serve on; repeatable or comma-separated (default 169.254.169.254:80)")
 	fs.Var(&scopes, "scopes", "node service account scopes; repeatable or comma-separated (default: GKE's default scopes)")
 	project := fs.String("project", "", "project id (default fake-project)")
@@ -66,7 +52,7 @@ func run(args []string) int {
 	}
 	log := slog.New(handler)
 	if len(listen) == 0 {
-		listen = listFlag{"169.254.169.254:80"}
+		listen = cliflag.List{"169.254.169.254:80"}
 	}
 
 	var opts []fakegce.Option
