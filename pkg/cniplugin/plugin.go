@@ -92,8 +92,11 @@ func (p *Plugin) logger(conf *netconf.Config, verb string, args *skel.CmdArgs) (
 	return log, closeFn
 }
 
-func (p *Plugin) newRunner(conf *netconf.Config) *redirect.Runner {
+// newRunner returns the iptables runner of one verb. returnOnCommit is for the verbs
+// that only delete (DEL, GC): see redirect.Runner.ReturnOnCommit.
+func (p *Plugin) newRunner(conf *netconf.Config, returnOnCommit bool) *redirect.Runner {
 	r := redirect.NewRunner(redirect.Backend(conf.IptablesBackend))
+	r.ReturnOnCommit = returnOnCommit
 	if p.runnerHook != nil {
 		p.runnerHook(r)
 	}
@@ -219,7 +222,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	// creates them. A record, or one that cannot be read, means they may exist.
 	_, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
 	mayExist := !errors.Is(readErr, state.ErrNotFound)
-	runner := p.newRunner(conf)
+	runner := p.newRunner(conf, false)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 
@@ -314,7 +317,11 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	if readErr != nil && !errors.Is(readErr, state.ErrNotFound) {
 		log.Warn("state record unreadable; removing rules by inspection", "err", readErr)
 	}
-	runner := p.newRunner(conf)
+	// On nf_tables the deleting iptables-restore is not waited for once its commit is
+	// seen: the kernel makes the release of its netlink socket wait an RCU grace period
+	// (10-30 ms), under a lock that deleting the pod's interface takes next. See
+	// redirect.Runner.ReturnOnCommit.
+	runner := p.newRunner(conf, true)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 
@@ -338,8 +345,11 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 		log.Error("DEL failed removing state record", "err", err)
 		return types.NewError(types.ErrIOFailure, "metaconceal: cannot remove state record", err.Error())
 	}
+	if err := runner.WatchProblems(); err != nil {
+		log.Warn("could not watch the deletion's commit; waited for iptables-restore instead", "err", err)
+	}
 	log.Info("attachment released", "rulesRemoved", removed, "recordFound", recordFound,
-		"iptables", runner.CountsString(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
+		"iptables", runner.CountsString(), "restoresDetached", runner.Detached(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
 	return nil
 }
 
@@ -380,7 +390,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		log.Info("exposed attachment recorded; no rules to check", "reason", want.ExposedReason)
 		return nil
 	}
-	runner := p.newRunner(conf)
+	runner := p.newRunner(conf, false)
 	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
 		var errs []error
 		for _, s := range wantedSpecs(conf, att, ips) {
@@ -435,7 +445,7 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	}
 	records, listErr := state.List(conf.StateDir)
 	errs := []error{listErr}
-	runner := p.newRunner(conf)
+	runner := p.newRunner(conf, true)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 	collected := 0
@@ -461,7 +471,11 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		collected++
 		log.Info("collected stale attachment", "containerID", rec.ContainerID, "ifname", rec.IfName, "netns", rec.Netns)
 	}
-	log.Info("GC done", "records", len(records), "valid", len(valid), "collected", collected, "iptables", runner.CountsString())
+	if err := runner.WatchProblems(); err != nil {
+		log.Warn("could not watch a deletion's commit; waited for iptables-restore instead", "err", err)
+	}
+	log.Info("GC done", "records", len(records), "valid", len(valid), "collected", collected,
+		"iptables", runner.CountsString(), "restoresDetached", runner.Detached())
 	if err := errors.Join(errs...); err != nil {
 		return types.NewError(types.ErrInternal, "metaconceal: GC incomplete", err.Error())
 	}

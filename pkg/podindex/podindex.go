@@ -116,6 +116,17 @@ func (x *Index) reload(seen *snapshot) *snapshot {
 				x.log.Warn("podindex: state record holds an unparsable IP", "record", rec.Key(), "ip", s)
 				continue
 			}
+			if prev, dup := byIP[ip]; dup {
+				// Two records claim one IP: a stale one (a DEL that failed, not yet
+				// collected by GC) and the IP's new owner. Which is which cannot be told
+				// here, so the IP is exposed only if every claim says so (fail closed).
+				x.log.Warn("podindex: two state records claim one IP; treating it as concealed unless both are exposed",
+					"ip", ip, "record", rec.Key(), "pod", rec.PodNamespace+"/"+rec.PodName, "otherPod", prev.Namespace+"/"+prev.Name)
+				merged := pod
+				merged.Exposed = prev.Exposed && pod.Exposed
+				byIP[ip] = merged
+				continue
+			}
 			byIP[ip] = pod
 		}
 	}

@@ -79,3 +79,36 @@ func TestUnreadableRecordDoesNotHideOthers(t *testing.T) {
 		t.Fatalf("Lookup = %v, %v; want pod p despite a broken record", got, ok)
 	}
 }
+
+// A stale exposed record and the IP's new, concealed owner: whichever file sorts last,
+// the IP must not be treated as exposed.
+func TestIPClaimedTwiceIsExposedOnlyIfBothAre(t *testing.T) {
+	t.Parallel()
+	ip := netip.MustParseAddr("10.7.0.9")
+	for _, tc := range []struct {
+		name                    string
+		firstExposed, secondExp bool
+		wantExposed             bool
+	}{
+		{"stale exposed sorts first", true, false, false},
+		{"stale exposed sorts last", false, true, false},
+		{"both exposed", true, true, true},
+		{"neither exposed", false, false, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			dir := t.TempDir()
+			for i, exposed := range []bool{tc.firstExposed, tc.secondExp} {
+				rec := state.Record{ContainerID: []string{"aaaa", "zzzz"}[i], IfName: "eth0", Netns: "/x",
+					IPs: []string{ip.String()}, PodNamespace: "ns", PodName: []string{"old", "new"}[i], Exposed: exposed}
+				if err := state.Write(dir, rec); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got, ok := New(dir, nil).Lookup(ip)
+			if !ok || got.Exposed != tc.wantExposed {
+				t.Fatalf("Lookup = %+v, %v; want found with Exposed=%v", got, ok, tc.wantExposed)
+			}
+		})
+	}
+}

@@ -304,11 +304,16 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 			}
 			d.Recursive = q.values[keyRecursive] == "true"
 			if d.Recursive && !p.exposed {
-				if q.values[keyAlt] == "text" && p.holdsListed(rest) {
+				switch {
+				case q.values[keyAlt] != "text":
+					d.FilterListing = true
+				case p.holdsListed(rest):
 					d.Verdict, d.Rule = Deny, RuleRecursiveAltText
 					return d
 				}
-				d.FilterListing = true
+				// A text listing of a directory that holds no listed concealed entry
+				// (a service account's: identity tokens are never listed) has nothing
+				// to remove, and is not JSON: it passes as it is.
 			}
 		}
 		d.WaitForChange = q.values[keyWaitForChange] == "true"

@@ -54,7 +54,8 @@ type parkedPoll struct {
 }
 
 // longPollKey identifies identical long polls. The request's path and query are
-// already canonical, so spellings that mean the same share a flight.
+// already canonical, so spellings that mean the same share a flight; polls whose
+// answers are treated differently (filtered or served in full) never do.
 func longPollKey(r *http.Request, d policy.Decision) string {
 	var b strings.Builder
 	b.Grow(len(r.Method) + len(d.Path) + len(d.RawQuery) + len(r.Host) + 32)
@@ -70,6 +71,15 @@ func longPollKey(r *http.Request, d policy.Decision) string {
 	}
 	b.WriteByte(0)
 	b.WriteString(r.Host)
+	// The same request can get different answers by who asks: filtered for a
+	// concealed pod, in full for an exposed one. Such polls never share a flight.
+	b.WriteByte(0)
+	if d.FilterListing {
+		b.WriteByte('f')
+	}
+	if d.Rule == policy.RuleExposedPod {
+		b.WriteByte('e')
+	}
 	return b.String()
 }
 

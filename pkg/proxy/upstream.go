@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -41,6 +42,12 @@ type upConn struct {
 	br       *bufio.Reader
 	bw       *bufio.Writer
 	lastUsed time.Time
+
+	// For unsolicited, set up once per connection so the check does not allocate.
+	raw     syscall.RawConn // nil for TLS
+	peekFn  func(fd uintptr) bool
+	peekErr error
+	peek    [1]byte
 }
 
 func newConnPool(u *url.URL, maxIdle int) *connPool {
@@ -68,11 +75,16 @@ func (p *connPool) get(ctx context.Context) (*upConn, bool, error) {
 	for len(p.idle) > 0 {
 		c := p.idle[len(p.idle)-1]
 		p.idle = p.idle[:len(p.idle)-1]
-		if now.Sub(c.lastUsed) < p.idleFor {
-			p.mu.Unlock()
+		if now.Sub(c.lastUsed) >= p.idleFor {
+			c.conn.Close() // idle too long: the upstream may have dropped it
+			continue
+		}
+		p.mu.Unlock()
+		if !c.unsolicited() {
 			return c, true, nil
 		}
-		c.conn.Close() // idle too long: the upstream may have dropped it
+		c.conn.Close()
+		p.mu.Lock()
 	}
 	p.mu.Unlock()
 	c, err := p.dial(ctx)
@@ -92,7 +104,15 @@ func (p *connPool) dial(ctx context.Context) (*upConn, error) {
 		}
 		conn = tc
 	}
-	return &upConn{conn: conn, br: bufio.NewReaderSize(conn, 4096), bw: bufio.NewWriterSize(conn, 1024)}, nil
+	c := &upConn{conn: conn, br: bufio.NewReaderSize(conn, 4096), bw: bufio.NewWriterSize(conn, 1024)}
+	if sc, ok := conn.(syscall.Conn); ok {
+		if c.raw, err = sc.SyscallConn(); err != nil {
+			conn.Close()
+			return nil, err
+		}
+		c.peekFn = c.peekIdle
+	}
+	return c, nil
 }
 
 func (p *connPool) put(c *upConn) {
@@ -201,7 +221,57 @@ func (c *upConn) exchange(req *upstreamRequest) (*http.Response, error) {
 	if req.method == http.MethodHead {
 		respondTo = responseToHEAD
 	}
-	return http.ReadResponse(c.br, respondTo)
+	// Informational answers (103 Early Hints, an unasked 100 Continue) come before
+	// the final one on the same connection: skip them, or the final answer would be
+	// left on the pooled connection for the next request, another client's.
+	for range maxInformational {
+		resp, err := http.ReadResponse(c.br, respondTo)
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case resp.StatusCode == http.StatusSwitchingProtocols:
+			return nil, errors.New("upstream answered 101 Switching Protocols to a request that asked for no upgrade")
+		case resp.StatusCode >= 100 && resp.StatusCode < 200:
+			continue
+		}
+		return resp, nil
+	}
+	return nil, fmt.Errorf("upstream sent more than %d informational (1xx) answers", maxInformational)
+}
+
+// maxInformational bounds the 1xx answers skipped before a final one.
+const maxInformational = 5
+
+// unsolicited reports whether an idle pooled connection holds bytes the upstream
+// sent without being asked (a body on HEAD or 304, bytes after a body), or has
+// been closed or reset by it. Such a connection is never reused: whatever it holds
+// would be read as the answer to the next request, another client's.
+func (c *upConn) unsolicited() bool {
+	if c.br.Buffered() > 0 {
+		return true
+	}
+	if c.raw == nil {
+		return false // TLS: only what is already buffered can be seen
+	}
+	// The last request's deadline may have passed while the connection sat idle;
+	// a passed deadline would fail the peek without looking.
+	if err := c.conn.SetReadDeadline(time.Time{}); err != nil {
+		return true
+	}
+	err := c.raw.Read(c.peekFn)
+	return err != nil || !errors.Is(c.peekErr, syscall.EAGAIN)
+}
+
+// peekIdle peeks at fd without waiting: EAGAIN is the only answer of a clean idle
+// connection; data, EOF (n == 0) or an error all rule it out. It always returns
+// true, so that RawConn.Read never waits for readability.
+func (c *upConn) peekIdle(fd uintptr) bool {
+	_, _, c.peekErr = syscall.Recvfrom(int(fd), c.peek[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
+	if c.peekErr == nil {
+		c.peekErr = io.EOF // data or EOF: either way not reusable
+	}
+	return true
 }
 
 // writeEscapedPath writes a canonical path percent-encoding what a request line may

@@ -85,11 +85,18 @@ type Runner struct {
 	Backend Backend
 	// Wait is how long restore waits for the xtables lock (legacy backend).
 	Wait time.Duration
+	// ReturnOnCommit lets Remove return as soon as the kernel shows its deletion
+	// committed, leaving iptables-nft-restore to exit on its own: the kernel makes
+	// the release of its netlink socket wait an RCU grace period (commitwatch.go).
+	// Only with an nf_tables iptables; DEL and GC set it.
+	ReturnOnCommit bool
 
-	mu      sync.Mutex
-	tools   map[Family]Tools
-	counts  map[string]int
-	elapsed time.Duration
+	mu            sync.Mutex
+	tools         map[Family]Tools
+	counts        map[string]int
+	elapsed       time.Duration
+	detached      int
+	watchProblems []error
 }
 
 // NewRunner returns a Runner for backend with a 10 s lock wait.
@@ -162,29 +169,61 @@ func (r *Runner) CountsString() string {
 }
 
 // Elapsed returns the wall time spent waiting for the processes Runner started
-// itself (go-iptables calls in Check are not timed).
+// itself (go-iptables calls in Check are not timed); for a deletion that returned on
+// its commit, the time until the commit was seen.
 func (r *Runner) Elapsed() time.Duration {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.elapsed
 }
 
+// Detached returns how many restore processes were left to finish on their own
+// because their deletion was seen committed first (ReturnOnCommit).
+func (r *Runner) Detached() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.detached
+}
+
+// WatchProblems returns why deletions could not be watched, if any: those waited for
+// their process instead, which is slower but as correct.
+func (r *Runner) WatchProblems() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return errors.Join(r.watchProblems...)
+}
+
+func (r *Runner) noteWatchProblem(err error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.watchProblems = append(r.watchProblems, err)
+}
+
+func (r *Runner) addElapsed(start time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.elapsed += time.Since(start)
+}
+
 func (r *Runner) exec(ctx context.Context, program, stdin string, args ...string) (string, error) {
 	r.count(program)
-	start := time.Now()
-	defer func() {
-		r.mu.Lock()
-		r.elapsed += time.Since(start)
-		r.mu.Unlock()
-	}()
+	defer r.addElapsed(time.Now())
 	var stdout, stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, program, args...)
 	cmd.Stdin = strings.NewReader(stdin)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
-		return stdout.String(), fmt.Errorf("%s %s: %w: %s", program, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+		return stdout.String(), processError(program, args, err, &stderr)
 	}
 	return stdout.String(), nil
+}
+
+func processError(program string, args []string, err error, stderr *bytes.Buffer) error {
+	return fmt.Errorf("%s %s: %w: %s", program, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+}
+
+func (r *Runner) restoreArgs() []string {
+	return []string{"--noflush", fmt.Sprintf("--wait=%d", max(int(r.Wait/time.Second), 1))}
 }
 
 func (r *Runner) restore(ctx context.Context, family Family, input string) error {
@@ -192,8 +231,7 @@ func (r *Runner) restore(ctx context.Context, family Family, input string) error
 	if err != nil {
 		return err
 	}
-	wait := max(int(r.Wait/time.Second), 1)
-	if _, err := r.exec(ctx, t.Restore, input, "--noflush", fmt.Sprintf("--wait=%d", wait)); err != nil {
+	if _, err := r.exec(ctx, t.Restore, input, r.restoreArgs()...); err != nil {
 		return fmt.Errorf("%w\ninput:\n%s", err, input)
 	}
 	return nil
@@ -252,7 +290,11 @@ func (r *Runner) Remove(ctx context.Context, spec Spec, likelyPresent bool) (boo
 		if err != nil {
 			return false, err
 		}
-		if fastErr = r.restore(ctx, spec.Family, DeleteRestore(tables, chain)); fastErr == nil {
+		names := make([]string, len(tables))
+		for i, t := range tables {
+			names[i] = t.Table
+		}
+		if fastErr = r.restoreRemoval(ctx, spec.Family, chain, names, DeleteRestore(tables, chain)); fastErr == nil {
 			return true, nil
 		}
 	}
@@ -264,7 +306,12 @@ func (r *Runner) Remove(ctx context.Context, spec Spec, likelyPresent bool) (boo
 	if input == "" {
 		return false, nil
 	}
-	if err := r.restore(ctx, spec.Family, input); err != nil {
+	// Watchable only when every table the input touches holds the chain itself.
+	watched := snap.TablesWith(chain)
+	if slices.ContainsFunc(watched, func(table string) bool { return !snap.HasChain(table, chain) }) {
+		watched = nil
+	}
+	if err := r.restoreRemoval(ctx, spec.Family, chain, watched, input); err != nil {
 		return false, errors.Join(fastErr, err)
 	}
 	return true, nil

@@ -1,0 +1,101 @@
+package cniplugin
+
+import (
+	"bytes"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/metaconceal/metaconceal/pkg/redirect"
+	"github.com/metaconceal/metaconceal/pkg/state"
+)
+
+// withRestore returns a runner hook that replaces the IPv4 restore program of the nft
+// backend with a shell script named like it; $REAL in body is the real program.
+func withRestore(t *testing.T, body string) func(*redirect.Runner) {
+	t.Helper()
+	tools, err := redirect.ToolsFor(redirect.BackendNFT, redirect.IPv4)
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "iptables-nft-restore")
+	if err := os.WriteFile(path, []byte("#!/bin/sh\nREAL="+tools.Restore+"\n"+body+"\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	tools.Restore = path
+	return func(r *redirect.Runner) { r.SetTools(redirect.IPv4, tools) }
+}
+
+func runHooked(t *testing.T, verb func(*Plugin) func(*skel.CmdArgs) error, hook func(*redirect.Runner), a *skel.CmdArgs) (*Plugin, error) {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	p := &Plugin{Stdout: &stdout, Stderr: &stderr, runnerHook: hook}
+	err := verb(p)(a)
+	t.Logf("plugin log: %s", strings.TrimSpace(stderr.String()))
+	return p, err
+}
+
+// On nf_tables DEL returns once its deletion is committed, without waiting for the
+// restore process, which here lives on for 3 s after its commit: still one process,
+// and nothing of the attachment left (read after the commit) nor its record.
+func TestDelReturnsOnCommit(t *testing.T) {
+	e := newEnv(t, "nft")
+	t.Parallel()
+	podName, podPath := e.pod()
+	a := args("c-early", "eth0", podPath, e.conf(nil, "10.22.0.15/24"))
+	if _, _, err := run(t, add, a); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	p, err := runHooked(t, del, withRestore(t, `"$REAL" "$@" || exit $?`+"\nexec sleep 3"), a)
+	if err != nil {
+		t.Fatalf("DEL: %v", err)
+	}
+	if p.lastRunner.Total() != 1 || p.lastRunner.Detached() != 1 {
+		t.Errorf("DEL ran %s and detached %d, want one iptables-restore, detached once committed",
+			p.lastRunner.CountsString(), p.lastRunner.Detached())
+	}
+	if left := e.save(podName, redirect.IPv4); strings.Contains(left, redirect.ChainPrefix) {
+		t.Errorf("rules left after DEL:\n%s", left)
+	}
+	if _, err := state.Read(e.stateDir, "c-early", "eth0"); !errors.Is(err, state.ErrNotFound) {
+		t.Errorf("record after DEL: %v", err)
+	}
+}
+
+// A DEL whose restore fails (after its first line, as a real one stops at the failing
+// line) reports it, keeps the record for a retry, and leaves the rules: nothing is
+// taken for committed that was not.
+func TestDelFailingRestoreReportsError(t *testing.T) {
+	e := newEnv(t, "nft")
+	t.Parallel()
+	podName, podPath := e.pod()
+	a := args("c-fail", "eth0", podPath, e.conf(nil, "10.22.0.16/24"))
+	if _, _, err := run(t, add, a); err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	p, err := runHooked(t, del, withRestore(t, `read -r line; echo "forced failure" >&2; exit 1`), a)
+	var cniErr *types.Error
+	if !errors.As(err, &cniErr) || cniErr.Code != types.ErrInternal || !strings.Contains(cniErr.Details, "forced failure") {
+		t.Fatalf("DEL with a failing restore = %v, want a code-%d error carrying its message", err, types.ErrInternal)
+	}
+	if p.lastRunner.Detached() != 0 {
+		t.Errorf("a failing restore was detached as if committed")
+	}
+	if kept := e.save(podName, redirect.IPv4); strings.Count(kept, "-A "+chainOf("c-fail", "eth0")) != 2 {
+		t.Errorf("rules should stay after a failed DEL:\n%s", kept)
+	}
+	if _, err := state.Read(e.stateDir, "c-fail", "eth0"); err != nil {
+		t.Errorf("record gone after a failed DEL: %v", err)
+	}
+	if _, _, err := run(t, del, a); err != nil {
+		t.Errorf("DEL retried with a working restore: %v", err)
+	}
+	if left := e.save(podName, redirect.IPv4); strings.Contains(left, redirect.ChainPrefix) {
+		t.Errorf("rules left after the retried DEL:\n%s", left)
+	}
+}
