@@ -99,3 +99,29 @@ func TestDelFailingRestoreReportsError(t *testing.T) {
 		t.Errorf("rules left after the retried DEL:\n%s", left)
 	}
 }
+
+// iptables-restore commits table by table: an ADD whose restore commits its first table
+// and then fails leaves that table's chain behind unless ADD rolls back the failing
+// family too. The script commits only up to the first COMMIT of any input that installs
+// (holds a DNAT), then fails; removals pass through whole.
+func TestAddRollsBackHalfCommittedFamily(t *testing.T) {
+	e := newEnv(t, "nft")
+	t.Parallel()
+	podName, podPath := e.pod()
+	a := args("c-half", "eth0", podPath, e.conf(nil, "10.22.0.16/24"))
+	halfCommit := `in=$(mktemp); trap 'rm -f "$in"' EXIT; cat >"$in"
+if grep -q -- '-j DNAT' "$in"; then
+	sed '/^COMMIT/q' "$in" | "$REAL" "$@"
+	exit 1
+fi
+"$REAL" "$@" <"$in"`
+	if _, err := runHooked(t, add, withRestore(t, halfCommit), a); err == nil {
+		t.Fatal("ADD with a half-committing restore succeeded")
+	}
+	if left := e.save(podName, redirect.IPv4); strings.Contains(left, redirect.ChainPrefix) {
+		t.Errorf("half-committed rules left after the failed ADD:\n%s", left)
+	}
+	if _, err := state.Read(e.stateDir, "c-half", "eth0"); !errors.Is(err, state.ErrNotFound) {
+		t.Errorf("record after a failed ADD: %v", err)
+	}
+}

@@ -230,7 +230,9 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		var applied []redirect.Spec
 		for _, s := range specs {
 			if err := runner.Apply(ctx, s, mayExist); err != nil {
-				return errors.Join(fmt.Errorf("install %s rules: %w", s.Family, err), rollback(ctx, runner, applied))
+				// iptables-restore commits table by table, so the failed family may be
+				// half in place: roll it back too (Remove inspects what is there).
+				return errors.Join(fmt.Errorf("install %s rules: %w", s.Family, err), rollback(ctx, runner, append(applied, s)))
 			}
 			applied = append(applied, s)
 		}
