@@ -38,6 +38,12 @@ const defaultListen = "169.254.169.252:988"
 // gceMetadataAddr6 is GCE's IPv6 metadata address.
 var gceMetadataAddr6 = netip.MustParseAddr("fd20:ce::254")
 
+// ipv6Enabled reports whether this netns has an IPv6 stack (ipv6.disable=1 removes it).
+var ipv6Enabled = func() bool {
+	_, err := os.Stat("/proc/sys/net/ipv6")
+	return err == nil
+}
+
 type options struct {
 	listen          cliflag.List
 	upstream        string
@@ -135,11 +141,12 @@ func guardConfig(o options, upstream *url.URL) (hostguard.Config, error) {
 			ip = hostguard.DefaultMetadataAddr
 		}
 		cfg.MetadataAddrs = []netip.Addr{ip}
-		// GCE answers on its IPv6 address too. Guard it always: with an IPv6 --listen
-		// address pods' TCP to port 80 goes there, without one every packet to it is
-		// rejected (fail closed), so a dual-stack pod that flushed its own rules gets
-		// nothing over IPv6.
-		if ip.Unmap().Is4() {
+		// GCE answers on its IPv6 address too. Guard it whenever the node has IPv6: with
+		// an IPv6 --listen address pods' TCP to port 80 goes there, without one every
+		// packet to it is rejected (fail closed), so a dual-stack pod that flushed its
+		// own rules gets nothing over IPv6. A node without IPv6 routes no IPv6 for pods,
+		// and ip6tables could not be programmed there.
+		if ip.Unmap().Is4() && ipv6Enabled() {
 			cfg.MetadataAddrs = append(cfg.MetadataAddrs, gceMetadataAddr6)
 		}
 	}

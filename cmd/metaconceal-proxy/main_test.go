@@ -35,7 +35,10 @@ func TestParseFlagsDefaults(t *testing.T) {
 }
 
 func TestGuardConfig(t *testing.T) {
-	t.Parallel()
+	// Not parallel: it replaces ipv6Enabled.
+	orig := ipv6Enabled
+	t.Cleanup(func() { ipv6Enabled = orig })
+	ipv6Enabled = func() bool { return true }
 	o := options{listen: cliflag.List{"169.254.169.252:988"}}
 	cfg, err := guardConfig(o, &url.URL{Scheme: "http", Host: "169.254.169.254"})
 	if err != nil {
@@ -60,6 +63,12 @@ func TestGuardConfig(t *testing.T) {
 	}
 	if _, err := guardConfig(options{listen: cliflag.List{"metadata.local:988"}}, &url.URL{Scheme: "http", Host: "x"}); err == nil {
 		t.Error("a host name listen address was accepted for the guard")
+	}
+	// Without an IPv6 stack on the node, only the IPv4 address is guarded.
+	ipv6Enabled = func() bool { return false }
+	cfg, err = guardConfig(o, &url.URL{Scheme: "http", Host: "169.254.169.254"})
+	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254")}) {
+		t.Errorf("guard config without IPv6 = %+v, %v", cfg, err)
 	}
 }
 

@@ -89,6 +89,8 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	r := &reader{base: base.String(), client: &http.Client{
+		// The metadata server is link-local: never through an HTTP(S)_PROXY.
+		Transport: &http.Transport{Proxy: nil},
 		// A metadata server answers 301 for a directory without its slash; the
 		// doctor asks for exact paths and treats any redirect as an error.
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },

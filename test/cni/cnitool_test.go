@@ -33,7 +33,7 @@ func TestMain(m *testing.M) {
 }
 
 func runMain(m *testing.M) int {
-	binDir, err := binDir()
+	binDir, err := testutil.BinDir()
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -53,27 +53,6 @@ func runMain(m *testing.M) int {
 	}
 	cniPath = pluginDir + string(os.PathListSeparator) + binDir
 	return m.Run()
-}
-
-// binDir is where make build put the pinned tools: $METACONCEAL_BIN, else <module>/bin.
-func binDir() (string, error) {
-	if d := os.Getenv("METACONCEAL_BIN"); d != "" {
-		return d, nil
-	}
-	dir, err := os.Getwd()
-	if err != nil {
-		return "", err
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return filepath.Join(dir, "bin"), nil
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return "", errors.New("cannot find the module root (go.mod) above the working directory")
-		}
-		dir = parent
-	}
 }
 
 // world is a simulated node with the metadata and proxy servers, and conflists.
@@ -190,6 +169,22 @@ func (w *world) conflistFromExample(example, name, bridge, subnet string, metaco
 	if err := os.WriteFile(filepath.Join(w.confDir, name+".conflist"), out, 0o644); err != nil {
 		w.t.Fatal(err)
 	}
+}
+
+// add runs `cnitool add` and, once it succeeded, registers a `cnitool del` cleanup so a
+// failed assertion later leaves no libcni cache entry, rule or state record behind. DEL
+// is idempotent: the explicit DELs the tests make first do not upset it.
+func (w *world) add(t *testing.T, network, podPath string) error {
+	t.Helper()
+	if _, err := w.cnitool("add", network, podPath); err != nil {
+		return err
+	}
+	t.Cleanup(func() {
+		if _, err := w.cnitool("del", network, podPath); err != nil {
+			t.Errorf("cleanup: cnitool del %s %s: %v", network, podPath, err)
+		}
+	})
+	return nil
 }
 
 // cnitool runs cnitool inside the node netns, as a runtime on the node would.
@@ -312,7 +307,7 @@ func TestCNIToolEndToEnd(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if _, err := w.cnitool("add", network, podPath); err != nil {
+			if err := w.add(t, network, podPath); err != nil {
 				t.Fatalf("cnitool add: %v", err)
 			}
 			// The rules are where the network's backend puts them: auto follows iptables-save.
@@ -375,7 +370,7 @@ func TestCNIToolEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := w.cnitool("add", "mc-secure", podPath); err != nil {
+		if err := w.add(t, "mc-secure", podPath); err != nil {
 			t.Fatalf("cnitool add: %v", err)
 		}
 		if saved := iptablesSaveAll(t, podName); !strings.Contains(saved, "METACONCEAL") {
@@ -400,7 +395,7 @@ func TestCNIToolEndToEnd(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if _, err := w.cnitool("add", "mc-exposed", podPath); err != nil {
+		if err := w.add(t, "mc-exposed", podPath); err != nil {
 			t.Fatalf("cnitool add: %v", err)
 		}
 		if got, err := get(podPath, metadataURL); err != nil || got != simnode.MetadataIP+":80" {

@@ -158,11 +158,29 @@ echo
 W=44
 printf '%-22s | %-*s | %-*s\n' "GET computeMetadata/v1" $W "pod default/${PODS[0]}" $W "node (hostNetwork)"
 printf '%s\n' "$(printf '%.0s-' $(seq $((22 + 2 * W + 6))))"
+CONCEALED="403 This metadata endpoint is concealed."
+FAILURES=()
+# expect WHO LABEL ANSWER WANT: WANT is a status ("200") or a whole answer line.
+expect() {
+	local got=$3 shown=$3
+	[ "${#4}" -le 3 ] && got=${3%% *}
+	[ "${#shown}" -le 60 ] || shown="${shown:0:57}..."
+	[ "$got" = "$4" ] || FAILURES+=("$1 $2: want '$4', got '$shown'")
+}
 same=0
 for i in "${!ENDPOINTS[@]}"; do
 	pod_answer=$(curl_meta "$NODE-${PODS[0]}" "${ENDPOINTS[$i]}")
 	other_answer=$(curl_meta "$NODE-${PODS[1]}" "${ENDPOINTS[$i]}")
 	node_answer=$(curl_meta "$NODE" "${ENDPOINTS[$i]}")
+	# The pods get project-id and the token, never kube-env or the identity token; the
+	# node (what a hostNetwork pod sees) gets kube-env.
+	case ${LABELS[$i]} in
+	project-id | "service-account token") want=200 ;;
+	*) want=$CONCEALED ;;
+	esac
+	expect "pod default/${PODS[0]}" "${LABELS[$i]}" "$pod_answer" "$want"
+	expect "pod default/${PODS[1]}" "${LABELS[$i]}" "$other_answer" "$want"
+	[ "${LABELS[$i]}" = kube-env ] && expect node kube-env "$node_answer" 200
 	# Tokens differ per request only in the fake's expiry countdown; compare the status.
 	[ "${pod_answer%% *}" = "${other_answer%% *}" ] && same=$((same + 1))
 	printf '%s | %s | %s\n' "$(cut_to 22 "${LABELS[$i]}")" "$(cut_to $W "$pod_answer")" "$(cut_to $W "$node_answer")"
@@ -182,3 +200,9 @@ done < <(grep 'verdict=' "$WORK/proxy.log" | head -n 4)
 echo
 elapsed_ms=$(($(date +%s%3N) - start_ms))
 printf 'demo: done in %d.%01d s; tearing down\n' $((elapsed_ms / 1000)) $((elapsed_ms % 1000 / 100))
+if [ "${#FAILURES[@]}" -gt 0 ]; then
+	for f in "${FAILURES[@]}"; do
+		echo "demo: FAILED: $f" >&2
+	done
+	exit 1
+fi
