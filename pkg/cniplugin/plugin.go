@@ -208,7 +208,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		// No rules, but a record that says so: with the proxy's host guard on, this
 		// pod's metadata traffic reaches the proxy anyway, which serves it in full only
 		// because of this record.
-		rec := exposedRecord(args, pod, ips, reason)
+		rec := exposedRecord(conf, args, pod, ips, reason)
 		if err := state.Write(conf.StateDir, rec); err != nil {
 			log.Error("ADD failed writing state record", "err", err)
 			return types.NewError(types.ErrIOFailure, "metaconceal: cannot write state record", err.Error())
@@ -250,7 +250,7 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	}
 
 	rec := state.Record{
-		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
+		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
 		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
 	}
 	if err := state.Write(conf.StateDir, rec); err != nil {
@@ -379,11 +379,11 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 		return fail("state record of "+att.String()+" is missing or unreadable", err)
 	}
 	want := state.Record{
-		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
+		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
 		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
 	}
 	if reason := exposedReason(conf, pod); reason != "" {
-		want = exposedRecord(args, pod, ips, reason)
+		want = exposedRecord(conf, args, pod, ips, reason)
 	}
 	if !recordsEqual(rec, want) {
 		return fail("state record of "+att.String()+" differs", fmt.Errorf("want %+v, got %+v", want, rec))
@@ -408,7 +408,7 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 }
 
 func recordsEqual(a, b state.Record) bool {
-	return a.ContainerID == b.ContainerID && a.IfName == b.IfName && a.Netns == b.Netns &&
+	return a.Network == b.Network && a.ContainerID == b.ContainerID && a.IfName == b.IfName && a.Netns == b.Netns &&
 		slices.Equal(a.IPs, b.IPs) && a.PodNamespace == b.PodNamespace && a.PodName == b.PodName && a.PodUID == b.PodUID &&
 		a.Exposed == b.Exposed && a.ExposedReason == b.ExposedReason
 }
@@ -424,9 +424,9 @@ func exposedReason(conf *netconf.Config, pod netconf.PodArgs) string {
 	return ""
 }
 
-func exposedRecord(args *skel.CmdArgs, pod netconf.PodArgs, ips []netip.Addr, reason string) state.Record {
+func exposedRecord(conf *netconf.Config, args *skel.CmdArgs, pod netconf.PodArgs, ips []netip.Addr, reason string) state.Record {
 	return state.Record{
-		ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
+		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
 		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
 		Exposed: true, ExposedReason: reason,
 	}
@@ -451,7 +451,12 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 	collected := 0
+	otherNetworks := 0
 	for _, rec := range records {
+		if rec.Network != conf.Name {
+			otherNetworks++ // another network's attachment: its own GC decides
+			continue
+		}
 		if valid[rec.Key()] {
 			continue
 		}
@@ -476,7 +481,7 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	if err := runner.WatchProblems(); err != nil {
 		log.Warn("could not watch a deletion's commit; waited for iptables-restore instead", "err", err)
 	}
-	log.Info("GC done", "records", len(records), "valid", len(valid), "collected", collected,
+	log.Info("GC done", "records", len(records), "otherNetworks", otherNetworks, "valid", len(valid), "collected", collected,
 		"iptables", runner.CountsString(), "restoresDetached", runner.Detached())
 	if err := errors.Join(errs...); err != nil {
 		return types.NewError(types.ErrInternal, "metaconceal: GC incomplete", err.Error())

@@ -162,7 +162,7 @@ func TestAttachmentLifecycle(t *testing.T) {
 			if err != nil {
 				t.Fatalf("record: %v", err)
 			}
-			want := state.Record{ContainerID: "c-life", IfName: "eth0", Netns: podPath, IPs: []string{"10.22.0.5"},
+			want := state.Record{Network: "test", ContainerID: "c-life", IfName: "eth0", Netns: podPath, IPs: []string{"10.22.0.5"},
 				PodNamespace: "team-a", PodName: "web-0", PodUID: "uid-1"}
 			if !recordsEqual(rec, want) {
 				t.Errorf("record %+v, want %+v", rec, want)
@@ -428,14 +428,19 @@ func TestGC(t *testing.T) {
 			if err := simnode.DeleteNetns(goneName); err != nil {
 				t.Fatal(err)
 			}
+			// Another network sharing the state dir: not this GC's to collect.
+			other := state.Record{Network: "other-net", ContainerID: "c-other", IfName: "net1", Netns: gonePath, IPs: []string{"10.99.0.1"}}
+			if err := state.Write(e.stateDir, other); err != nil {
+				t.Fatal(err)
+			}
 			gcConf := e.conf(map[string]any{"prevResult": nil,
 				"cni.dev/valid-attachments": []map[string]string{{"containerID": "c-keep", "ifname": "eth0"}}})
 			if _, _, err := run(t, gc, &skel.CmdArgs{StdinData: gcConf}); err != nil {
 				t.Fatalf("GC: %v", err)
 			}
 			recs, err := state.List(e.stateDir)
-			if err != nil || len(recs) != 1 || recs[0].ContainerID != "c-keep" {
-				t.Errorf("records after GC = %+v, %v; want only c-keep", recs, err)
+			if err != nil || len(recs) != 2 || recs[0].ContainerID != "c-keep" || recs[1].ContainerID != "c-other" {
+				t.Errorf("records after GC = %+v, %v; want c-keep and the other network's c-other", recs, err)
 			}
 			if left := e.save(staleName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("stale attachment's rules left after GC:\n%s", left)

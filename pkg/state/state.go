@@ -23,6 +23,9 @@ const recordSuffix = ".json"
 // Record describes one CNI attachment (container id + interface) that the plugin
 // concealed the metadata server from.
 type Record struct {
+	// Network is the CNI network name (the conflist's "name"): GC of one network must
+	// not collect another's attachments when both share a state dir.
+	Network      string   `json:"network"`
 	ContainerID  string   `json:"containerID"`
 	IfName       string   `json:"ifName"`
 	Netns        string   `json:"netns"`

@@ -2,7 +2,8 @@
 // containerd (Debian's 1.6) + runc started inside the node's network namespace, with
 // every directory it owns under a temp dir, a locally built pause image, and crictl
 // pointed at its socket. Close stops every sandbox and removes what containerd leaves
-// outside its own directories (netns bind mounts, CNI cache, runc state, cgroups).
+// outside its own directories (its sandboxes' netns bind mounts, CNI cache, runc state,
+// cgroups).
 package harness
 
 import (
@@ -50,10 +51,10 @@ type Runtime struct {
 	waitErr error
 
 	mu        sync.Mutex
-	sandboxes map[string]bool // every sandbox id created through this runtime
+	sandboxes map[string]bool   // every sandbox id created through this runtime
+	netns     map[string]string // sandbox id -> its netns bind mount, from inspectp
 
-	netnsBefore map[string]bool // /var/run/netns/cni-* present before start
-	k8sCgroups  []string        // k8s.io cgroup dirs this runtime created
+	k8sCgroups []string // k8s.io cgroup dirs this runtime created
 }
 
 // Start writes the config, starts containerd inside the node netns, waits for its CRI
@@ -69,6 +70,7 @@ func Start(ctx context.Context, cfg Config) (*Runtime, error) {
 		crictl:    cfg.CrictlPath,
 		network:   cfg.NetworkName,
 		sandboxes: map[string]bool{},
+		netns:     map[string]string{},
 	}
 	confDir := filepath.Join(cfg.Dir, "cni-conf")
 	for _, d := range []string{r.CNIBinDir, confDir, filepath.Join(cfg.Dir, "pods")} {
@@ -92,7 +94,6 @@ func Start(ctx context.Context, cfg Config) (*Runtime, error) {
 	if err := os.WriteFile(r.crictlCfg, []byte(crictlYAML), 0o644); err != nil {
 		return nil, fmt.Errorf("write crictl config: %w", err)
 	}
-	r.netnsBefore = listCNINetns()
 	for _, dir := range cgroupV1Dirs() {
 		k8s := filepath.Join(dir, "k8s.io")
 		if _, err := os.Stat(k8s); errors.Is(err, os.ErrNotExist) {
@@ -241,6 +242,11 @@ func (r *Runtime) RunPod(ctx context.Context, spec PodSpec) (string, error) {
 	if err != nil {
 		return id, fmt.Errorf("crictl runp %s/%s: %w", spec.Namespace, spec.Name, err)
 	}
+	// Learn the sandbox's netns now, while containerd can tell: Close removes it even
+	// if containerd dies before the pod is removed.
+	if _, err := r.Inspect(ctx, id); err != nil {
+		return id, fmt.Errorf("inspect new sandbox %s/%s: %w", spec.Namespace, spec.Name, err)
+	}
 	return id, nil
 }
 
@@ -252,7 +258,8 @@ type Sandbox struct {
 	IP        string
 }
 
-// Inspect reads a sandbox's netns path, pid and IP from `crictl inspectp`.
+// Inspect reads a sandbox's netns path, pid and IP from `crictl inspectp`, and
+// remembers the netns path as one Close must not leave behind.
 func (r *Runtime) Inspect(ctx context.Context, id string) (Sandbox, error) {
 	out, err := r.Crictl(ctx, "inspectp", id)
 	if err != nil {
@@ -285,6 +292,11 @@ func (r *Runtime) Inspect(ctx context.Context, id string) (Sandbox, error) {
 			sb.NetnsPath = ns.Path
 		}
 	}
+	if sb.NetnsPath != "" {
+		r.mu.Lock()
+		r.netns[id] = sb.NetnsPath
+		r.mu.Unlock()
+	}
 	return sb, nil
 }
 
@@ -316,7 +328,13 @@ func (r *Runtime) Close() error {
 			for _, id := range strings.Fields(out) {
 				r.mu.Lock()
 				r.sandboxes[id] = true
+				_, known := r.netns[id]
 				r.mu.Unlock()
+				if !known {
+					if _, err := r.Inspect(ctx, id); err != nil && !isNotFound(err) {
+						errs = append(errs, fmt.Errorf("inspect sandbox %s for its netns: %w", id, err))
+					}
+				}
 				// NotFound: removed meanwhile (an interrupt's cleanup races the test).
 				if _, err := r.Crictl(ctx, "stopp", id); err != nil && !isNotFound(err) {
 					errs = append(errs, err)
@@ -398,19 +416,28 @@ func (r *Runtime) removeLeftovers() []error {
 	for id := range r.sandboxes {
 		ids = append(ids, id)
 	}
+	netns := make(map[string]string, len(r.netns))
+	for id, p := range r.netns {
+		netns[id] = p
+	}
 	r.mu.Unlock()
 
-	// Sandbox netns bind mounts made during this run.
-	for name := range listCNINetns() {
-		if r.netnsBefore[name] {
+	// The netns bind mounts of this runtime's own sandboxes, and nothing else under
+	// /var/run/netns: a concurrent run or the host's containerd has its cni-* there too.
+	// containerd removes them on rmp; this covers a containerd that died or was killed.
+	for id, p := range netns {
+		if !isSandboxNetnsPath(p) {
+			errs = append(errs, fmt.Errorf("sandbox %s: netns path %q is not a CRI netns under %s; left alone", id, p, simnode.NetnsDir))
 			continue
 		}
-		p := filepath.Join(simnode.NetnsDir, name)
 		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
 			errs = append(errs, fmt.Errorf("unmount %s: %w", p, err))
 		}
 		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			errs = append(errs, fmt.Errorf("remove %s: %w", p, err))
+		}
+		if _, err := os.Lstat(p); !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("netns %s of sandbox %s still there after cleanup (%v)", p, id, err))
 		}
 	}
 	// libcni's result cache for our network, and runc state under the default root in
@@ -468,15 +495,12 @@ func cgroupV1Dirs() []string {
 	return dirs
 }
 
-func listCNINetns() map[string]bool {
-	names := map[string]bool{}
-	entries, _ := os.ReadDir(simnode.NetnsDir)
-	for _, e := range entries {
-		if strings.HasPrefix(e.Name(), "cni-") {
-			names[e.Name()] = true
-		}
-	}
-	return names
+// isSandboxNetnsPath reports whether p is where containerd's CRI pins a sandbox netns
+// (/var/run/netns/cni-<uuid>), the only kind of path Close unmounts and removes.
+func isSandboxNetnsPath(p string) bool {
+	dir, name := filepath.Split(filepath.Clean(p))
+	dir = filepath.Clean(dir)
+	return strings.HasPrefix(name, "cni-") && (dir == filepath.Clean(simnode.NetnsDir) || dir == "/run/netns")
 }
 
 func removeIfEmpty(dirs ...string) {
