@@ -11,14 +11,14 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/cliflag"
+	"github.com/metaconceal/metaconceal/internal/logging"
 	"github.com/metaconceal/metaconceal/pkg/conflist"
 	"github.com/metaconceal/metaconceal/pkg/installer"
 	"github.com/metaconceal/metaconceal/pkg/netconf"
@@ -35,7 +35,8 @@ func main() {
 type options struct {
 	binDir, confDir, plugin      string
 	once, uninstall, uninstallOn bool
-	mode, proxy, exclude         string
+	mode, proxy                  string
+	exclude                      cliflag.List
 	debounce, resync, waitTime   time.Duration
 	logFormat, logLevel          string
 }
@@ -53,7 +54,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.uninstallOn, "uninstall-on-exit", false, "in watch mode, uninstall on SIGTERM/SIGINT")
 	fs.StringVar(&o.mode, "mode", string(netconf.DefaultMode), "plugin mode written into the entry: SECURE, EXPOSED or UNSPECIFIED")
 	fs.StringVar(&o.proxy, "proxy", netconf.DefaultProxy, "proxy address written into the entry")
-	fs.StringVar(&o.exclude, "exclude-namespaces", "", "comma-separated namespaces whose pods the plugin leaves alone")
+	fs.Var(&o.exclude, "exclude-namespaces", "namespaces whose pods the plugin leaves alone; repeatable or comma-separated")
 	fs.DurationVar(&o.debounce, "debounce", installer.DefaultDebounce, "watch: quiet time after a conf dir change before checking the config")
 	fs.DurationVar(&o.resync, "resync", installer.DefaultResync, "watch: how often to check binary and entry without any change (0 disables)")
 	fs.DurationVar(&o.waitTime, "wait-timeout", 0, "--once: give up when no CNI config appears within this time (0 waits forever)")
@@ -74,7 +75,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	if err != nil {
 		return 2 // the flag package or parseFlags said why
 	}
-	log, err := newLogger(stderr, o.logFormat, o.logLevel)
+	log, err := logging.New(stderr, o.logFormat, o.logLevel)
 	if err != nil {
 		fmt.Fprintf(stderr, "metaconceal-install: %v\n", err)
 		return 2
@@ -119,7 +120,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 }
 
 func entryOf(o *options) conflist.Entry {
-	return conflist.Entry{Mode: o.mode, Proxy: o.proxy, ExcludeNamespaces: splitList(o.exclude)}
+	return conflist.Entry{Mode: o.mode, Proxy: o.proxy, ExcludeNamespaces: o.exclude}
 }
 
 // validateEntry runs the entry through the plugin's own config parser.
@@ -147,29 +148,4 @@ func defaultPluginBinary() string {
 		return "/metaconceal/" + conflist.PluginType
 	}
 	return filepath.Join(filepath.Dir(exe), conflist.PluginType)
-}
-
-func splitList(s string) []string {
-	var out []string
-	for item := range strings.SplitSeq(s, ",") {
-		if item = strings.TrimSpace(item); item != "" {
-			out = append(out, item)
-		}
-	}
-	return out
-}
-
-func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
-	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	switch format {
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want text or json", format)
 }

@@ -25,6 +25,7 @@ import (
 	"time"
 
 	"github.com/metaconceal/metaconceal/internal/cliflag"
+	"github.com/metaconceal/metaconceal/internal/logging"
 	"github.com/metaconceal/metaconceal/pkg/doctor"
 	"github.com/metaconceal/metaconceal/pkg/hostguard"
 	"github.com/metaconceal/metaconceal/pkg/podindex"
@@ -89,7 +90,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.logFormat, "log-format", "json", "log format: json or text")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
-	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open requests (long polls included) may finish before connections are closed")
+	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open ordinary requests may finish before connections are closed (held long polls are answered 503 at once, so clients retry)")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
@@ -100,21 +101,6 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		o.listen = cliflag.List{defaultListen}
 	}
 	return o, nil
-}
-
-func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		return nil, fmt.Errorf("--log-level %q: %w", level, err)
-	}
-	opts := &slog.HandlerOptions{Level: lvl}
-	switch format {
-	case "json":
-		return slog.New(slog.NewJSONHandler(w, opts)), nil
-	case "text":
-		return slog.New(slog.NewTextHandler(w, opts)), nil
-	}
-	return nil, fmt.Errorf("--log-format %q: want json or text", format)
 }
 
 // guardConfig derives the host guard's config from the listen addresses and the
@@ -169,7 +155,7 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "metaconceal-proxy:", err)
 		return 2
 	}
-	log, err := newLogger(o.logFormat, o.logLevel, stderr)
+	log, err := logging.New(stderr, o.logFormat, o.logLevel)
 	if err != nil {
 		fmt.Fprintln(stderr, "metaconceal-proxy:", err)
 		return 2
@@ -286,12 +272,17 @@ func serve(o options, log *slog.Logger) error {
 	shutdownCtx, cancel := context.WithTimeout(context.Background(), o.shutdownGrace)
 	defer cancel()
 	if admin != nil {
-		_ = admin.Shutdown(shutdownCtx) // its requests are short; Close below covers the rest
+		if err := admin.Shutdown(shutdownCtx); err != nil {
+			log.Warn("metrics listener did not shut down cleanly", "err", err)
+		}
 	}
 	if err := srv.Shutdown(shutdownCtx); err != nil {
-		// Long polls still open after the grace period: close them; clients retry.
+		// Requests still open after the grace period: close them; clients retry.
+		log.Warn("open requests cut after the shutdown grace", "err", err)
 		handler.Close()
-		srv.Close()
+		if err := srv.Close(); err != nil {
+			log.Warn("closing listeners", "err", err)
+		}
 	}
 	if serveErr != nil && !errors.Is(serveErr, http.ErrServerClosed) {
 		return serveErr

@@ -61,7 +61,7 @@ func TestVerbErrorsBeforeAnyChange(t *testing.T) {
 }
 
 // EXPOSED and UNSPECIFIED pass prevResult through, in the conf's version, without
-// entering the netns (which does not exist here) or writing a record.
+// entering the netns (which does not exist here), and record the pod as exposed.
 func TestAddPassThroughModes(t *testing.T) {
 	t.Parallel()
 	for _, mode := range []string{"EXPOSED", "UNSPECIFIED"} {

@@ -7,14 +7,11 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"strconv"
 	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
-
-func itoa(n int) string { return strconv.Itoa(n) }
 
 // Server timeouts. There is deliberately no WriteTimeout: a long poll is held for as
 // long as its timeout_sec (up to an hour), bounded per request instead. Slow or idle

@@ -267,7 +267,6 @@ func TestRealRuntime(t *testing.T) {
 			args []string
 		}{
 			{"IPv4-mapped IPv6", []string{"-g", "http://[::ffff:169.254.169.254]" + kubeEnvPath}},
-			{"metadata.google.internal", []string{"--resolve", "metadata.google.internal:80:169.254.169.254", "http://metadata.google.internal" + kubeEnvPath}},
 			{"decimal IP", []string{"http://2852039166" + kubeEnvPath}},
 			{"hex IP", []string{"http://0xa9fea9fe" + kubeEnvPath}},
 		}
@@ -279,6 +278,21 @@ func TestRealRuntime(t *testing.T) {
 					t.Errorf("%s %s: 200 for kube-env: %s", p.name, c.name, r)
 				}
 				t.Logf("%s %s: %s", p.name, c.name, r)
+			}
+			// metadata.google.internal resolved through the pod's own hosts file, with the
+			// entry GKE puts there, as a container of the pod would resolve it.
+			hosts, err := e.rt.AddMetadataHost(p.id)
+			if err != nil {
+				t.Errorf("%s: %v", p.name, err)
+				continue
+			}
+			for _, path := range []string{kubeEnvPath, identityPath} {
+				r := harness.MetadataGetWithHosts(ctx, p.netns, hosts, "http://metadata.google.internal"+path)
+				e.requireNoSecret(t, p.name+" metadata.google.internal", r)
+				// A 403 from the proxy also proves the name resolved (no DNS answers it here).
+				if r.Status != 403 || strings.TrimSuffix(r.Body, "\n") != concealedBody {
+					t.Errorf("%s http://metadata.google.internal%s via %s: want 403 %q, got %s", p.name, path, hosts, concealedBody, r)
+				}
 			}
 		}
 	})

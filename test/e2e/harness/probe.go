@@ -36,9 +36,23 @@ const statusMarker = "\n@@status@@"
 // Curl runs curl inside the network namespace at netnsPath (nsenter --net) with a
 // 5 s limit. args are curl's own (URL, headers, ...).
 func Curl(ctx context.Context, netnsPath string, args ...string) CurlResult {
-	full := append([]string{"--net=" + netnsPath, "curl", "-sS", "-m", "5", "-w", statusMarker + "%{http_code}"}, args...)
+	return runCurl(ctx, []string{"nsenter", "--net=" + netnsPath, "curl"}, args)
+}
+
+// CurlWithHosts is Curl as a container of the pod runs it: in the pod's netns, with
+// the hosts file the runtime made for the sandbox bind-mounted over /etc/hosts (in a
+// private mount namespace of this one curl, as containerd's CRI mounts it into each
+// container), so names resolve through that file.
+func CurlWithHosts(ctx context.Context, netnsPath, hostsFile string, args ...string) CurlResult {
+	return runCurl(ctx, []string{"nsenter", "--net=" + netnsPath,
+		"unshare", "--mount", "--propagation", "private",
+		"sh", "-c", `mount --bind "$0" /etc/hosts && exec curl "$@"`, hostsFile}, args)
+}
+
+func runCurl(ctx context.Context, prefix, args []string) CurlResult {
+	full := append(append(prefix[1:len(prefix):len(prefix)], "-sS", "-m", "5", "-w", statusMarker+"%{http_code}"), args...)
 	var stdout, stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, "nsenter", full...)
+	cmd := exec.CommandContext(ctx, prefix[0], full...)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	err := cmd.Run()
 	res := CurlResult{Stderr: stderr.String()}
@@ -68,6 +82,11 @@ func MetadataGet(ctx context.Context, netnsPath, url string, extra ...string) Cu
 		args = append(args, url)
 	}
 	return Curl(ctx, netnsPath, args...)
+}
+
+// MetadataGetWithHosts is MetadataGet through CurlWithHosts.
+func MetadataGetWithHosts(ctx context.Context, netnsPath, hostsFile, url string) CurlResult {
+	return CurlWithHosts(ctx, netnsPath, hostsFile, "-H", "Metadata-Flavor: Google", url)
 }
 
 // Witness listens on one address inside a netns and counts what reaches it, so a test

@@ -300,6 +300,36 @@ func (r *Runtime) Inspect(ctx context.Context, id string) (Sandbox, error) {
 	return sb, nil
 }
 
+// MetadataHostsLine is the entry GKE puts in a pod's hosts file for the metadata server.
+const MetadataHostsLine = "169.254.169.254\tmetadata.google.internal metadata"
+
+// HostsFile is the hosts file containerd's CRI (1.6) wrote for a sandbox, which it
+// bind-mounts as /etc/hosts into each of the pod's containers.
+func (r *Runtime) HostsFile(id string) string {
+	return filepath.Join(r.Dir, "root", "io.containerd.grpc.v1.cri", "sandboxes", id, "hosts")
+}
+
+// AddMetadataHost appends MetadataHostsLine to a sandbox's hosts file, as GKE has it in
+// every pod's /etc/hosts; the file must exist (the runtime made it). Idempotent.
+func (r *Runtime) AddMetadataHost(id string) (string, error) {
+	path := r.HostsFile(id)
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("sandbox %s hosts file: %w", id, err)
+	}
+	if bytes.Contains(data, []byte(MetadataHostsLine)) {
+		return path, nil
+	}
+	if len(data) > 0 && !bytes.HasSuffix(data, []byte("\n")) {
+		data = append(data, '\n')
+	}
+	data = append(data, MetadataHostsLine+"\n"...)
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		return "", fmt.Errorf("sandbox %s hosts file: %w", id, err)
+	}
+	return path, nil
+}
+
 // RemovePod stops and removes a sandbox (`crictl stopp` then `crictl rmp`), as kubelet
 // does when a pod is deleted.
 func (r *Runtime) RemovePod(ctx context.Context, id string) error {
