@@ -70,6 +70,12 @@ func newWorld(t *testing.T) *world {
 			t.Fatalf("%s missing (run make build): %v", tool, err)
 		}
 	}
+	// cnitool keeps libcni's cache in /var/lib/cni; the DELs empty it of our entries.
+	// Registered first so it runs last; rmdir leaves a dir someone else still uses.
+	t.Cleanup(func() {
+		_ = syscall.Rmdir("/var/lib/cni/results")
+		_ = syscall.Rmdir("/var/lib/cni")
+	})
 	node, err := simnode.New("mc-cni")
 	if err != nil {
 		t.Fatal(err)

@@ -77,6 +77,12 @@ func TestRealRuntime(t *testing.T) {
 	var excludedIPs []string
 	t.Run("normal pod: kube-env and identity concealed, project-id and token served", func(t *testing.T) {
 		normal = e.newPod(t, tenantNS, "web-a", false)
+		// The runtime pins sandbox netns under its own state dir, so its cleanup never
+		// has to touch another runtime's /var/run/netns/cni-*.
+		if !strings.HasPrefix(normal.netns, e.dir+"/") {
+			t.Errorf("sandbox netns %s is outside the test's dir %s", normal.netns, e.dir)
+		}
+		t.Logf("sandbox netns %s", normal.netns)
 		e.requireConcealed(t, normal.netns, metadataURL+kubeEnvPath)
 		e.requireConcealed(t, normal.netns, metadataURL+identityPath)
 		r := harness.MetadataGet(ctx, normal.netns, metadataURL+projectIDPath)

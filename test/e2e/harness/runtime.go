@@ -9,12 +9,15 @@ package harness
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -149,6 +152,9 @@ state = %[2]q
   stream_server_address = "127.0.0.1"
   stream_server_port = "0"
   enable_selinux = false
+  # Sandbox netns bind mounts under our state dir, not /var/run/netns: nothing of this
+  # runtime mixes with another run's or the host containerd's cni-* there.
+  netns_mounts_under_state_dir = true
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -408,35 +414,77 @@ func (r *Runtime) stopContainerd() error {
 	return fmt.Errorf("containerd did not stop on SIGTERM within 15s; killed")
 }
 
-// killShims kills any containerd-shim-runc-v2 still serving this runtime: they are
-// told apart from anything else on the machine by the -address of our socket.
+// killShims kills any containerd-shim-runc-v2 still serving this runtime, told apart
+// from anything else on the machine by the -address of our socket, and first the
+// sandbox processes (pause) they started: killed alone, a shim leaves them running.
 func (r *Runtime) killShims() error {
+	type proc struct {
+		pid, ppid int
+		shim      bool
+	}
 	entries, err := os.ReadDir("/proc")
 	if err != nil {
 		return fmt.Errorf("list processes: %w", err)
 	}
-	var errs []error
+	var procs []proc
+	ours := map[int]bool{}
 	for _, e := range entries {
 		pid, err := strconv.Atoi(e.Name())
 		if err != nil {
 			continue
 		}
+		p := proc{pid: pid, ppid: parentPID(pid)}
 		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
+		if err == nil {
+			args := strings.Split(string(cmdline), "\x00")
+			p.shim = strings.Contains(filepath.Base(args[0]), "containerd-shim") && bytes.Contains(cmdline, []byte(r.Socket))
 		}
-		args := strings.Split(string(cmdline), "\x00")
-		if len(args) == 0 || !strings.Contains(filepath.Base(args[0]), "containerd-shim") {
-			continue
+		if p.shim {
+			ours[pid] = true
 		}
-		if !bytes.Contains(cmdline, []byte(r.Socket)) {
-			continue
-		}
+		procs = append(procs, p)
+	}
+	var errs []error
+	var killed []int
+	kill := func(pid int) {
 		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("kill shim %d: %w", pid, err))
+			errs = append(errs, fmt.Errorf("kill %d: %w", pid, err))
+			return
+		}
+		killed = append(killed, pid)
+	}
+	for _, p := range procs {
+		if !p.shim && ours[p.ppid] {
+			kill(p.pid)
+		}
+	}
+	for pid := range ours {
+		kill(pid)
+	}
+	// Wait (briefly) until they are gone, so their cgroups can be removed next.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, pid := range killed {
+		for time.Now().Before(deadline) && parentPID(pid) != 0 {
+			time.Sleep(20 * time.Millisecond)
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// parentPID is pid's parent from /proc/<pid>/stat; 0 once the process is gone (or a
+// zombie, which holds no cgroup).
+func parentPID(pid int) int {
+	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0
+	}
+	// "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+	fields := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	if len(fields) < 2 || fields[0] == "Z" {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(fields[1])
+	return ppid
 }
 
 func (r *Runtime) removeLeftovers() []error {
@@ -451,13 +499,24 @@ func (r *Runtime) removeLeftovers() []error {
 		netns[id] = p
 	}
 	r.mu.Unlock()
+	// Also every sandbox containerd began to make: one whose runp was cut short (the
+	// runtime killed) was never returned to us but may have left files outside.
+	if entries, err := os.ReadDir(filepath.Join(r.Dir, "root", "io.containerd.grpc.v1.cri", "sandboxes")); err == nil {
+		for _, e := range entries {
+			if !slices.Contains(ids, e.Name()) {
+				ids = append(ids, e.Name())
+			}
+		}
+	}
 
-	// The netns bind mounts of this runtime's own sandboxes, and nothing else under
-	// /var/run/netns: a concurrent run or the host's containerd has its cni-* there too.
-	// containerd removes them on rmp; this covers a containerd that died or was killed.
+	// The netns bind mounts of this runtime's own sandboxes, and nothing else: they are
+	// under our state dir (netns_mounts_under_state_dir), never another run's or the
+	// host containerd's /var/run/netns/cni-*. containerd removes them on rmp; this covers
+	// a containerd that died or was killed (unmountUnder below catches one never
+	// returned by inspectp).
 	for id, p := range netns {
-		if !isSandboxNetnsPath(p) {
-			errs = append(errs, fmt.Errorf("sandbox %s: netns path %q is not a CRI netns under %s; left alone", id, p, simnode.NetnsDir))
+		if !r.isOwnNetnsPath(p) {
+			errs = append(errs, fmt.Errorf("sandbox %s: netns path %q is not under this runtime's state dir; left alone", id, p))
 			continue
 		}
 		if err := syscall.Unmount(p, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
@@ -470,14 +529,23 @@ func (r *Runtime) removeLeftovers() []error {
 			errs = append(errs, fmt.Errorf("netns %s of sandbox %s still there after cleanup (%v)", p, id, err))
 		}
 	}
-	// libcni's result cache for our network, and runc state under the default root in
+	// libcni's result cache for our network and for the loopback network containerd
+	// adds to each of our sandboxes, the shims' sockets (containerd names them
+	// sha256(<address>/<namespace>/<id>)), and runc state under the default root in
 	// case a runc was ever run without our Root option.
+	var stale []string
 	if r.network != "" {
-		matches, _ := filepath.Glob(filepath.Join("/var/lib/cni/results", r.network+"-*"))
-		for _, m := range matches {
-			if err := os.Remove(m); err != nil && !errors.Is(err, os.ErrNotExist) {
-				errs = append(errs, err)
-			}
+		stale, _ = filepath.Glob(filepath.Join("/var/lib/cni/results", r.network+"-*"))
+	}
+	for _, id := range ids {
+		sum := sha256.Sum256([]byte(filepath.Join(r.Socket, "k8s.io", id)))
+		stale = append(stale,
+			filepath.Join("/var/lib/cni/results", "cni-loopback-"+id+"-lo"),
+			filepath.Join("/run/containerd/s", hex.EncodeToString(sum[:])))
+	}
+	for _, p := range stale {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			errs = append(errs, err)
 		}
 	}
 	for _, id := range ids {
@@ -525,12 +593,11 @@ func cgroupV1Dirs() []string {
 	return dirs
 }
 
-// isSandboxNetnsPath reports whether p is where containerd's CRI pins a sandbox netns
-// (/var/run/netns/cni-<uuid>), the only kind of path Close unmounts and removes.
-func isSandboxNetnsPath(p string) bool {
-	dir, name := filepath.Split(filepath.Clean(p))
-	dir = filepath.Clean(dir)
-	return strings.HasPrefix(name, "cni-") && (dir == filepath.Clean(simnode.NetnsDir) || dir == "/run/netns")
+// isOwnNetnsPath reports whether p is a sandbox netns this runtime pinned: a cni-*
+// file under its own state dir, the only kind of path Close unmounts and removes.
+func (r *Runtime) isOwnNetnsPath(p string) bool {
+	p = filepath.Clean(p)
+	return strings.HasPrefix(filepath.Base(p), "cni-") && strings.HasPrefix(p, filepath.Join(r.Dir, "state")+"/")
 }
 
 func removeIfEmpty(dirs ...string) {
