@@ -1,7 +1,7 @@
 // Command metaconceal-install puts the metaconceal CNI plugin on a node: it copies the
 // plugin binary into the CNI bin dir and its entry into the node's primary CNI config,
 // keeps the entry there while the main CNI rewrites its file, and removes both on
-// uninstall. It is what the DaemonSet runs; see docs/install.md.
+// uninstall. It is what the DaemonSet runs; see README.md, "Installing on a cluster".
 package main
 
 import (

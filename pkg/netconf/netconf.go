@@ -50,7 +50,7 @@ const (
 	BackendLegacy Backend = "legacy"
 )
 
-// Defaults, as documented in docs/plugin.md.
+// Defaults, as documented in README.md ("Configuration" of the CNI plugin).
 const (
 	DefaultMode            = ModeSecure
 	DefaultProxy           = "169.254.169.252:988"
