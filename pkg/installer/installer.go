@@ -74,19 +74,30 @@ func New(opts Options) (*Installer, error) {
 // Once installs the binary, waits (watching the conf dir) until the node has a CNI
 // config, and puts the entry into it. It fails when the config cannot take the entry.
 func (in *Installer) Once(ctx context.Context) error {
-	w, err := in.watch()
+	w, err := in.prepare(ctx)
 	if err != nil {
 		return err
 	}
 	defer w.Close()
-	if err := in.installBinary(); err != nil {
-		return err
-	}
-	if err := in.waitForConfig(ctx, w); err != nil {
-		return err
-	}
 	_, err = in.reconcileConfig(slog.LevelInfo)
 	return err
+}
+
+// prepare starts watching the conf dir (before anything else, so no change is missed),
+// installs the binary and waits until the node has a CNI config. On success the caller
+// owns the watch.
+func (in *Installer) prepare(ctx context.Context) (*fsnotify.Watcher, error) {
+	w, err := in.watch()
+	if err != nil {
+		return nil, err
+	}
+	if err := in.installBinary(); err != nil {
+		return nil, errors.Join(err, w.Close())
+	}
+	if err := in.waitForConfig(ctx, w); err != nil {
+		return nil, errors.Join(err, w.Close())
+	}
+	return w, nil
 }
 
 // Run installs like Once, then keeps the entry in the primary config until ctx is done:
@@ -103,20 +114,14 @@ func (in *Installer) Run(ctx context.Context, uninstallOnExit bool) error {
 }
 
 func (in *Installer) run(ctx context.Context) error {
-	w, err := in.watch()
+	w, err := in.prepare(ctx)
 	if err != nil {
-		return err
-	}
-	defer w.Close()
-	if err := in.installBinary(); err != nil {
-		return err
-	}
-	if err := in.waitForConfig(ctx, w); err != nil {
 		if ctx.Err() != nil {
-			return nil
+			return nil // stopped while waiting for a config
 		}
 		return err
 	}
+	defer w.Close()
 	if _, err := in.reconcileConfig(slog.LevelInfo); err != nil {
 		in.log.Error("cannot put the entry into the CNI config; waiting for it to change", "err", err)
 	}
