@@ -31,6 +31,8 @@ import (
 	"strings"
 
 	"github.com/coreos/go-iptables/iptables"
+
+	"github.com/metaconceal/metaconceal/pkg/redirect"
 	"github.com/vishvananda/netlink"
 )
 
@@ -44,18 +46,18 @@ const AddrLabel = "lo:mcguard"
 // ruleComment tags every guard rule in iptables-save output.
 const ruleComment = "metaconceal host guard"
 
-// Backend selects the iptables binaries.
-type Backend string
+// Backend selects the iptables binaries; the same names as the plugin's.
+type Backend = redirect.Backend
 
 const (
 	// BackendDefault uses iptables / ip6tables as found on PATH (nf_tables on
 	// current distributions).
 	BackendDefault Backend = ""
 	// BackendNFT uses iptables-nft / ip6tables-nft.
-	BackendNFT Backend = "nft"
+	BackendNFT = redirect.BackendNFT
 	// BackendLegacy uses iptables-legacy / ip6tables-legacy, for nodes whose other
 	// rules (kube-proxy, the CNI) are legacy ones.
-	BackendLegacy Backend = "legacy"
+	BackendLegacy = redirect.BackendLegacy
 )
 
 // Config says what to guard and where to send it.
@@ -177,25 +179,9 @@ func (f family) ipt() (*iptables.IPTables, error) {
 	return ipt, nil
 }
 
-func hostPrefix(a netip.Addr) string {
-	return netip.PrefixFrom(a, a.BitLen()).String()
-}
-
-// quote renders an argument for iptables-restore, which splits on spaces but honours
-// double quotes.
-func quote(arg string) string {
-	if strings.ContainsAny(arg, " \t\"") {
-		return `"` + strings.ReplaceAll(arg, `"`, `\"`) + `"`
-	}
-	return arg
-}
-
+// ruleLine renders one iptables-restore line, quoted as redirect renders its own rules.
 func ruleLine(op, chain string, spec []string) string {
-	parts := []string{op, chain}
-	for _, s := range spec {
-		parts = append(parts, quote(s))
-	}
-	return strings.Join(parts, " ")
+	return redirect.Rule(append([]string{op, chain}, spec...)).String()
 }
 
 // installPayload is the iptables-restore input that (re)writes the guard chains,
@@ -209,7 +195,7 @@ func (f family) installPayload(stale map[string][]string) string {
 	if f.target.IsValid() {
 		to := f.target.String() // 1.2.3.4:988 or [fd00::1]:988
 		for _, a := range f.metadata {
-			spec := append([]string{"-d", hostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(f.port)}, comment...)
+			spec := append([]string{"-d", redirect.HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(f.port)}, comment...)
 			spec = append(spec, "-j", "DNAT", "--to-destination", to)
 			b.WriteString(ruleLine("-A", Chain, spec) + "\n")
 		}
@@ -221,9 +207,9 @@ func (f family) installPayload(stale map[string][]string) string {
 		icmpReject = "icmp6-port-unreachable"
 	}
 	for _, a := range f.metadata {
-		tcp := append([]string{"-d", hostPrefix(a), "-p", "tcp"}, comment...)
+		tcp := append([]string{"-d", redirect.HostPrefix(a), "-p", "tcp"}, comment...)
 		b.WriteString(ruleLine("-A", Chain, append(tcp, "-j", "REJECT", "--reject-with", "tcp-reset")) + "\n")
-		other := append([]string{"-d", hostPrefix(a)}, comment...)
+		other := append([]string{"-d", redirect.HostPrefix(a)}, comment...)
 		b.WriteString(ruleLine("-A", Chain, append(other, "-j", "REJECT", "--reject-with", icmpReject)) + "\n")
 	}
 	writeJumps(&b, "filter", stale["filter"])

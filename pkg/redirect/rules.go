@@ -162,7 +162,7 @@ func Render(s Spec) ([]TableRules, error) {
 	if s.Proxy.IsValid() {
 		nat := TableRules{Table: TableNAT, Jump: jump}
 		for _, a := range s.Metadata {
-			nat.Chain = append(nat.Chain, Rule{"-d", hostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(metadataPort),
+			nat.Chain = append(nat.Chain, Rule{"-d", HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(metadataPort),
 				"-j", "DNAT", "--to-destination", s.Proxy.String()})
 		}
 		out = append(out, nat)
@@ -173,12 +173,13 @@ func Render(s Spec) ([]TableRules, error) {
 	}
 	filter := TableRules{Table: TableFilter, Jump: jump}
 	for _, a := range s.Metadata {
-		filter.Chain = append(filter.Chain, Rule{"-d", hostPrefix(a), "-j", "REJECT", "--reject-with", rejectWith})
+		filter.Chain = append(filter.Chain, Rule{"-d", HostPrefix(a), "-j", "REJECT", "--reject-with", rejectWith})
 	}
 	return append(out, filter), nil
 }
 
-func hostPrefix(a netip.Addr) string {
+// HostPrefix renders an address as iptables-save prints a destination: a /32 or /128.
+func HostPrefix(a netip.Addr) string {
 	return netip.PrefixFrom(a, a.BitLen()).String()
 }
 
