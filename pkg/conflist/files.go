@@ -258,41 +258,22 @@ func readConfig(path string) ([]byte, fs.FileInfo, error) {
 // (whose name the runtime never loads), fsync, the mode and owner of like (when like is
 // not nil; otherwise 0644), rename over path, fsync of the directory. A reader sees the
 // old file or the new one, never a part of either.
-func WriteFileAtomic(path string, data []byte, like fs.FileInfo) (err error) {
-	dir := filepath.Dir(path)
-	tmp, err := os.CreateTemp(dir, "."+filepath.Base(path)+tempMarker+"*")
-	if err != nil {
-		return fmt.Errorf("creating temporary file for %s: %w", path, err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
-		}
-	}()
-	if _, err = tmp.Write(data); err != nil {
-		return fmt.Errorf("writing %s: %w", tmp.Name(), err)
-	}
+func WriteFileAtomic(path string, data []byte, like fs.FileInfo) error {
 	mode := fs.FileMode(0o644)
 	if like != nil {
 		mode = like.Mode().Perm()
-		if err = keepOwner(tmp, like); err != nil {
-			return fmt.Errorf("keeping the owner of %s: %w", path, err)
+	}
+	return fsutil.ReplaceFile(path, "."+filepath.Base(path)+tempMarker+"*", mode, func(tmp *os.File) error {
+		if _, err := tmp.Write(data); err != nil {
+			return fmt.Errorf("writing %s: %w", tmp.Name(), err)
 		}
-	}
-	if err = tmp.Chmod(mode); err != nil { // after chown, which may clear set-id bits
-		return fmt.Errorf("chmod %s: %w", tmp.Name(), err)
-	}
-	if err = tmp.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", tmp.Name(), err)
-	}
-	if err = tmp.Close(); err != nil {
-		return fmt.Errorf("closing %s: %w", tmp.Name(), err)
-	}
-	if err = os.Rename(tmp.Name(), path); err != nil {
-		return fmt.Errorf("renaming %s to %s: %w", tmp.Name(), path, err)
-	}
-	return fsutil.SyncDir(dir)
+		if like != nil {
+			if err := keepOwner(tmp, like); err != nil {
+				return fmt.Errorf("keeping the owner of %s: %w", path, err)
+			}
+		}
+		return nil
+	})
 }
 
 func keepOwner(f *os.File, like fs.FileInfo) error {

@@ -43,36 +43,17 @@ func InstallBinary(src, binDir, name string) (changed bool, err error) {
 		return false, fmt.Errorf("opening %s: %w", src, err)
 	}
 	defer in.Close()
-	tmp, err := os.CreateTemp(binDir, "."+name+".metaconceal-tmp-*")
-	if err != nil {
-		return false, fmt.Errorf("creating temporary file in %s: %w", binDir, err)
-	}
-	defer func() {
-		if err != nil {
-			tmp.Close()
-			os.Remove(tmp.Name())
+	err = fsutil.ReplaceFile(dst, "."+name+".metaconceal-tmp-*", binaryMode, func(tmp *os.File) error {
+		h := sha256.New()
+		if _, err := io.Copy(io.MultiWriter(tmp, h), in); err != nil {
+			return fmt.Errorf("copying %s to %s: %w", src, tmp.Name(), err)
 		}
-	}()
-	h := sha256.New()
-	if _, err = io.Copy(io.MultiWriter(tmp, h), in); err != nil {
-		return false, fmt.Errorf("copying %s to %s: %w", src, tmp.Name(), err)
-	}
-	if !bytes.Equal(h.Sum(nil), srcSum) {
-		return false, fmt.Errorf("%s changed while being copied", src)
-	}
-	if err = tmp.Chmod(binaryMode); err != nil {
-		return false, fmt.Errorf("chmod %s: %w", tmp.Name(), err)
-	}
-	if err = tmp.Sync(); err != nil {
-		return false, fmt.Errorf("fsync %s: %w", tmp.Name(), err)
-	}
-	if err = tmp.Close(); err != nil {
-		return false, fmt.Errorf("closing %s: %w", tmp.Name(), err)
-	}
-	if err = os.Rename(tmp.Name(), dst); err != nil {
-		return false, fmt.Errorf("renaming %s to %s: %w", tmp.Name(), dst, err)
-	}
-	return true, fsutil.SyncDir(binDir)
+		if !bytes.Equal(h.Sum(nil), srcSum) {
+			return fmt.Errorf("%s changed while being copied", src)
+		}
+		return nil
+	})
+	return err == nil, err
 }
 
 // ensureMode makes an identical binary executable again if someone changed its mode.

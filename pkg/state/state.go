@@ -13,6 +13,8 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+
+	"github.com/metaconceal/metaconceal/internal/fsutil"
 )
 
 // DefaultDir is where plugin and proxy meet unless configured otherwise.
@@ -84,36 +86,13 @@ func Write(dir string, rec Record) error {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return fmt.Errorf("state: create dir %s: %w", dir, err)
 	}
-	tmp, err := os.CreateTemp(dir, ".tmp-"+rec.Key()+"-*")
+	err = fsutil.ReplaceFile(path, ".tmp-"+rec.Key()+"-*", 0o644, func(tmp *os.File) error {
+		_, err := tmp.Write(append(data, '\n'))
+		return err
+	})
 	if err != nil {
-		return fmt.Errorf("state: create temp file in %s: %w", dir, err)
+		return fmt.Errorf("state: write record %s: %w", rec.Key(), err)
 	}
-	tmpName := tmp.Name()
-	committed := false
-	defer func() {
-		if !committed {
-			_ = os.Remove(tmpName) // best effort: the write already failed and says why
-		}
-	}()
-	if _, err := tmp.Write(append(data, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("state: write %s: %w", tmpName, err)
-	}
-	if err := tmp.Chmod(0o644); err != nil {
-		tmp.Close()
-		return fmt.Errorf("state: chmod %s: %w", tmpName, err)
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return fmt.Errorf("state: sync %s: %w", tmpName, err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("state: close %s: %w", tmpName, err)
-	}
-	if err := os.Rename(tmpName, path); err != nil {
-		return fmt.Errorf("state: rename %s to %s: %w", tmpName, path, err)
-	}
-	committed = true
 	return nil
 }
 
