@@ -15,7 +15,7 @@ export METACONCEAL_BIN := $(BIN)
 PROGRAMS := metaconceal:./plugins/metaconceal \
             metaconceal-proxy:./cmd/metaconceal-proxy \
             metaconceal-install:./cmd/metaconceal-install \
-            fake-gce-metadata:./test/fakegce/cmd/fake-gce-metadata
+            fake-gce-metadata:./test/cmd/fake-gce-metadata
 # CNI test binaries, pinned by the go.mod tool directives.
 TOOLS := github.com/containernetworking/plugins/plugins/main/bridge \
          github.com/containernetworking/plugins/plugins/ipam/host-local \
@@ -72,7 +72,8 @@ fuzz:
 fuzz-all:
 	FUZZTIME=$${FUZZTIME:-10s} bash test/fuzz-smoke.sh
 
-e2e: deps-runtime build
+# test/e2e/nodeagent runs a real kube-apiserver + etcd: the binaries of cluster-tools.
+e2e: deps-runtime build cluster-tools
 	$(GO) test -count=1 -timeout 8m -tags e2e -v ./test/e2e/...
 
 demo: deps build
@@ -84,8 +85,45 @@ bench-cni: deps build
 bench-proxy: deps build
 	$(GO) run ./test/bench/proxy
 
-kind-e2e:
-	bash test/kind/kind-e2e.sh
+# Cluster e2e (test/cluster, docs/cluster-e2e.md): a real one-node Kubernetes cluster
+# on this machine, conf/deploy applied with kubectl, the scenarios of
+# test/cluster/scenario. Kubernetes and etcd come from pinned modules in the separate
+# tools module test/cluster/tools (the product's go.mod stays small).
+CLUSTER_BIN := $(BIN)/cluster
+K8S_VERSION := v1.37.2
+K8S_LDFLAGS := -s -w \
+	-X k8s.io/component-base/version.gitVersion=$(K8S_VERSION) \
+	-X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=37 \
+	-X k8s.io/component-base/version.gitTreeState=clean \
+	-X k8s.io/client-go/pkg/version.gitVersion=$(K8S_VERSION) \
+	-X k8s.io/client-go/pkg/version.gitMajor=1 -X k8s.io/client-go/pkg/version.gitMinor=37
+K8S_PROGRAMS := k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
+	k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kubectl \
+	k8s.io/kubernetes/cmd/kube-proxy
+
+.PHONY: cluster-e2e cluster-tools cluster-image-tools
+
+# The runner, the image writer (go-containerregistry), the probe and pause programs.
+cluster-image-tools:
+	@mkdir -p $(CLUSTER_BIN)
+	cd test/cluster/tools && $(GO) build -trimpath -ldflags=-s -o $(CLUSTER_BIN)/ociarchive ./ociarchive
+	$(GO) build $(GOFLAGS_BUILD) -o $(CLUSTER_BIN)/cluster-e2e ./test/cluster/cmd/cluster-e2e
+	$(GO) build $(GOFLAGS_BUILD) -o $(CLUSTER_BIN)/probe ./test/cluster/probe
+	$(GO) build $(GOFLAGS_BUILD) -o $(CLUSTER_BIN)/pause ./test/e2e/pause
+
+# etcd and Kubernetes: about 8 minutes cold on 2 cores, seconds warm.
+cluster-tools: cluster-image-tools
+	cd test/cluster/tools && $(GO) build -trimpath -ldflags='-s -w' -o $(CLUSTER_BIN)/etcd go.etcd.io/etcd/server/v3
+	cd test/cluster/tools && $(GO) build -trimpath -ldflags='$(K8S_LDFLAGS)' -o $(CLUSTER_BIN)/ $(K8S_PROGRAMS)
+
+cluster-e2e: deps-runtime
+	@start=$$(date +%s); $(MAKE) --no-print-directory build cluster-tools || exit 1; \
+	echo "phase build $$(( $$(date +%s) - start ))s"
+	$(CLUSTER_BIN)/cluster-e2e --provider=local $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
+
+# The same scenarios on a kind cluster (Docker hosts only; not run in CI).
+kind-e2e: build cluster-image-tools
+	$(CLUSTER_BIN)/cluster-e2e --provider=kind $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
 image:
 	docker build -t metaconceal:dev -f conf/Dockerfile .

@@ -1,7 +1,7 @@
 // Command metaconceal-install puts the metaconceal CNI plugin on a node: it copies the
 // plugin binary into the CNI bin dir and its entry into the node's primary CNI config,
 // keeps the entry there while the main CNI rewrites its file, and removes both on
-// uninstall. It is what the DaemonSet runs; see README.md, "Installing on a cluster".
+// uninstall. It is what the DaemonSet runs; see docs/install.md.
 package main
 
 import (
@@ -35,10 +35,11 @@ func main() {
 type options struct {
 	binDir, confDir, plugin      string
 	once, uninstall, uninstallOn bool
-	mode, proxy                  string
+	mode, proxy, alts            string
 	exclude                      cliflag.List
 	debounce, resync, waitTime   time.Duration
 	logFormat, logLevel          string
+	agent                        agentOptions // node agent (watch mode): agent.go
 }
 
 // parseFlags reports its errors on stderr itself.
@@ -54,10 +55,12 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.BoolVar(&o.uninstallOn, "uninstall-on-exit", false, "in watch mode, uninstall on SIGTERM/SIGINT")
 	fs.StringVar(&o.mode, "mode", string(netconf.DefaultMode), "plugin mode written into the entry: SECURE, EXPOSED or UNSPECIFIED")
 	fs.StringVar(&o.proxy, "proxy", netconf.DefaultProxy, "proxy address written into the entry")
+	fs.StringVar(&o.alts, "alts", string(netconf.DefaultALTS), "treatment of metadata port 8080 (the ALTS handshaker) written into the entry: relay (to the proxy's ALTS relay, as GKE) or reject")
 	fs.Var(&o.exclude, "exclude-namespaces", "namespaces whose pods the plugin leaves alone; repeatable or comma-separated")
 	fs.DurationVar(&o.debounce, "debounce", installer.DefaultDebounce, "watch: quiet time after a conf dir change before checking the config")
 	fs.DurationVar(&o.resync, "resync", installer.DefaultResync, "watch: how often to check binary and entry without any change (0 disables)")
 	fs.DurationVar(&o.waitTime, "wait-timeout", 0, "--once: give up when no CNI config appears within this time (0 waits forever)")
+	o.agent.register(fs)
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
@@ -82,6 +85,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	}
 	if o.once && o.uninstall {
 		log.Error("--once and --uninstall exclude each other")
+		return 2
+	}
+	if err := o.agent.validate(!o.once && !o.uninstall); err != nil {
+		log.Error("bad node agent flags", "err", err)
 		return 2
 	}
 	entry := entryOf(o)
@@ -110,7 +117,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		err = in.Once(ctx)
 	default:
 		log.Info("watching", "dir", o.confDir, "uninstall_on_exit", o.uninstallOn)
-		err = in.Run(ctx, o.uninstallOn)
+		err = o.agent.runBeside(ctx, o.confDir, log, func(ctx context.Context) error { return in.Run(ctx, o.uninstallOn) })
 	}
 	if err != nil {
 		log.Error("failed", "err", err)
@@ -120,7 +127,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 }
 
 func entryOf(o *options) conflist.Entry {
-	return conflist.Entry{Mode: o.mode, Proxy: o.proxy, ExcludeNamespaces: o.exclude}
+	return conflist.Entry{Mode: o.mode, Proxy: o.proxy, ALTS: o.alts, ExcludeNamespaces: o.exclude}
 }
 
 // validateEntry runs the entry through the plugin's own config parser.

@@ -50,6 +50,9 @@ func TestRunFlags(t *testing.T) {
 	}{
 		{"once installs", flannel, []string{"--once", "--exclude-namespaces", "kube-system, istio-system"}, 0, "entry=added", `"excludeNamespaces": [`},
 		{"bad mode", flannel, []string{"--once", "--mode", "LOCKED"}, 2, `unknown value \"LOCKED\"`, ""},
+		{"alts reject", flannel, []string{"--once", "--alts", "reject"}, 0, "entry=added", `"alts": "reject"`},
+		{"alts default relay", flannel, []string{"--once"}, 0, "entry=added", `"alts": "relay"`},
+		{"bad alts", flannel, []string{"--once", "--alts", "drop"}, 2, `unknown value \"drop\"`, ""},
 		{"bad proxy", flannel, []string{"--once", "--proxy", "localhost:988"}, 2, `is not IPv4:port`, ""},
 		{"once with uninstall", flannel, []string{"--once", "--uninstall"}, 2, "exclude each other", ""},
 		{"unparsable config", "{" + flannel, []string{"--once"}, 1, "not valid JSON", ""},

@@ -3,13 +3,12 @@ package main
 import (
 	"bytes"
 	"io"
-	"net/netip"
-	"net/url"
 	"slices"
 	"strings"
 	"testing"
 
 	"github.com/metaconceal/metaconceal/internal/cliflag"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 func TestParseFlagsDefaults(t *testing.T) {
@@ -19,8 +18,12 @@ func TestParseFlagsDefaults(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.Equal(o.listen, cliflag.List{defaultListen}) || o.upstream != "http://169.254.169.254" ||
-		o.metricsListen != "127.0.0.1:989" || o.stateDir != "/run/metaconceal" || o.recursive != "deny" || o.hostGuard {
-		t.Errorf("defaults = %+v", o)
+		o.metricsListen != "127.0.0.1:989" || o.stateDir != "/run/metaconceal" || o.recursive != "deny" || !o.hostGuard ||
+		o.iptablesBackend != "auto" {
+		t.Errorf("defaults = %+v (the host guard is on by default)", o)
+	}
+	if o, err := parseFlags([]string{"--host-guard=false"}, io.Discard); err != nil || o.hostGuard {
+		t.Errorf("--host-guard=false: %+v, %v", o, err)
 	}
 	o, err = parseFlags([]string{"--listen", "169.254.169.252:988", "--listen", "127.0.0.1:988,[fd00::1]:988"}, io.Discard)
 	if err != nil {
@@ -34,41 +37,36 @@ func TestParseFlagsDefaults(t *testing.T) {
 	}
 }
 
-func TestGuardConfig(t *testing.T) {
-	// Not parallel: it replaces ipv6Enabled.
-	orig := ipv6Enabled
-	t.Cleanup(func() { ipv6Enabled = orig })
-	ipv6Enabled = func() bool { return true }
-	o := options{listen: cliflag.List{"169.254.169.252:988"}}
-	cfg, err := guardConfig(o, &url.URL{Scheme: "http", Host: "169.254.169.254"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !slices.Equal(cfg.ListenAddrs, []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}) ||
-		!slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")}) || cfg.MetadataPort != 0 {
-		t.Errorf("guard config = %+v (GCE's IPv6 metadata address must be guarded, rejected, even without an IPv6 listener)", cfg)
-	}
-	// Listening on IPv6 too (dual stack): the same addresses, now with an IPv6 DNAT target.
-	cfg, err = guardConfig(options{listen: cliflag.List{"169.254.169.252:988", "[fd20:ce::252]:988"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
-	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")}) {
-		t.Errorf("dual-stack guard config = %+v, %v", cfg, err)
-	}
-	cfg, err = guardConfig(options{listen: o.listen, metadataAddrs: cliflag.List{"10.9.9.9"}}, &url.URL{Scheme: "http", Host: "169.254.169.254"})
-	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("10.9.9.9")}) {
-		t.Errorf("--metadata-addr guard config = %+v, %v", cfg, err)
-	}
-	cfg, err = guardConfig(o, &url.URL{Scheme: "http", Host: "10.1.2.3:8080"})
-	if err != nil || cfg.MetadataPort != 8080 {
-		t.Errorf("guard config with a port = %+v, %v", cfg, err)
-	}
-	if _, err := guardConfig(options{listen: cliflag.List{"metadata.local:988"}}, &url.URL{Scheme: "http", Host: "x"}); err == nil {
-		t.Error("a host name listen address was accepted for the guard")
-	}
-	// Without an IPv6 stack on the node, only the IPv4 address is guarded.
-	ipv6Enabled = func() bool { return false }
-	cfg, err = guardConfig(o, &url.URL{Scheme: "http", Host: "169.254.169.254"})
-	if err != nil || !slices.Equal(cfg.MetadataAddrs, []netip.Addr{netip.MustParseAddr("169.254.169.254")}) {
-		t.Errorf("guard config without IPv6 = %+v, %v", cfg, err)
+// --iptables-backend takes the plugin's names (pkg/xtables): auto, its old spelling
+// (empty), nft and legacy reach the host guard's config; anything else is refused.
+func TestIptablesBackendFlag(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		arg     string
+		want    xtables.Backend
+		wantErr bool
+	}{
+		{"--iptables-backend=auto", xtables.BackendAuto, false},
+		{"--iptables-backend=", xtables.BackendAuto, false},
+		{"--iptables-backend=nft", xtables.BackendNFT, false},
+		{"--iptables-backend=legacy", xtables.BackendLegacy, false},
+		{"--iptables-backend=ebpf", "", true},
+	} {
+		o, err := parseFlags([]string{tc.arg}, io.Discard)
+		if err != nil {
+			t.Fatalf("%s: %v", tc.arg, err)
+		}
+		upstream, err := parseUpstream(o.upstream)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg, err := guardConfig(o, upstream)
+		switch {
+		case tc.wantErr && (err == nil || !strings.Contains(err.Error(), "--iptables-backend")):
+			t.Errorf("%s: %v, want an error naming --iptables-backend", tc.arg, err)
+		case !tc.wantErr && (err != nil || cfg.Backend != tc.want):
+			t.Errorf("%s: backend %q, %v; want %q", tc.arg, cfg.Backend, err, tc.want)
+		}
 	}
 }
 
@@ -76,14 +74,81 @@ func TestRunFailsClearlyOnUnconfiguredAddress(t *testing.T) {
 	t.Parallel()
 	var stderr bytes.Buffer
 	// 192.0.2.0/24 (TEST-NET-1) is not configured here; binding sends no packet.
-	code := run([]string{"--listen", "192.0.2.77:988", "--metrics-listen", "", "--state-dir", t.TempDir()}, &stderr)
+	// The machine's own netns: --host-guard=false on every run (cmd/metaconceal-proxy's
+	// privileged tests run the guard in a simulated node).
+	code := run([]string{"--host-guard=false", "--listen", "192.0.2.77:988", "--metrics-listen", "", "--state-dir", t.TempDir()}, &stderr)
 	if code != 1 || !strings.Contains(stderr.String(), "not configured on this host") {
 		t.Errorf("exit %d, stderr %q", code, stderr.String())
 	}
-	if code := run([]string{"--recursive", "sometimes"}, &stderr); code != 1 {
+	if !strings.Contains(stderr.String(), "host guard off") {
+		t.Errorf("--host-guard=false logged no warning: %q", stderr.String())
+	}
+	if code := run([]string{"--host-guard=false", "--recursive", "sometimes"}, &stderr); code != 1 {
 		t.Errorf("bad --recursive: exit %d", code)
 	}
-	if code := run([]string{"--log-format", "xml"}, &stderr); code != 2 {
+	if code := run([]string{"--host-guard=false", "--log-format", "xml"}, &stderr); code != 2 {
 		t.Errorf("bad --log-format: exit %d", code)
+	}
+}
+
+func TestSubcommandFlags(t *testing.T) {
+	t.Parallel()
+	o, err := parseRemoveFlags([]string{"--listen", "169.254.169.252:988,[fd20:ce::252]:988", "--upstream", "http://10.1.2.3:8080",
+		"--metadata-addr", "10.1.2.3", "--iptables-backend", "legacy"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(o.listen, cliflag.List{"169.254.169.252:988", "[fd20:ce::252]:988"}) || o.upstream != "http://10.1.2.3:8080" ||
+		!slices.Equal(o.metadataAddrs, cliflag.List{"10.1.2.3"}) || o.iptablesBackend != "legacy" {
+		t.Errorf("remove-host-guard flags = %+v", o)
+	}
+	if o, err := parseRemoveFlags(nil, io.Discard); err != nil || !slices.Equal(o.listen, cliflag.List{defaultListen}) {
+		t.Errorf("remove-host-guard defaults = %+v, %v", o, err)
+	}
+	// Serving flags are not remove-host-guard's; a stray argument is refused. Both fail
+	// in flag parsing, before anything could be removed.
+	for _, args := range [][]string{{"remove-host-guard", "--policy", "x"}, {"remove-host-guard", "now"}, {"remove-host-guard", "--log-format", "xml"}} {
+		var stderr bytes.Buffer
+		if code := dispatch(args, io.Discard, &stderr); code != 2 {
+			t.Errorf("%v: exit %d, want 2 (%s)", args, code, stderr.String())
+		}
+	}
+	var stderr bytes.Buffer
+	if code := dispatch([]string{"remove-host-guard", "--help"}, io.Discard, &stderr); code != 0 || !strings.Contains(stderr.String(), "usage: metaconceal-proxy remove-host-guard") {
+		t.Errorf("remove-host-guard --help: exit %d, %q", code, stderr.String())
+	}
+	stderr.Reset()
+	if code := dispatch([]string{"doctor", "--help"}, io.Discard, &stderr); !strings.Contains(stderr.String(), "usage: metaconceal-proxy doctor") {
+		t.Errorf("doctor --help: exit %d, %q", code, stderr.String())
+	}
+}
+
+func TestParseUpstream(t *testing.T) {
+	t.Parallel()
+	for raw, ok := range map[string]bool{
+		"http://169.254.169.254": true, "https://metadata.google.internal/": true, "http://10.1.2.3:8080": true,
+		"169.254.169.254": false, "ftp://x": false, "http://": false, "http://x/computeMetadata/v1/": false,
+		"http://x?a=b": false, "http://u:p@x": false, "http://[::1": false,
+	} {
+		if _, err := parseUpstream(raw); (err == nil) != ok {
+			t.Errorf("parseUpstream(%q) err = %v, want ok=%v", raw, err, ok)
+		}
+	}
+}
+
+func TestCheckAddrs(t *testing.T) {
+	t.Parallel()
+	good := options{listen: cliflag.List{"169.254.169.252:988"}, metricsListen: "127.0.0.1:989"}
+	if err := checkAddrs(good); err != nil {
+		t.Errorf("good flags refused: %v", err)
+	}
+	for name, o := range map[string]options{
+		"--listen":         {listen: cliflag.List{"169.254.169.252"}},
+		"--metrics-listen": {listen: good.listen, metricsListen: "localhost"},
+		"--shutdown-grace": {listen: good.listen, shutdownGrace: -1},
+	} {
+		if err := checkAddrs(o); err == nil || !strings.Contains(err.Error(), name) {
+			t.Errorf("%s: err = %v, want one naming the flag", name, err)
+		}
 	}
 }

@@ -24,6 +24,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/netconf"
 	"github.com/metaconceal/metaconceal/pkg/redirect"
 	"github.com/metaconceal/metaconceal/pkg/state"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 // About is printed by the VERSION verb and by running the binary without CNI_COMMAND.
@@ -48,8 +49,8 @@ type Plugin struct {
 
 	// lastRunner is the iptables runner of the last verb, for tests that count
 	// processes; runnerHook, when set, adjusts a new runner (tests inject failures).
-	lastRunner *redirect.Runner
-	runnerHook func(*redirect.Runner)
+	lastRunner *xtables.Runner
+	runnerHook func(*xtables.Runner)
 }
 
 // Funcs returns the verbs for skel.PluginMainFuncs.
@@ -92,11 +93,10 @@ func (p *Plugin) logger(conf *netconf.Config, verb string, args *skel.CmdArgs) (
 	return log, closeFn
 }
 
-// newRunner returns the iptables runner of one verb. returnOnCommit is for the verbs
-// that only delete (DEL, GC): see redirect.Runner.ReturnOnCommit.
-func (p *Plugin) newRunner(conf *netconf.Config, returnOnCommit bool) *redirect.Runner {
-	r := redirect.NewRunner(redirect.Backend(conf.IptablesBackend))
-	r.ReturnOnCommit = returnOnCommit
+// newRunner returns the iptables runner of one verb. Every process it starts has
+// exited when the verb returns.
+func (p *Plugin) newRunner(conf *netconf.Config) *xtables.Runner {
+	r := xtables.NewRunner(conf.IptablesBackend)
 	if p.runnerHook != nil {
 		p.runnerHook(r)
 	}
@@ -110,11 +110,11 @@ func attachment(args *skel.CmdArgs) redirect.Attachment {
 
 // spec returns the rules of one family for conf; Metadata is empty when the config
 // lists no address of that family.
-func spec(conf *netconf.Config, family redirect.Family, att redirect.Attachment) redirect.Spec {
-	if family == redirect.IPv6 {
-		return redirect.Spec{Family: family, Attachment: att, Metadata: conf.Metadata6, Proxy: conf.Proxy6Addr}
+func spec(conf *netconf.Config, family xtables.Family, att redirect.Attachment) redirect.Spec {
+	if family == xtables.IPv6 {
+		return redirect.Spec{Family: family, Attachment: att, Metadata: conf.Metadata6, Proxy: conf.Proxy6Addr, ALTS: conf.ALTS6Addr}
 	}
-	return redirect.Spec{Family: family, Attachment: att, Metadata: conf.Metadata4, Proxy: conf.ProxyAddr}
+	return redirect.Spec{Family: family, Attachment: att, Metadata: conf.Metadata4, Proxy: conf.ProxyAddr, ALTS: conf.ALTSAddr}
 }
 
 // wantedSpecs are the families ADD installs: IPv4 when there is an IPv4 metadata
@@ -122,10 +122,10 @@ func spec(conf *netconf.Config, family redirect.Family, att redirect.Attachment)
 func wantedSpecs(conf *netconf.Config, att redirect.Attachment, podIPs []netip.Addr) []redirect.Spec {
 	var out []redirect.Spec
 	if len(conf.Metadata4) > 0 {
-		out = append(out, spec(conf, redirect.IPv4, att))
+		out = append(out, spec(conf, xtables.IPv4, att))
 	}
 	if len(conf.Metadata6) > 0 && slices.ContainsFunc(podIPs, func(a netip.Addr) bool { return a.Is6() && !a.Is4In6() }) {
-		out = append(out, spec(conf, redirect.IPv6, att))
+		out = append(out, spec(conf, xtables.IPv6, att))
 	}
 	return out
 }
@@ -158,14 +158,6 @@ func podIPs(res *current.Result) []netip.Addr {
 		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok {
 			out = append(out, a.Unmap())
 		}
-	}
-	return out
-}
-
-func ipStrings(ips []netip.Addr) []string {
-	out := make([]string, len(ips))
-	for i, a := range ips {
-		out[i] = a.String()
 	}
 	return out
 }
@@ -204,11 +196,11 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 
 	att := attachment(args)
 	ips := podIPs(prev)
-	if reason := exposedReason(conf, pod); reason != "" {
+	rec := record(conf, args, pod, prev)
+	if reason := rec.ExposedReason; rec.Exposed {
 		// No rules, but a record that says so: with the proxy's host guard on, this
 		// pod's metadata traffic reaches the proxy anyway, which serves it in full only
-		// because of this record.
-		rec := exposedRecord(conf, args, pod, ips, reason)
+		// because of this record (and only through rec.HostIf, against spoofing).
 		if err := state.Write(conf.StateDir, rec); err != nil {
 			log.Error("ADD failed writing state record", "err", err)
 			return types.NewError(types.ErrIOFailure, "metaconceal: cannot write state record", err.Error())
@@ -222,23 +214,23 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 	// creates them. A record, or one that cannot be read, means they may exist.
 	_, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
 	mayExist := !errors.Is(readErr, state.ErrNotFound)
-	runner := p.newRunner(conf, false)
+	runner := p.newRunner(conf)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 
 	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
 		var applied []redirect.Spec
 		for _, s := range specs {
-			if err := runner.Apply(ctx, s, mayExist); err != nil {
+			if err := redirect.Apply(ctx, runner, s, mayExist); err != nil {
 				// iptables-restore commits table by table, so the failed family may be
 				// half in place: roll it back too (Remove inspects what is there).
 				return errors.Join(fmt.Errorf("install %s rules: %w", s.Family, err), rollback(ctx, runner, append(applied, s)))
 			}
 			applied = append(applied, s)
 		}
-		if mayExist && len(conf.Metadata6) > 0 && !slices.ContainsFunc(specs, func(s redirect.Spec) bool { return s.Family == redirect.IPv6 }) {
+		if mayExist && len(conf.Metadata6) > 0 && !slices.ContainsFunc(specs, func(s redirect.Spec) bool { return s.Family == xtables.IPv6 }) {
 			// A repeated ADD whose pod lost its IPv6 address: drop IPv6 rules of earlier ADDs.
-			if _, err := runner.Remove(ctx, spec(conf, redirect.IPv6, att), false); err != nil {
+			if _, err := redirect.Remove(ctx, runner, spec(conf, xtables.IPv6, att), false); err != nil {
 				return errors.Join(fmt.Errorf("remove stale IPv6 rules: %w", err), rollback(ctx, runner, applied))
 			}
 		}
@@ -249,10 +241,6 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 		return types.NewError(types.ErrInternal, "metaconceal: cannot install metadata redirect rules", err.Error())
 	}
 
-	rec := state.Record{
-		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
-		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
-	}
 	if err := state.Write(conf.StateDir, rec); err != nil {
 		rbErr := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error { return rollback(ctx, runner, specs) })
 		log.Error("ADD failed writing state record; rules rolled back", "err", err, "rollbackErr", rbErr, "iptables", runner.CountsString())
@@ -264,10 +252,10 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 }
 
 // rollback removes the rules of specs; it runs inside the pod netns.
-func rollback(ctx context.Context, runner *redirect.Runner, specs []redirect.Spec) error {
+func rollback(ctx context.Context, runner *xtables.Runner, specs []redirect.Spec) error {
 	var errs []error
 	for _, s := range specs {
-		if _, err := runner.Remove(ctx, s, true); err != nil {
+		if _, err := redirect.Remove(ctx, runner, s, true); err != nil {
 			errs = append(errs, fmt.Errorf("roll back %s rules: %w", s.Family, err))
 		}
 	}
@@ -279,14 +267,14 @@ func rollback(ctx context.Context, runner *redirect.Runner, specs []redirect.Spe
 // netns. recordFound and rec say what the state record knows of the ADD: with a record
 // the rules are most likely there (one restore deletes them); without one, and only
 // when this config conceals at all, a snapshot shows whether anything is left.
-func removeAttachment(ctx context.Context, runner *redirect.Runner, conf *netconf.Config, att redirect.Attachment, recordFound bool, rec state.Record, excluded bool) (bool, error) {
+func removeAttachment(ctx context.Context, runner *xtables.Runner, conf *netconf.Config, att redirect.Attachment, recordFound bool, rec state.Record, excluded bool) (bool, error) {
 	removed := false
-	for _, family := range []redirect.Family{redirect.IPv4, redirect.IPv6} {
+	for _, family := range []xtables.Family{xtables.IPv4, xtables.IPv6} {
 		s := spec(conf, family, att)
 		if len(s.Metadata) == 0 {
 			continue // this config has no address of the family, so installs nothing there
 		}
-		if recordFound && family == redirect.IPv6 && !hasIPv6(rec.IPs) {
+		if recordFound && family == xtables.IPv6 && !hasIPv6(rec.IPs) {
 			continue // ADD installs IPv6 rules only for a pod with an IPv6 address
 		}
 		if recordFound && rec.Exposed {
@@ -295,7 +283,7 @@ func removeAttachment(ctx context.Context, runner *redirect.Runner, conf *netcon
 		if !recordFound && (!conf.Mode.Conceals() || excluded) {
 			continue // no record, and this config would not have installed anything
 		}
-		did, err := runner.Remove(ctx, s, recordFound)
+		did, err := redirect.Remove(ctx, runner, s, recordFound)
 		if err != nil {
 			return removed, fmt.Errorf("remove %s rules: %w", family, err)
 		}
@@ -319,11 +307,7 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	if readErr != nil && !errors.Is(readErr, state.ErrNotFound) {
 		log.Warn("state record unreadable; removing rules by inspection", "err", readErr)
 	}
-	// On nf_tables the deleting iptables-restore is not waited for once its commit is
-	// seen: the kernel makes the release of its netlink socket wait an RCU grace period
-	// (10-30 ms), under a lock that deleting the pod's interface takes next. See
-	// redirect.Runner.ReturnOnCommit.
-	runner := p.newRunner(conf, true)
+	runner := p.newRunner(conf)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 
@@ -347,11 +331,8 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 		log.Error("DEL failed removing state record", "err", err)
 		return types.NewError(types.ErrIOFailure, "metaconceal: cannot remove state record", err.Error())
 	}
-	if err := runner.WatchProblems(); err != nil {
-		log.Warn("could not watch the deletion's commit; waited for iptables-restore instead", "err", err)
-	}
 	log.Info("attachment released", "rulesRemoved", removed, "recordFound", recordFound,
-		"iptables", runner.CountsString(), "restoresDetached", runner.Detached(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
+		"iptables", runner.CountsString(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
 	return nil
 }
 
@@ -378,25 +359,24 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	if err != nil {
 		return fail("state record of "+att.String()+" is missing or unreadable", err)
 	}
-	want := state.Record{
-		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
-		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
+	want := record(conf, args, pod, prev)
+	if rec.HostIf == "" {
+		// Written by a release that did not record the host interface (the node was
+		// upgraded in place): that alone is no drift.
+		want.HostIf = ""
 	}
-	if reason := exposedReason(conf, pod); reason != "" {
-		want = exposedRecord(conf, args, pod, ips, reason)
-	}
-	if !recordsEqual(rec, want) {
+	if !rec.Equal(want) {
 		return fail("state record of "+att.String()+" differs", fmt.Errorf("want %+v, got %+v", want, rec))
 	}
 	if want.Exposed {
 		log.Info("exposed attachment recorded; no rules to check", "reason", want.ExposedReason)
 		return nil
 	}
-	runner := p.newRunner(conf, false)
+	runner := p.newRunner(conf)
 	err = ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
 		var errs []error
 		for _, s := range wantedSpecs(conf, att, ips) {
-			errs = append(errs, runner.Check(s))
+			errs = append(errs, redirect.Check(runner, s))
 		}
 		return errors.Join(errs...)
 	})
@@ -405,12 +385,6 @@ func (p *Plugin) Check(args *skel.CmdArgs) error {
 	}
 	log.Info("rules and record in place", "iptables", runner.CountsString())
 	return nil
-}
-
-func recordsEqual(a, b state.Record) bool {
-	return a.Network == b.Network && a.ContainerID == b.ContainerID && a.IfName == b.IfName && a.Netns == b.Netns &&
-		slices.Equal(a.IPs, b.IPs) && a.PodNamespace == b.PodNamespace && a.PodName == b.PodName && a.PodUID == b.PodUID &&
-		a.Exposed == b.Exposed && a.ExposedReason == b.ExposedReason
 }
 
 // exposedReason says why this config leaves the pod unconcealed, or "" when it conceals.
@@ -422,14 +396,6 @@ func exposedReason(conf *netconf.Config, pod netconf.PodArgs) string {
 		return "excludeNamespaces"
 	}
 	return ""
-}
-
-func exposedRecord(conf *netconf.Config, args *skel.CmdArgs, pod netconf.PodArgs, ips []netip.Addr, reason string) state.Record {
-	return state.Record{
-		Network: conf.Name, ContainerID: args.ContainerID, IfName: args.IfName, Netns: args.Netns, IPs: ipStrings(ips),
-		PodNamespace: pod.Namespace, PodName: pod.Name, PodUID: pod.UID,
-		Exposed: true, ExposedReason: reason,
-	}
 }
 
 // GC removes the records, and the rules where their netns still exists, of every
@@ -447,7 +413,7 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	}
 	records, listErr := state.List(conf.StateDir)
 	errs := []error{listErr}
-	runner := p.newRunner(conf, true)
+	runner := p.newRunner(conf)
 	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
 	defer cancel()
 	collected := 0
@@ -478,11 +444,8 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		collected++
 		log.Info("collected stale attachment", "containerID", rec.ContainerID, "ifname", rec.IfName, "netns", rec.Netns)
 	}
-	if err := runner.WatchProblems(); err != nil {
-		log.Warn("could not watch a deletion's commit; waited for iptables-restore instead", "err", err)
-	}
 	log.Info("GC done", "records", len(records), "otherNetworks", otherNetworks, "valid", len(valid), "collected", collected,
-		"iptables", runner.CountsString(), "restoresDetached", runner.Detached())
+		"iptables", runner.CountsString())
 	if err := errors.Join(errs...); err != nil {
 		return types.NewError(types.ErrInternal, "metaconceal: GC incomplete", err.Error())
 	}

@@ -16,10 +16,11 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
 	"github.com/metaconceal/metaconceal/pkg/redirect"
 	"github.com/metaconceal/metaconceal/pkg/state"
-	"github.com/metaconceal/metaconceal/test/simnode"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 var backends = []string{"nft", "legacy"}
@@ -31,6 +32,11 @@ type env struct {
 	node     *simnode.Node
 	stateDir string
 }
+
+// ipv4Rules is how many rules an IPv4 attachment's chains hold with the default
+// config: DNAT of ports 80 and 8080 (nat), RETURN of DNS over UDP and TCP and of NTP,
+// and the REJECT (filter).
+const ipv4Rules = 6
 
 func newEnv(t *testing.T, backend string) *env {
 	t.Helper()
@@ -88,10 +94,10 @@ func args(cid, ifname, netns string, conf []byte) *skel.CmdArgs {
 		Args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=team-a;K8S_POD_NAME=web-0;K8S_POD_UID=uid-1"}
 }
 
-func (e *env) save(podName string, family redirect.Family) string {
+func (e *env) save(podName string, family xtables.Family) string {
 	e.t.Helper()
 	prog := "iptables-" + e.backend + "-save"
-	if family == redirect.IPv6 {
+	if family == xtables.IPv6 {
 		prog = "ip6tables-" + e.backend + "-save"
 	}
 	out, err := simnode.Run(context.Background(), "ip", "netns", "exec", podName, prog)
@@ -145,7 +151,7 @@ func TestAttachmentLifecycle(t *testing.T) {
 			if err := json.Unmarshal([]byte(out), &res); err != nil || !strings.Contains(out, "10.22.0.5/24") || res["cniVersion"] != "1.1.0" {
 				t.Errorf("ADD result is not prevResult: %q (%v)", out, err)
 			}
-			saved := e.save(podName, redirect.IPv4)
+			saved := e.save(podName, xtables.IPv4)
 			for want, n := range map[string]int{
 				"-A OUTPUT -m comment --comment \"metaconceal c-life eth0\" -j " + chain:                                       2, // nat and filter
 				"-A " + chain + " -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 169.254.169.252:988": 1,
@@ -155,7 +161,7 @@ func TestAttachmentLifecycle(t *testing.T) {
 					t.Errorf("after ADD want %d times %q in:\n%s", n, want, saved)
 				}
 			}
-			if v6 := e.save(podName, redirect.IPv6); strings.Contains(v6, redirect.ChainPrefix) {
+			if v6 := e.save(podName, xtables.IPv6); strings.Contains(v6, redirect.ChainPrefix) {
 				t.Errorf("IPv6 rules for a pod without IPv6:\n%s", v6)
 			}
 			rec, err := state.Read(e.stateDir, "c-life", "eth0")
@@ -164,7 +170,7 @@ func TestAttachmentLifecycle(t *testing.T) {
 			}
 			want := state.Record{Network: "test", ContainerID: "c-life", IfName: "eth0", Netns: podPath, IPs: []string{"10.22.0.5"},
 				PodNamespace: "team-a", PodName: "web-0", PodUID: "uid-1"}
-			if !recordsEqual(rec, want) {
+			if !rec.Equal(want) {
 				t.Errorf("record %+v, want %+v", rec, want)
 			}
 
@@ -173,8 +179,8 @@ func TestAttachmentLifecycle(t *testing.T) {
 			} else if p.lastRunner.Total() != 2 {
 				t.Errorf("second ADD ran %s, want iptables-save + one reconciling iptables-restore", p.lastRunner.CountsString())
 			}
-			if again := e.save(podName, redirect.IPv4); strings.Count(again, "-j "+chain) != 2 || strings.Count(again, "-A "+chain) != 2 {
-				t.Errorf("after ADD twice want one jump per table and one rule per chain:\n%s", again)
+			if again := e.save(podName, xtables.IPv4); strings.Count(again, "-j "+chain) != 2 || strings.Count(again, "-A "+chain) != ipv4Rules {
+				t.Errorf("after ADD twice want one jump per table and %d rules in the chains:\n%s", ipv4Rules, again)
 			}
 
 			if _, _, err := run(t, check, a); err != nil {
@@ -205,7 +211,7 @@ func TestAttachmentLifecycle(t *testing.T) {
 			if p.lastRunner.Total() != 1 {
 				t.Errorf("DEL ran %s, want exactly one iptables-restore", p.lastRunner.CountsString())
 			}
-			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+			if left := e.save(podName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("rules left after DEL:\n%s", left)
 			}
 			if _, err := state.Read(e.stateDir, "c-life", "eth0"); !errors.Is(err, state.ErrNotFound) {
@@ -240,11 +246,11 @@ func TestTwoAttachmentsOneNetns(t *testing.T) {
 			if _, _, err := run(t, del, a0); err != nil {
 				t.Fatalf("DEL eth0: %v", err)
 			}
-			saved := e.save(podName, redirect.IPv4)
+			saved := e.save(podName, xtables.IPv4)
 			if strings.Contains(saved, chainOf("c-two", "eth0")) {
 				t.Errorf("eth0 rules left:\n%s", saved)
 			}
-			if strings.Count(saved, "-A "+chainOf("c-two", "net1")) != 2 {
+			if strings.Count(saved, "-A "+chainOf("c-two", "net1")) != ipv4Rules {
 				t.Errorf("net1 rules gone with eth0's DEL:\n%s", saved)
 			}
 			if _, _, err := run(t, check, a1); err != nil {
@@ -273,7 +279,7 @@ func TestIPv6(t *testing.T) {
 				t.Errorf("dual-stack ADD ran %s, want one restore per family", p.lastRunner.CountsString())
 			}
 			chain := chainOf("c-v6", "eth0")
-			v6 := e.save(podName, redirect.IPv6)
+			v6 := e.save(podName, xtables.IPv6)
 			for _, want := range []string{
 				"-A " + chain + " -d fd20:ce::254/128 -p tcp -m tcp --dport 80 -j DNAT --to-destination [fd20:ce::252]:988",
 				"-A " + chain + " -d fd20:ce::254/128 -j REJECT --reject-with icmp6-port-unreachable",
@@ -282,7 +288,7 @@ func TestIPv6(t *testing.T) {
 					t.Errorf("want %q in:\n%s", want, v6)
 				}
 			}
-			if strings.Contains(e.save(podName, redirect.IPv4), "fd20") {
+			if strings.Contains(e.save(podName, xtables.IPv4), "fd20") {
 				t.Errorf("IPv6 address in IPv4 rules")
 			}
 			if _, _, err := run(t, check, a); err != nil {
@@ -291,7 +297,7 @@ func TestIPv6(t *testing.T) {
 			if _, _, err := run(t, del, a); err != nil {
 				t.Fatalf("DEL: %v", err)
 			}
-			if left := e.save(podName, redirect.IPv6); strings.Contains(left, "METACONCEAL") {
+			if left := e.save(podName, xtables.IPv6); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("IPv6 rules left after DEL:\n%s", left)
 			}
 
@@ -301,7 +307,7 @@ func TestIPv6(t *testing.T) {
 			if _, _, err := run(t, add, b); err != nil {
 				t.Fatalf("ADD without proxy6: %v", err)
 			}
-			v6 = e.save(podName, redirect.IPv6)
+			v6 = e.save(podName, xtables.IPv6)
 			chainB := chainOf("c-v6b", "eth0")
 			if !strings.Contains(v6, "-A "+chainB+" -d fd20:ce::254/128 -j REJECT") || strings.Contains(v6, "DNAT") {
 				t.Errorf("without proxy6 want only a REJECT:\n%s", v6)
@@ -312,7 +318,7 @@ func TestIPv6(t *testing.T) {
 			if _, _, err := run(t, del, b); err != nil {
 				t.Fatalf("DEL: %v", err)
 			}
-			if left := e.save(podName, redirect.IPv6) + e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+			if left := e.save(podName, xtables.IPv6) + e.save(podName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("rules left after DEL:\n%s", left)
 			}
 		})
@@ -367,7 +373,7 @@ func TestAddRollsBackWhenRecordFails(t *testing.T) {
 			if out != "" {
 				t.Errorf("failed ADD printed a result: %q", out)
 			}
-			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+			if left := e.save(podName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("rules left after a failed ADD:\n%s", left)
 			}
 		})
@@ -385,8 +391,8 @@ func TestAddRollsBackWhenIPv6Fails(t *testing.T) {
 			a := args("c-rb6", "eth0", podPath, e.conf(map[string]any{"metadataAddresses": []string{"169.254.169.254", "fd20:ce::254"}},
 				"10.22.0.14/24", "fd00:22::14/64"))
 			var stdout, stderr bytes.Buffer
-			p := &Plugin{Stdout: &stdout, Stderr: &stderr, runnerHook: func(r *redirect.Runner) {
-				r.SetTools(redirect.IPv6, redirect.Tools{Restore: "/bin/false", Save: "/bin/false", Iptables: "/bin/false"})
+			p := &Plugin{Stdout: &stdout, Stderr: &stderr, runnerHook: func(r *xtables.Runner) {
+				r.SetTools(xtables.IPv6, xtables.Tools{Restore: "/bin/false", Save: "/bin/false", Iptables: "/bin/false"})
 			}}
 			err := p.Add(a)
 			t.Logf("plugin log: %s", stderr.String())
@@ -396,7 +402,7 @@ func TestAddRollsBackWhenIPv6Fails(t *testing.T) {
 			if stdout.Len() != 0 {
 				t.Errorf("failed ADD printed a result: %q", stdout.String())
 			}
-			if left := e.save(podName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+			if left := e.save(podName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("IPv4 rules left after the IPv6 failure:\n%s", left)
 			}
 			if recs, err := state.List(e.stateDir); err != nil || len(recs) != 0 {
@@ -442,10 +448,10 @@ func TestGC(t *testing.T) {
 			if err != nil || len(recs) != 2 || recs[0].ContainerID != "c-keep" || recs[1].ContainerID != "c-other" {
 				t.Errorf("records after GC = %+v, %v; want c-keep and the other network's c-other", recs, err)
 			}
-			if left := e.save(staleName, redirect.IPv4); strings.Contains(left, "METACONCEAL") {
+			if left := e.save(staleName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
 				t.Errorf("stale attachment's rules left after GC:\n%s", left)
 			}
-			if kept := e.save(keepName, redirect.IPv4); strings.Count(kept, "-A "+chainOf("c-keep", "eth0")) != 2 {
+			if kept := e.save(keepName, xtables.IPv4); strings.Count(kept, "-A "+chainOf("c-keep", "eth0")) != ipv4Rules {
 				t.Errorf("valid attachment's rules gone after GC:\n%s", kept)
 			}
 		})

@@ -74,6 +74,7 @@ var ErrNotChainable = errors.New("configuration cannot take a chained plugin")
 type Entry struct {
 	Mode              string
 	Proxy             string
+	ALTS              string
 	ExcludeNamespaces []string
 }
 
@@ -82,13 +83,14 @@ type entryJSON struct {
 	Type              string   `json:"type"`
 	Mode              string   `json:"mode,omitempty"`
 	Proxy             string   `json:"proxy,omitempty"`
+	ALTS              string   `json:"alts,omitempty"`
 	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"`
 }
 
 // Marshal renders the entry; with a non-empty indent it is multi-line, every line after
 // the first starting with prefix, as json.MarshalIndent does.
 func (e Entry) Marshal(prefix, indent string) ([]byte, error) {
-	v := entryJSON{Type: PluginType, Mode: e.Mode, Proxy: e.Proxy, ExcludeNamespaces: e.ExcludeNamespaces}
+	v := entryJSON{Type: PluginType, Mode: e.Mode, Proxy: e.Proxy, ALTS: e.ALTS, ExcludeNamespaces: e.ExcludeNamespaces}
 	if indent == "" {
 		return json.Marshal(v)
 	}

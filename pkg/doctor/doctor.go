@@ -21,6 +21,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/gce"
 )
 
 // Exit codes of Main.
@@ -67,7 +69,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "Exit codes: 0 ok, 1 warnings found, 2 metadata server unreachable or unreadable.")
 		fs.PrintDefaults()
 	}
-	upstream := fs.String("upstream", "http://169.254.169.254", "metadata server to read (from the node)")
+	upstream := fs.String("upstream", "http://"+gce.MetadataIPv4.String(), "metadata server to read (from the node)")
 	timeout := fs.Duration("timeout", 5*time.Second, "time allowed for all reads together")
 	saName := fs.String("sa-name", "", "name to suggest for the new node service account (default <cluster>-node-sa)")
 	if err := fs.Parse(args); err != nil {

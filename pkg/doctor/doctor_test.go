@@ -9,7 +9,7 @@ import (
 	"sync/atomic"
 	"testing"
 
-	"github.com/metaconceal/metaconceal/test/fakegce"
+	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 )
 
 func run(t *testing.T, args ...string) (code int, stdout, stderr string) {

@@ -2,42 +2,63 @@
 // guard that keeps pods away from the metadata server even when they hold
 // CAP_NET_ADMIN and flushed the per-pod rules the CNI plugin put in their netns:
 //
-//   - nat PREROUTING -> METACONCEAL-GUARD: DNAT of TCP to metadata:port toward the
-//     proxy's first listen address. PREROUTING sees only packets arriving from
-//     outside (pods, other hosts), never host-originated ones.
-//   - filter FORWARD -> METACONCEAL-GUARD: REJECT of any other traffic to the metadata
-//     addresses that the node would route on (pods on a real node).
-//   - filter INPUT ! -i lo -> METACONCEAL-GUARD: the same REJECT for packets that end
-//     at the node because the metadata address is local to it (GKE's own metadata
-//     server, the simulated node). Host processes use lo and OUTPUT: untouched.
+//   - nat PREROUTING -> METACONCEAL-GUARD: DNAT of TCP to metadata:80 toward the
+//     proxy's first listen address, and of TCP to metadata:8080 (the ALTS handshaker)
+//     toward the ALTS relay's. PREROUTING sees only packets arriving from outside
+//     (pods, other hosts), never host-originated ones.
+//   - filter FORWARD -> METACONCEAL-GUARD: RETURN of DNS (UDP and TCP 53) and NTP (UDP
+//     123), which GCE serves on the metadata address too, and REJECT of any other
+//     traffic to the metadata addresses that the node would route on (pods on a real
+//     node): TCP with a reset, the rest with ICMP port unreachable.
+//   - filter INPUT ! -i lo -> METACONCEAL-GUARD: the same for packets that end at the
+//     node because the metadata address is local to it (GKE's own metadata server,
+//     the simulated node). Host processes use lo and OUTPUT: untouched.
+//   - filter FORWARD and OUTPUT ! -o lo -> METACONCEAL-GUARD-FROM: REJECT (reset) of
+//     TCP from metadata:80 and :8080 that opens a flow in conntrack's eyes (original
+//     direction) or that conntrack finds invalid. The server never opens connections
+//     from those ports: such a packet belongs to a pod's connection whose conntrack
+//     entry Install deleted (below), and must not reach the pod.
 //
-// The proxy's listen addresses are put on lo when missing, IPv4 ones with the label
-// "lo:mcguard" so that Remove takes away only what Install added.
+// When Install finds pod connections to metadata:80 or :8080 that reached the server
+// directly (the node ran without the guard), it deletes their conntrack entries, so
+// that a keep-alive connection or a held long poll cannot go on reading: the pod's
+// next packet is redirected to the proxy (which resets it) and the server's next
+// packet is rejected. Node-originated connections are left alone.
+//
+// The proxy's and the relay's listen addresses are put on lo when missing, with scope
+// host (as GKE does, so the node never picks them as a source address) and, for IPv4,
+// the label "lo:mcguard" so that Remove takes away only what Install added.
 //
 // Install is idempotent and applies each family's rules with one
-// `iptables-restore --noflush` (atomic). The guard stays when the proxy stops, so a
+// `iptables-restore --noflush` (atomic), run by pkg/xtables as for the per-pod rules,
+// with the same backend names; it waits for the xtables lock as long as the context
+// allows. The guard stays when the proxy stops, so a
 // restart opens no window; only Remove takes it away.
 package hostguard
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"net/netip"
-	"os/exec"
+	"slices"
 	"strings"
 
 	"github.com/coreos/go-iptables/iptables"
 
-	"github.com/metaconceal/metaconceal/pkg/redirect"
+	"github.com/metaconceal/metaconceal/pkg/gce"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 	"github.com/vishvananda/netlink"
 )
 
 // Chain is the name of the guard's own chain, in both the nat and filter tables.
 const Chain = "METACONCEAL-GUARD"
+
+// ChainFrom is the filter chain that rejects TCP from the metadata server's ports
+// that does not belong to a connection conntrack knows (see the package comment).
+const ChainFrom = "METACONCEAL-GUARD-FROM"
 
 // AddrLabel marks the IPv4 addresses Install put on lo. The kernel requires an IPv4
 // label to start with the interface name; IPv6 addresses carry no label.
@@ -45,20 +66,6 @@ const AddrLabel = "lo:mcguard"
 
 // ruleComment tags every guard rule in iptables-save output.
 const ruleComment = "metaconceal host guard"
-
-// Backend selects the iptables binaries; the same names as the plugin's.
-type Backend = redirect.Backend
-
-const (
-	// BackendDefault uses iptables / ip6tables as found on PATH (nf_tables on
-	// current distributions).
-	BackendDefault Backend = ""
-	// BackendNFT uses iptables-nft / ip6tables-nft.
-	BackendNFT = redirect.BackendNFT
-	// BackendLegacy uses iptables-legacy / ip6tables-legacy, for nodes whose other
-	// rules (kube-proxy, the CNI) are legacy ones.
-	BackendLegacy = redirect.BackendLegacy
-)
 
 // Config says what to guard and where to send it.
 type Config struct {
@@ -69,34 +76,32 @@ type Config struct {
 	MetadataAddrs []netip.Addr
 	// MetadataPort is the metadata server's port (default 80).
 	MetadataPort uint16
-	// Backend selects the iptables binaries (default: iptables on PATH).
-	Backend Backend
+	// ALTSListenAddrs are the ALTS relay's listen addresses; TCP to the metadata
+	// addresses' ALTSPort is DNATed to the first one of the same family, and each is
+	// put on lo if missing. Without one of a family, that port is rejected.
+	ALTSListenAddrs []netip.AddrPort
+	// ALTSPort is the ALTS handshaker's port on the metadata server (default 8080).
+	ALTSPort uint16
+	// KeepConntrack skips deleting the conntrack entries of pod connections that
+	// reached the metadata server directly (tests that inspect them use it).
+	KeepConntrack bool
+	// Backend selects the iptables programs (pkg/xtables); empty is
+	// xtables.BackendAuto, iptables on PATH.
+	Backend xtables.Backend
 }
 
 // DefaultMetadataAddr is GCE's metadata server address.
-var DefaultMetadataAddr = netip.MustParseAddr("169.254.169.254")
+var DefaultMetadataAddr = gce.MetadataIPv4
 
 func (c Config) normalized() (Config, error) {
 	if len(c.ListenAddrs) == 0 {
 		return c, errors.New("hostguard: no listen address to redirect to")
 	}
-	for _, ap := range c.ListenAddrs {
-		if !ap.IsValid() || ap.Port() == 0 || ap.Addr().IsUnspecified() {
-			return c, fmt.Errorf("hostguard: listen address %q: want a specific address and a non-zero port", ap)
-		}
+	if err := checkTargets("listen address", c.ListenAddrs, gce.Proxy); err != nil {
+		return c, err
 	}
-	seenFamily := map[bool]bool{}
-	for _, ap := range c.ListenAddrs {
-		v6 := ap.Addr().Unmap().Is6()
-		if seenFamily[v6] {
-			continue
-		}
-		seenFamily[v6] = true
-		// The first address of each family is the DNAT target: the kernel drops
-		// packets from pods DNATed to loopback (unless route_localnet is set).
-		if ap.Addr().Unmap().IsLoopback() {
-			return c, fmt.Errorf("hostguard: listen address %s is a loopback address and cannot receive pod traffic redirected by DNAT: list a node-local address (e.g. 169.254.169.252:988) first", ap)
-		}
+	if err := checkTargets("ALTS relay listen address", c.ALTSListenAddrs, gce.ALTSRelay); err != nil {
+		return c, err
 	}
 	if len(c.MetadataAddrs) == 0 {
 		c.MetadataAddrs = []netip.Addr{DefaultMetadataAddr}
@@ -107,49 +112,83 @@ func (c Config) normalized() (Config, error) {
 		}
 	}
 	if c.MetadataPort == 0 {
-		c.MetadataPort = 80
+		c.MetadataPort = gce.MetadataPort
 	}
-	switch c.Backend {
-	case BackendDefault, BackendNFT, BackendLegacy:
-	default:
-		return c, fmt.Errorf("hostguard: iptables backend %q: want %q, %q or empty", c.Backend, BackendNFT, BackendLegacy)
+	if c.ALTSPort == 0 {
+		c.ALTSPort = gce.ALTSPort
+	}
+
+	if c.Backend == "" {
+		c.Backend = xtables.BackendAuto
+	}
+	if err := c.Backend.Validate(); err != nil {
+		return c, fmt.Errorf("hostguard: %w", err)
 	}
 	return c, nil
 }
 
-// family is one IP family's view of the config and its tools.
-type family struct {
-	v6       bool
-	metadata []netip.Addr
-	port     uint16
-	target   netip.AddrPort // DNAT target; invalid when no listen address of this family
-	iptables string         // binary names
-	restore  string
+// checkTargets validates listen addresses of which the first of each family is a DNAT
+// target.
+func checkTargets(what string, addrs []netip.AddrPort, example netip.AddrPort) error {
+	for _, ap := range addrs {
+		if !ap.IsValid() || ap.Port() == 0 || ap.Addr().IsUnspecified() {
+			return fmt.Errorf("hostguard: %s %q: want a specific address and a non-zero port", what, ap)
+		}
+	}
+	seenFamily := map[bool]bool{}
+	for _, ap := range addrs {
+		v6 := ap.Addr().Unmap().Is6()
+		if seenFamily[v6] {
+			continue
+		}
+		seenFamily[v6] = true
+		// The first address of each family is the DNAT target: the kernel drops
+		// packets from pods DNATed to loopback (unless route_localnet is set).
+		if ap.Addr().Unmap().IsLoopback() {
+			return fmt.Errorf("hostguard: %s %s is a loopback address and cannot receive pod traffic redirected by DNAT: list a node-local address (e.g. %s) first", what, ap, example)
+		}
+	}
+	return nil
 }
 
+// family is one IP family's view of the config and its programs.
+type family struct {
+	v6         bool
+	fam        xtables.Family
+	metadata   []netip.Addr
+	port       uint16
+	altsPort   uint16
+	target     netip.AddrPort  // DNAT target; invalid when no listen address of this family
+	altsTarget netip.AddrPort  // ALTS DNAT target; invalid when none of this family
+	names      xtables.Tools   // program names, for logs
+	run        *xtables.Runner // shared by the families of one families() call
+}
+
+// firstOf returns the first address of the family in addrs, unmapped.
+func firstOf(addrs []netip.AddrPort, v6 bool) netip.AddrPort {
+	for _, ap := range addrs {
+		if ap.Addr().Unmap().Is6() == v6 {
+			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		}
+	}
+	return netip.AddrPort{}
+}
+
+// families splits a normalized config by family. The families share one Runner whose
+// processes wait for the xtables lock as long as the context allows.
 func families(c Config) []family {
 	var fams []family
-	for _, v6 := range []bool{false, true} {
-		f := family{v6: v6, port: c.MetadataPort}
+	run := &xtables.Runner{Backend: c.Backend}
+	for _, fam := range xtables.Families {
+		v6 := fam == xtables.IPv6
+		f := family{v6: v6, fam: fam, port: c.MetadataPort, altsPort: c.ALTSPort, run: run,
+			target: firstOf(c.ListenAddrs, v6), altsTarget: firstOf(c.ALTSListenAddrs, v6)}
 		for _, a := range c.MetadataAddrs {
 			if a.Unmap().Is6() == v6 {
 				f.metadata = append(f.metadata, a.Unmap())
 			}
 		}
-		for _, ap := range c.ListenAddrs {
-			if ap.Addr().Unmap().Is6() == v6 {
-				f.target = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
-				break
-			}
-		}
-		base := "iptables"
-		if v6 {
-			base = "ip6tables"
-		}
-		if c.Backend != BackendDefault {
-			base += "-" + string(c.Backend)
-		}
-		f.iptables, f.restore = base, base+"-restore"
+		f.names, _ = xtables.Names(c.Backend, fam) // c is normalized: the backend is known
 		fams = append(fams, f)
 	}
 	return fams
@@ -161,27 +200,34 @@ type jump struct {
 	spec         []string
 }
 
+// Each is inserted at the top of its chain in this order, so in FORWARD the jump to
+// Chain ends up first and the one to ChainFrom second.
 var jumps = []jump{
-	{"nat", "PREROUTING", []string{"-m", "comment", "--comment", ruleComment, "-j", Chain}},
-	{"filter", "FORWARD", []string{"-m", "comment", "--comment", ruleComment, "-j", Chain}},
-	{"filter", "INPUT", []string{"!", "-i", "lo", "-m", "comment", "--comment", ruleComment, "-j", Chain}},
+	{xtables.TableFilter, "FORWARD", []string{"-m", "comment", "--comment", ruleComment, "-j", ChainFrom}},
+	{xtables.TableFilter, "OUTPUT", []string{"!", "-o", "lo", "-m", "comment", "--comment", ruleComment, "-j", ChainFrom}},
+	{xtables.TableNAT, "PREROUTING", []string{"-m", "comment", "--comment", ruleComment, "-j", Chain}},
+	{xtables.TableFilter, "FORWARD", []string{"-m", "comment", "--comment", ruleComment, "-j", Chain}},
+	{xtables.TableFilter, "INPUT", []string{"!", "-i", "lo", "-m", "comment", "--comment", ruleComment, "-j", Chain}},
 }
 
+// tableChains are the guard's own chains, per table.
+var tableChains = map[string][]string{xtables.TableNAT: {Chain}, xtables.TableFilter: {Chain, ChainFrom}}
+
+// ipt is a go-iptables handle on the family's iptables program, for queries.
 func (f family) ipt() (*iptables.IPTables, error) {
-	proto := iptables.ProtocolIPv4
-	if f.v6 {
-		proto = iptables.ProtocolIPv6
-	}
-	ipt, err := iptables.New(iptables.IPFamily(proto), iptables.Path(f.iptables))
+	ipt, err := f.run.IPTables(f.fam)
 	if err != nil {
-		return nil, fmt.Errorf("hostguard: %s: %w", f.iptables, err)
+		return nil, fmt.Errorf("hostguard: %w", err)
 	}
 	return ipt, nil
 }
 
-// ruleLine renders one iptables-restore line, quoted as redirect renders its own rules.
-func ruleLine(op, chain string, spec []string) string {
-	return redirect.Rule(append([]string{op, chain}, spec...)).String()
+// restore applies payload with one iptables-restore --noflush of the family.
+func (f family) restore(ctx context.Context, payload string) error {
+	if err := f.run.Restore(ctx, f.fam, payload); err != nil {
+		return fmt.Errorf("hostguard: %w", err)
+	}
+	return nil
 }
 
 // installPayload is the iptables-restore input that (re)writes the guard chains,
@@ -192,25 +238,50 @@ func (f family) installPayload(stale map[string][]string) string {
 	var b strings.Builder
 	comment := []string{"-m", "comment", "--comment", ruleComment}
 	b.WriteString("*nat\n:" + Chain + " - [0:0]\n-F " + Chain + "\n")
-	if f.target.IsValid() {
-		to := f.target.String() // 1.2.3.4:988 or [fd00::1]:988
-		for _, a := range f.metadata {
-			spec := append([]string{"-d", redirect.HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(f.port)}, comment...)
-			spec = append(spec, "-j", "DNAT", "--to-destination", to)
-			b.WriteString(ruleLine("-A", Chain, spec) + "\n")
+	dnats := []struct {
+		port uint16
+		to   netip.AddrPort
+	}{{f.port, f.target}}
+	if f.altsPort != f.port { // an upstream on the ALTS port: the proxy gets it
+		dnats = append(dnats, struct {
+			port uint16
+			to   netip.AddrPort
+		}{f.altsPort, f.altsTarget})
+	}
+	for _, a := range f.metadata {
+		for _, d := range dnats {
+			if !d.to.IsValid() {
+				continue // no target of this family: the filter table rejects it
+			}
+			spec := append([]string{"-d", xtables.HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(d.port)}, comment...)
+			spec = append(spec, "-j", "DNAT", "--to-destination", d.to.String()) // 1.2.3.4:988 or [fd00::1]:988
+			b.WriteString(xtables.Line("-A", Chain, spec) + "\n")
 		}
 	}
 	writeJumps(&b, "nat", stale["nat"])
-	b.WriteString("COMMIT\n*filter\n:" + Chain + " - [0:0]\n-F " + Chain + "\n")
-	icmpReject := "icmp-port-unreachable"
-	if f.v6 {
-		icmpReject = "icmp6-port-unreachable"
+	b.WriteString("COMMIT\n*filter\n")
+	for _, c := range tableChains["filter"] {
+		b.WriteString(":" + c + " - [0:0]\n-F " + c + "\n")
 	}
 	for _, a := range f.metadata {
-		tcp := append([]string{"-d", redirect.HostPrefix(a), "-p", "tcp"}, comment...)
-		b.WriteString(ruleLine("-A", Chain, append(tcp, "-j", "REJECT", "--reject-with", "tcp-reset")) + "\n")
-		other := append([]string{"-d", redirect.HostPrefix(a)}, comment...)
-		b.WriteString(ruleLine("-A", Chain, append(other, "-j", "REJECT", "--reject-with", icmpReject)) + "\n")
+		// DNS and NTP pass: GCE serves them on the metadata address.
+		for _, p := range gce.PassPorts {
+			spec := append([]string{"-d", xtables.HostPrefix(a), "-p", p.Proto, "-m", p.Proto, "--dport", fmt.Sprint(p.Port)}, comment...)
+			b.WriteString(xtables.Line("-A", Chain, append(spec, "-j", "RETURN")) + "\n")
+		}
+		tcp := append([]string{"-d", xtables.HostPrefix(a), "-p", "tcp"}, comment...)
+		b.WriteString(xtables.Line("-A", Chain, append(tcp, "-j", "REJECT", "--reject-with", "tcp-reset")) + "\n")
+		other := append([]string{"-d", xtables.HostPrefix(a)}, comment...)
+		b.WriteString(xtables.Line("-A", Chain, append(other, "-j", "REJECT", "--reject-with", xtables.RejectWith(f.fam))) + "\n")
+	}
+	for _, a := range f.metadata {
+		// Picked up mid-stream (nf_conntrack_tcp_loose, the default): original
+		// direction. Not picked up (loose off): invalid.
+		for _, ct := range [][]string{{"--ctdir", "ORIGINAL"}, {"--ctstate", "INVALID"}} {
+			spec := []string{"-s", xtables.HostPrefix(a), "-p", "tcp", "-m", "multiport", "--sports", fmt.Sprintf("%d,%d", f.port, f.altsPort), "-m", "conntrack"}
+			spec = append(append(spec, ct...), comment...)
+			b.WriteString(xtables.Line("-A", ChainFrom, append(spec, "-j", "REJECT", "--reject-with", "tcp-reset")) + "\n")
+		}
 	}
 	writeJumps(&b, "filter", stale["filter"])
 	b.WriteString("COMMIT\n")
@@ -223,13 +294,13 @@ func writeJumps(b *strings.Builder, table string, stale []string) {
 	}
 	for _, j := range jumps {
 		if j.table == table {
-			b.WriteString(ruleLine("-I", j.chain, append([]string{"1"}, j.spec...)) + "\n")
+			b.WriteString(xtables.Line("-I", j.chain, append([]string{"1"}, j.spec...)) + "\n")
 		}
 	}
 }
 
 // builtins are the built-in chains the guard jumps from, per table.
-var builtins = map[string][]string{"nat": {"PREROUTING"}, "filter": {"FORWARD", "INPUT"}}
+var builtins = map[string][]string{xtables.TableNAT: {"PREROUTING"}, xtables.TableFilter: {"FORWARD", "INPUT", "OUTPUT"}}
 
 // existingJumps returns, as iptables-restore "-D" lines, every rule of the table's
 // built-in chains that jumps to the guard chain, duplicates and older spellings
@@ -239,28 +310,20 @@ func (f family) existingJumps(ipt *iptables.IPTables, table string) ([]string, e
 	for _, builtin := range builtins[table] {
 		rules, err := ipt.List(table, builtin)
 		if err != nil {
-			return nil, fmt.Errorf("hostguard: %s: listing %s %s: %w", f.iptables, table, builtin, err)
+			return nil, fmt.Errorf("hostguard: %s: listing %s %s: %w", f.names.Iptables, table, builtin, err)
 		}
 		for _, r := range rules {
 			// List gives "-A CHAIN spec..." in iptables-save syntax: the same spec
 			// after -D deletes exactly that rule.
-			if strings.HasSuffix(r, " -j "+Chain) || strings.Contains(r, " -j "+Chain+" ") {
-				lines = append(lines, "-D"+strings.TrimPrefix(r, "-A"))
+			for _, c := range tableChains[table] {
+				if xtables.JumpsTo(r, c) {
+					lines = append(lines, "-D"+strings.TrimPrefix(r, "-A"))
+					break
+				}
 			}
 		}
 	}
 	return lines, nil
-}
-
-func runRestore(ctx context.Context, bin, payload string) error {
-	cmd := exec.CommandContext(ctx, bin, "--noflush", "--wait")
-	cmd.Stdin = strings.NewReader(payload)
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Run(); err != nil {
-		return fmt.Errorf("hostguard: %s --noflush: %w: %s\ninput was:\n%s", bin, err, strings.TrimSpace(stderr.String()), payload)
-	}
-	return nil
 }
 
 // Install puts the guard in place in the current network namespace. Running it again
@@ -286,19 +349,31 @@ func Install(ctx context.Context, cfg Config, log *slog.Logger) error {
 			return err
 		}
 		stale := map[string][]string{}
-		for _, table := range []string{"nat", "filter"} {
+		for _, table := range []string{xtables.TableNAT, xtables.TableFilter} {
 			if stale[table], err = f.existingJumps(ipt, table); err != nil {
 				return err
 			}
 		}
-		if err := runRestore(ctx, f.restore, f.installPayload(stale)); err != nil {
+		if err := f.restore(ctx, f.installPayload(stale)); err != nil {
 			return err
 		}
-		log.Info("host guard installed", "iptables", f.iptables, "metadata", f.metadata,
-			"port", cfg.MetadataPort, "redirect_to", f.target.String(), "jumps_replaced", len(stale["nat"])+len(stale["filter"]))
+		log.Info("host guard installed", "iptables", f.names.Iptables, "metadata", f.metadata,
+			"port", cfg.MetadataPort, "redirect_to", f.target.String(), "alts_port", cfg.ALTSPort, "alts_relay", f.altsTarget.String(),
+			"jumps_replaced", len(stale["nat"])+len(stale["filter"]))
 		if !f.target.IsValid() {
-			log.Warn("no listen address of this family: metadata traffic of this family is rejected, not redirected", "iptables", f.iptables)
+			log.Warn("no listen address of this family: metadata traffic of this family is rejected, not redirected", "iptables", f.names.Iptables)
 		}
+	}
+	if cfg.KeepConntrack {
+		return nil
+	}
+	// After the rules: a connection deleted now cannot come back unguarded.
+	n, err := deleteDirectPodConnections(cfg)
+	if err != nil {
+		return err
+	}
+	if n > 0 {
+		log.Warn("pod connections that reached the metadata server directly were cut", "conntrack_entries_deleted", n)
 	}
 	return nil
 }
@@ -316,7 +391,7 @@ func Remove(ctx context.Context, cfg Config, log *slog.Logger) error {
 	}
 	var errs []error
 	for _, f := range families(cfg) {
-		if _, err := exec.LookPath(f.iptables); err != nil && len(f.metadata) == 0 {
+		if _, err := f.run.Tools(f.fam); err != nil && len(f.metadata) == 0 {
 			// No address of this family was configured and the node has no tool
 			// for it: nothing of ours can be there.
 			continue
@@ -325,13 +400,13 @@ func Remove(ctx context.Context, cfg Config, log *slog.Logger) error {
 			if len(f.metadata) == 0 {
 				// Not configured for this family, so most likely never installed
 				// in it: a node without ip6tables support must still uninstall.
-				log.Warn("could not check for a host guard of an unconfigured family", "iptables", f.iptables, "err", err)
+				log.Warn("could not check for a host guard of an unconfigured family", "iptables", f.names.Iptables, "err", err)
 				continue
 			}
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, removeListenAddrs(cfg, log))
+	errs = append(errs, removeSpoof(ctx, cfg, log), removeListenAddrs(cfg, log))
 	return errors.Join(errs...)
 }
 
@@ -342,36 +417,42 @@ func (f family) remove(ctx context.Context, log *slog.Logger) error {
 	}
 	var b strings.Builder
 	removed := 0
-	for _, table := range []string{"nat", "filter"} {
-		exists, err := ipt.ChainExists(table, Chain)
-		if err != nil {
-			return fmt.Errorf("hostguard: %s: looking for chain %s in %s: %w", f.iptables, Chain, table, err)
+	for _, table := range []string{xtables.TableNAT, xtables.TableFilter} {
+		var existing []string
+		for _, c := range tableChains[table] {
+			exists, err := ipt.ChainExists(table, c)
+			if err != nil {
+				return fmt.Errorf("hostguard: %s: looking for chain %s in %s: %w", f.names.Iptables, c, table, err)
+			}
+			if exists {
+				existing = append(existing, c)
+			}
 		}
 		lines, err := f.existingJumps(ipt, table)
 		if err != nil {
 			return err
 		}
-		if !exists && len(lines) == 0 {
+		if len(existing) == 0 && len(lines) == 0 {
 			continue
 		}
 		b.WriteString("*" + table + "\n")
 		for _, l := range lines {
 			b.WriteString(l + "\n")
 		}
-		if exists {
-			b.WriteString("-F " + Chain + "\n-X " + Chain + "\n")
+		for _, c := range existing {
+			b.WriteString("-F " + c + "\n-X " + c + "\n")
 		}
 		b.WriteString("COMMIT\n")
 		removed += len(lines)
 	}
 	if b.Len() == 0 {
-		log.Info("host guard not present", "iptables", f.iptables)
+		log.Info("host guard not present", "iptables", f.names.Iptables)
 		return nil
 	}
-	if err := runRestore(ctx, f.restore, b.String()); err != nil {
+	if err := f.restore(ctx, b.String()); err != nil {
 		return err
 	}
-	log.Info("host guard removed", "iptables", f.iptables, "jumps_removed", removed)
+	log.Info("host guard removed", "iptables", f.names.Iptables, "jumps_removed", removed)
 	return nil
 }
 
@@ -380,7 +461,7 @@ func addListenAddrs(cfg Config, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("hostguard: finding lo: %w", err)
 	}
-	for _, ap := range cfg.ListenAddrs {
+	for _, ap := range append(slices.Clone(cfg.ListenAddrs), cfg.ALTSListenAddrs...) {
 		a := ap.Addr().Unmap()
 		present, err := addrPresent(a)
 		if err != nil {
@@ -393,11 +474,13 @@ func addListenAddrs(cfg Config, log *slog.Logger) error {
 			// IPv6 addresses carry no label, so Remove could not tell ours apart.
 			return fmt.Errorf("hostguard: listen address %s is not on this node and the guard adds only IPv4 addresses: put it on lo first", a)
 		}
-		addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: AddrLabel}
+		// Scope host, as GKE does: the kernel never picks it as a source address for
+		// the node's own traffic, and it still receives what is DNATed to it.
+		addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: AddrLabel, Scope: int(netlink.SCOPE_HOST)}
 		if err := netlink.AddrAdd(lo, addr); err != nil {
 			return fmt.Errorf("hostguard: adding listen address %s to lo: %w", a, err)
 		}
-		log.Info("listen address added to lo", "addr", a.String(), "label", AddrLabel)
+		log.Info("listen address added to lo", "addr", a.String(), "label", AddrLabel, "scope", "host")
 	}
 	return nil
 }

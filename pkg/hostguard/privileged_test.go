@@ -16,17 +16,19 @@ import (
 
 	"github.com/containernetworking/plugins/pkg/ns"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
-	"github.com/metaconceal/metaconceal/test/simnode"
+
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 var backends = []struct {
 	name    string
-	backend Backend
+	backend xtables.Backend
 	save    string
 }{
-	{"default", BackendDefault, "iptables-save"},
-	{"legacy", BackendLegacy, "iptables-legacy-save"},
+	{"default", xtables.BackendAuto, "iptables-save"},
+	{"legacy", xtables.BackendLegacy, "iptables-legacy-save"},
 }
 
 func testLogger(t *testing.T) *slog.Logger {
@@ -109,8 +111,9 @@ func TestInstallIdempotentAndRemove(t *testing.T) {
 			ctx := context.Background()
 			// 169.254.169.252 is on the node's lo already (simnode); .251 is not.
 			cfg := Config{
-				ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988"), netip.MustParseAddrPort("169.254.169.251:988")},
-				Backend:     b.backend,
+				ListenAddrs:     []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988"), netip.MustParseAddrPort("169.254.169.251:988")},
+				ALTSListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:987")},
+				Backend:         b.backend,
 			}
 			log := testLogger(t)
 			for i := range 2 {
@@ -121,12 +124,21 @@ func TestInstallIdempotentAndRemove(t *testing.T) {
 			want := []string{
 				`-A FORWARD -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD`,
 				`-A INPUT ! -i lo -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD`,
+				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -p udp -m udp --dport 53 -m comment --comment "metaconceal host guard" -j RETURN`,
+				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -p tcp -m tcp --dport 53 -m comment --comment "metaconceal host guard" -j RETURN`,
+				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -p udp -m udp --dport 123 -m comment --comment "metaconceal host guard" -j RETURN`,
 				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -p tcp -m comment --comment "metaconceal host guard" -j REJECT --reject-with tcp-reset`,
 				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -m comment --comment "metaconceal host guard" -j REJECT --reject-with icmp-port-unreachable`,
 				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -p tcp -m tcp --dport 80 -m comment --comment "metaconceal host guard" -j DNAT --to-destination 169.254.169.252:988`,
+				`-A METACONCEAL-GUARD -d 169.254.169.254/32 -p tcp -m tcp --dport 8080 -m comment --comment "metaconceal host guard" -j DNAT --to-destination 169.254.169.252:987`,
 				`-A PREROUTING -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD`,
+				`-A FORWARD -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD-FROM`,
+				`-A OUTPUT ! -o lo -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD-FROM`,
+				`-A METACONCEAL-GUARD-FROM -s 169.254.169.254/32 -p tcp -m multiport --sports 80,8080 -m conntrack --ctdir ORIGINAL -m comment --comment "metaconceal host guard" -j REJECT --reject-with tcp-reset`,
+				`-A METACONCEAL-GUARD-FROM -s 169.254.169.254/32 -p tcp -m multiport --sports 80,8080 -m conntrack --ctstate INVALID -m comment --comment "metaconceal host guard" -j REJECT --reject-with tcp-reset`,
 				`:METACONCEAL-GUARD - [0:0]`,
 				`:METACONCEAL-GUARD - [0:0]`,
+				`:METACONCEAL-GUARD-FROM - [0:0]`,
 			}
 			slices.Sort(want)
 			if got := guardLines(t, node, b.save); !slices.Equal(got, want) {
@@ -138,6 +150,10 @@ func TestInstallIdempotentAndRemove(t *testing.T) {
 			}
 			if !strings.Contains(addrs, "169.254.169.251/32") || !strings.Contains(addrs, AddrLabel) {
 				t.Errorf("missing listen address not added with label %s:\n%s", AddrLabel, addrs)
+			}
+			// Scope host, as GKE: never a source address for the node's own traffic.
+			if !strings.Contains(addrs, "inet 169.254.169.251/32 scope host "+AddrLabel) {
+				t.Errorf("listen address not added with scope host:\n%s", addrs)
 			}
 			if n := strings.Count(addrs, AddrLabel); n != 1 {
 				t.Errorf("%d addresses labelled %s, want 1 (only the one that was missing):\n%s", n, AddrLabel, addrs)
@@ -188,8 +204,8 @@ func TestInstallKeepsForeignRules(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(out), "\n")
-	if len(lines) != 3 || !strings.Contains(lines[1], "-j "+Chain) || !strings.Contains(lines[2], "10.1.2.3") {
-		t.Errorf("FORWARD after Install, want the guard jump first then the foreign rule:\n%s", out)
+	if len(lines) != 4 || !strings.HasSuffix(lines[1], "-j "+Chain) || !strings.HasSuffix(lines[2], "-j "+ChainFrom) || !strings.Contains(lines[3], "10.1.2.3") {
+		t.Errorf("FORWARD after Install, want the guard's two jumps first then the foreign rule:\n%s", out)
 	}
 	if err := inNetns(t, node.Path, func() error { return Remove(ctx, cfg, nil) }); err != nil {
 		t.Fatal(err)
@@ -234,7 +250,13 @@ func TestInstallConverges(t *testing.T) {
 			t.Fatal(err)
 		}
 		lines := strings.Split(strings.TrimSpace(out), "\n")
-		if n := strings.Count(out, "-j "+Chain); n != 1 || !strings.Contains(lines[1], "-j "+Chain) {
+		n := 0
+		for _, l := range lines {
+			if strings.HasSuffix(l, "-j "+Chain) {
+				n++
+			}
+		}
+		if n != 1 || !strings.HasSuffix(lines[1], "-j "+Chain) {
 			t.Errorf("%s %s after repair: %d jumps, want exactly one, first:\n%s", c.table, c.chain, n, out)
 		}
 	}

@@ -8,6 +8,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/metaconceal/metaconceal/pkg/redirect"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 // Whatever the conflist entry says, Parse either rejects it with a code-7 error or
@@ -22,6 +23,8 @@ func FuzzParse(f *testing.F) {
 		`{"proxy":"[::1]:80"}`,
 		`{"metadataAddresses":["::ffff:1.2.3.4"]}`,
 		`{"stateDir":"/a/../b","excludeNamespaces":["x"],"iptablesBackend":"legacy"}`,
+		`{"alts":"reject"}`,
+		`{"alts":"relay","altsRelay":"10.0.0.2:987","proxy6":"[fd20:ce::252]:988","altsRelay6":"[fd00::2]:987"}`,
 	} {
 		f.Add([]byte(seed))
 	}
@@ -45,14 +48,17 @@ func FuzzParse(f *testing.F) {
 		if len(conf.Metadata4)+len(conf.Metadata6) == 0 {
 			t.Fatalf("accepted a config with no metadata address")
 		}
+		if _, err := xtables.Names(conf.IptablesBackend, xtables.IPv4); err != nil || conf.IptablesBackend == "" {
+			t.Fatalf("accepted iptablesBackend %q: %v", conf.IptablesBackend, err)
+		}
 		att := redirect.Attachment{ContainerID: "c", IfName: "eth0"}
 		if len(conf.Metadata4) > 0 {
-			if _, err := redirect.Render(redirect.Spec{Family: redirect.IPv4, Attachment: att, Metadata: conf.Metadata4, Proxy: conf.ProxyAddr}); err != nil {
+			if _, err := redirect.Render(redirect.Spec{Family: xtables.IPv4, Attachment: att, Metadata: conf.Metadata4, Proxy: conf.ProxyAddr, ALTS: conf.ALTSAddr}); err != nil {
 				t.Fatalf("accepted config does not render for IPv4: %v", err)
 			}
 		}
 		if len(conf.Metadata6) > 0 {
-			if _, err := redirect.Render(redirect.Spec{Family: redirect.IPv6, Attachment: att, Metadata: conf.Metadata6, Proxy: conf.Proxy6Addr}); err != nil {
+			if _, err := redirect.Render(redirect.Spec{Family: xtables.IPv6, Attachment: att, Metadata: conf.Metadata6, Proxy: conf.Proxy6Addr, ALTS: conf.ALTS6Addr}); err != nil {
 				t.Fatalf("accepted config does not render for IPv6: %v", err)
 			}
 		}

@@ -17,7 +17,9 @@ import (
 
 	"github.com/containernetworking/cni/pkg/types"
 
+	"github.com/metaconceal/metaconceal/pkg/gce"
 	"github.com/metaconceal/metaconceal/pkg/state"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 // Mode says whether the plugin conceals the metadata server. The values and their
@@ -25,8 +27,9 @@ import (
 type Mode string
 
 const (
-	// ModeSecure redirects port 80 of the metadata addresses to the proxy and rejects
-	// every other packet to them.
+	// ModeSecure passes DNS and NTP to the metadata addresses, redirects port 80 to
+	// the proxy and port 8080 to its ALTS relay (see ALTS), and rejects every other
+	// packet to them.
 	ModeSecure Mode = "SECURE"
 	// ModeExposed installs nothing: pods reach the metadata server directly.
 	ModeExposed Mode = "EXPOSED"
@@ -37,27 +40,24 @@ const (
 // Conceals reports whether the mode installs rules.
 func (m Mode) Conceals() bool { return m == ModeSecure }
 
-// Backend selects which iptables implementation programs the pod netns.
-type Backend string
+// ALTS says what happens to TCP port 8080 of the metadata addresses, where GCE serves
+// the ALTS handshaker that gRPC DirectPath uses.
+type ALTS string
 
 const (
-	// BackendAuto uses iptables, iptables-restore and iptables-save as found on PATH,
-	// which on Debian-like nodes is what update-alternatives (and so the node) uses.
-	BackendAuto Backend = "auto"
-	// BackendNFT uses the iptables-nft-* binaries.
-	BackendNFT Backend = "nft"
-	// BackendLegacy uses the iptables-legacy-* binaries.
-	BackendLegacy Backend = "legacy"
+	// ALTSRelay DNATs it to metaconceal-proxy's ALTS relay, as GKE did.
+	ALTSRelay ALTS = "relay"
+	// ALTSReject rejects it like every other port.
+	ALTSReject ALTS = "reject"
 )
 
-// Defaults, as documented in README.md ("Configuration" of the CNI plugin).
-const (
+// Defaults, as documented in docs/ ("Configuration" of the CNI plugin).
+var (
 	DefaultMode            = ModeSecure
-	DefaultProxy           = "169.254.169.252:988"
-	DefaultMetadataAddress = "169.254.169.254"
-	DefaultBackend         = BackendAuto
-	// MetadataPort is the port of the metadata server that is redirected to the proxy.
-	MetadataPort = 80
+	DefaultProxy           = gce.Proxy.String()
+	DefaultMetadataAddress = gce.MetadataIPv4.String()
+	DefaultBackend         = xtables.BackendAuto
+	DefaultALTS            = ALTSRelay
 )
 
 // Config is the plugin's conflist entry. The JSON fields keep what the user wrote
@@ -65,20 +65,29 @@ const (
 type Config struct {
 	types.NetConf
 
-	Mode              Mode     `json:"mode,omitempty"`
-	Proxy             string   `json:"proxy,omitempty"`
-	Proxy6            string   `json:"proxy6,omitempty"`
-	MetadataAddresses []string `json:"metadataAddresses,omitempty"`
-	StateDir          string   `json:"stateDir,omitempty"`
-	ExcludeNamespaces []string `json:"excludeNamespaces,omitempty"`
-	LogFile           string   `json:"logFile,omitempty"`
-	IptablesBackend   Backend  `json:"iptablesBackend,omitempty"`
+	Mode              Mode            `json:"mode,omitempty"`
+	Proxy             string          `json:"proxy,omitempty"`
+	Proxy6            string          `json:"proxy6,omitempty"`
+	MetadataAddresses []string        `json:"metadataAddresses,omitempty"`
+	StateDir          string          `json:"stateDir,omitempty"`
+	ExcludeNamespaces []string        `json:"excludeNamespaces,omitempty"`
+	LogFile           string          `json:"logFile,omitempty"`
+	IptablesBackend   xtables.Backend `json:"iptablesBackend,omitempty"`
+	// ALTS is the treatment of metadata port 8080; AltsRelay and AltsRelay6 override
+	// where "relay" sends it (default: the proxy's address, port 987).
+	ALTS       ALTS   `json:"alts,omitempty"`
+	AltsRelay  string `json:"altsRelay,omitempty"`
+	AltsRelay6 string `json:"altsRelay6,omitempty"`
 
 	// ProxyAddr is Proxy parsed: where IPv4 metadata port 80 is sent.
 	ProxyAddr netip.AddrPort `json:"-"`
 	// Proxy6Addr is Proxy6 parsed; invalid (zero) when unset, in which case IPv6
 	// metadata traffic is rejected rather than redirected.
 	Proxy6Addr netip.AddrPort `json:"-"`
+	// ALTSAddr and ALTS6Addr are where IPv4 and IPv6 metadata port 8080 is sent;
+	// invalid (zero) when it is rejected instead (alts "reject", or IPv6 without proxy6).
+	ALTSAddr  netip.AddrPort `json:"-"`
+	ALTS6Addr netip.AddrPort `json:"-"`
 	// Metadata4 and Metadata6 are MetadataAddresses parsed and split by family.
 	Metadata4 []netip.Addr `json:"-"`
 	Metadata6 []netip.Addr `json:"-"`
@@ -129,6 +138,10 @@ func (c *Config) applyDefaultsAndValidate() error {
 		c.Proxy6Addr = proxy6
 	}
 
+	if err := c.parseALTS(); err != nil {
+		return err
+	}
+
 	if c.MetadataAddresses == nil {
 		c.MetadataAddresses = []string{DefaultMetadataAddress}
 	}
@@ -152,6 +165,8 @@ func (c *Config) applyDefaultsAndValidate() error {
 			return InvalidConfig("key %q: value %q is listed twice", "metadataAddresses", s)
 		case a == c.ProxyAddr.Addr() || (c.Proxy6Addr.IsValid() && a == c.Proxy6Addr.Addr()):
 			return InvalidConfig("key %q: value %q is also the proxy address; redirected traffic would be rejected", "metadataAddresses", s)
+		case (c.ALTSAddr.IsValid() && a == c.ALTSAddr.Addr()) || (c.ALTS6Addr.IsValid() && a == c.ALTS6Addr.Addr()):
+			return InvalidConfig("key %q: value %q is also the ALTS relay address; relayed traffic would be rejected", "metadataAddresses", s)
 		}
 		seen[a] = true
 		if a.Is4() {
@@ -179,12 +194,45 @@ func (c *Config) applyDefaultsAndValidate() error {
 		}
 	}
 
-	switch c.IptablesBackend {
-	case "":
+	// The names and what they run are pkg/xtables's, as for the host guard.
+	if c.IptablesBackend == "" {
 		c.IptablesBackend = DefaultBackend
-	case BackendAuto, BackendNFT, BackendLegacy:
+	}
+	if c.IptablesBackend.Validate() != nil {
+		return InvalidConfig("key %q: unknown value %q (want %s)", "iptablesBackend", c.IptablesBackend, xtables.BackendChoices)
+	}
+	return nil
+}
+
+// parseALTS validates "alts", "altsRelay" and "altsRelay6" and sets ALTSAddr and
+// ALTS6Addr; it runs after the proxy addresses are parsed.
+func (c *Config) parseALTS() error {
+	switch c.ALTS {
+	case "":
+		c.ALTS = DefaultALTS
+	case ALTSRelay, ALTSReject:
 	default:
-		return InvalidConfig("key %q: unknown value %q (want %q, %q or %q)", "iptablesBackend", c.IptablesBackend, BackendAuto, BackendNFT, BackendLegacy)
+		return InvalidConfig("key %q: unknown value %q (want %q or %q)", "alts", c.ALTS, ALTSRelay, ALTSReject)
+	}
+	if c.ALTS == ALTSReject {
+		if c.AltsRelay != "" || c.AltsRelay6 != "" {
+			return InvalidConfig("keys %q and %q need %q %q, not %q", "altsRelay", "altsRelay6", "alts", ALTSRelay, c.ALTS)
+		}
+		return nil
+	}
+	var err error
+	if c.AltsRelay == "" {
+		c.ALTSAddr = netip.AddrPortFrom(c.ProxyAddr.Addr(), gce.ALTSRelayPort)
+	} else if c.ALTSAddr, err = parseProxy("altsRelay", c.AltsRelay, false); err != nil {
+		return err
+	}
+	switch {
+	case c.AltsRelay6 != "":
+		if c.ALTS6Addr, err = parseProxy("altsRelay6", c.AltsRelay6, true); err != nil {
+			return err
+		}
+	case c.Proxy6Addr.IsValid():
+		c.ALTS6Addr = netip.AddrPortFrom(c.Proxy6Addr.Addr(), gce.ALTSRelayPort)
 	}
 	return nil
 }
@@ -194,7 +242,7 @@ func parseProxy(key, value string, wantIPv6 bool) (netip.AddrPort, error) {
 	if err != nil {
 		want := "IPv4:port, e.g. " + DefaultProxy
 		if wantIPv6 {
-			want = "[IPv6]:port, e.g. [fd20:ce::252]:988"
+			want = "[IPv6]:port, e.g. [fd20:ce::252]:" + fmt.Sprint(gce.ProxyPort)
 		}
 		return netip.AddrPort{}, InvalidConfig("key %q: value %q is not %s", key, value, want)
 	}

@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/types"
+
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
 func TestParseDefaults(t *testing.T) {
@@ -31,8 +33,11 @@ func TestParseDefaults(t *testing.T) {
 	if conf.StateDir != "/run/metaconceal" {
 		t.Errorf("stateDir = %q", conf.StateDir)
 	}
-	if conf.IptablesBackend != BackendAuto {
+	if conf.IptablesBackend != xtables.BackendAuto {
 		t.Errorf("iptablesBackend = %q", conf.IptablesBackend)
+	}
+	if conf.ALTS != ALTSRelay || conf.ALTSAddr != netip.MustParseAddrPort("169.254.169.252:987") || conf.ALTS6Addr.IsValid() {
+		t.Errorf("alts = %q %v %v, want relay to 169.254.169.252:987 and no IPv6 relay", conf.ALTS, conf.ALTSAddr, conf.ALTS6Addr)
 	}
 	if conf.Name != "net" || conf.CNIVersion != "1.1.0" {
 		t.Errorf("embedded NetConf not decoded: %+v", conf.NetConf)
@@ -65,7 +70,7 @@ func TestParseFull(t *testing.T) {
 	if !conf.Excluded("kube-system") || conf.Excluded("default") || conf.Excluded("") {
 		t.Errorf("Excluded wrong")
 	}
-	if conf.IptablesBackend != BackendLegacy || conf.LogFile != "/var/log/mc.log" {
+	if conf.IptablesBackend != xtables.BackendLegacy || conf.LogFile != "/var/log/mc.log" {
 		t.Errorf("backend/logFile = %q %q", conf.IptablesBackend, conf.LogFile)
 	}
 }
@@ -82,6 +87,38 @@ func TestParseModes(t *testing.T) {
 		}
 		if conf.Mode.Conceals() != tc.conceals {
 			t.Errorf("mode %s conceals = %v", tc.mode, !tc.conceals)
+		}
+	}
+}
+
+// "alts" chooses the treatment of port 8080; the relay defaults to the proxy's address
+// with port 987 in each family that has a proxy.
+func TestParseALTS(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		conf          string
+		alts          ALTS
+		relay, relay6 string
+	}{
+		{`{}`, ALTSRelay, "169.254.169.252:987", ""},
+		{`{"alts":"relay"}`, ALTSRelay, "169.254.169.252:987", ""},
+		{`{"alts":"reject"}`, ALTSReject, "", ""},
+		{`{"alts":"reject","proxy6":"[fd20:ce::252]:988"}`, ALTSReject, "", ""},
+		{`{"proxy":"10.0.0.1:8988","proxy6":"[fd20:ce::252]:988"}`, ALTSRelay, "10.0.0.1:987", "[fd20:ce::252]:987"},
+		{`{"altsRelay":"10.0.0.2:1987","altsRelay6":"[fd00::2]:1987"}`, ALTSRelay, "10.0.0.2:1987", "[fd00::2]:1987"},
+	} {
+		conf, err := Parse([]byte(tc.conf))
+		if err != nil {
+			t.Fatalf("Parse(%s): %v", tc.conf, err)
+		}
+		str := func(a netip.AddrPort) string {
+			if !a.IsValid() {
+				return ""
+			}
+			return a.String()
+		}
+		if conf.ALTS != tc.alts || str(conf.ALTSAddr) != tc.relay || str(conf.ALTS6Addr) != tc.relay6 {
+			t.Errorf("Parse(%s): alts %q relay %q relay6 %q, want %q %q %q", tc.conf, conf.ALTS, str(conf.ALTSAddr), str(conf.ALTS6Addr), tc.alts, tc.relay, tc.relay6)
 		}
 	}
 }
@@ -119,6 +156,12 @@ func TestParseErrors(t *testing.T) {
 		{"exclude empty", `{"excludeNamespaces":[""]}`, []string{`"excludeNamespaces"`}},
 		{"exclude padded", `{"excludeNamespaces":[" kube-system"]}`, []string{`"excludeNamespaces"`, `" kube-system"`}},
 		{"backend", `{"iptablesBackend":"ebpf"}`, []string{`"iptablesBackend"`, `"ebpf"`}},
+		{"alts unknown", `{"alts":"RELAY"}`, []string{`"alts"`, `"RELAY"`, "reject"}},
+		{"alts relay with reject", `{"alts":"reject","altsRelay":"10.0.0.1:987"}`, []string{`"altsRelay"`, "reject"}},
+		{"altsRelay no port", `{"altsRelay":"10.0.0.1"}`, []string{`"altsRelay"`, `"10.0.0.1"`}},
+		{"altsRelay loopback", `{"altsRelay":"127.0.0.1:987"}`, []string{`"altsRelay"`, "loopback"}},
+		{"altsRelay6 ipv4", `{"altsRelay6":"10.0.0.1:987"}`, []string{`"altsRelay6"`}},
+		{"metadata is alts relay", `{"altsRelay":"169.254.169.254:987"}`, []string{`"metadataAddresses"`, "ALTS relay"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
@@ -136,6 +179,20 @@ func TestParseErrors(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// Every backend pkg/xtables knows is accepted under its own name; empty is the
+// default, auto, as for the proxy's --iptables-backend.
+func TestParseBackends(t *testing.T) {
+	t.Parallel()
+	for in, want := range map[string]xtables.Backend{`""`: xtables.BackendAuto, `"auto"`: xtables.BackendAuto, `"nft"`: xtables.BackendNFT, `"legacy"`: xtables.BackendLegacy} {
+		conf, err := Parse([]byte(`{"cniVersion":"1.1.0","name":"n","type":"metaconceal","iptablesBackend":` + in + `}`))
+		if err != nil {
+			t.Errorf("iptablesBackend %s: %v", in, err)
+		} else if conf.IptablesBackend != want {
+			t.Errorf("iptablesBackend %s: got %q, want %q", in, conf.IptablesBackend, want)
+		}
 	}
 }
 

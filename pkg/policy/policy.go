@@ -9,11 +9,8 @@
 package policy
 
 import (
-	"bytes"
-	"encoding/json"
 	"fmt"
-	"os"
-	"slices"
+	"regexp"
 	"strings"
 )
 
@@ -47,37 +44,6 @@ func (m RecursiveMode) String() string {
 	return "deny"
 }
 
-// File is the optional policy file (JSON). Defaults reproduce GKE's concealment.
-type File struct {
-	// ConcealPaths are extra paths relative to /computeMetadata/v1/ to conceal, with the
-	// same strength as kube-env: case-insensitive, the path and everything under it,
-	// and removed from recursive listings. "*" matches one segment.
-	// Example: "instance/attributes/kube-labels", "instance/service-accounts/*/token".
-	ConcealPaths []string `json:"concealPaths,omitempty"`
-	// AllowQueryKeys are extra query keys passed upstream (decoded once, re-encoded),
-	// for example "scopes" for service-accounts/<account>/token?scopes=...
-	AllowQueryKeys []string `json:"allowQueryKeys,omitempty"`
-}
-
-// LoadFile reads a policy file. Unknown fields are an error, so that a typo does not
-// silently weaken the policy.
-func LoadFile(path string) (File, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return File{}, fmt.Errorf("policy: read %s: %w", path, err)
-	}
-	var f File
-	dec := json.NewDecoder(bytes.NewReader(data))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(&f); err != nil {
-		return File{}, fmt.Errorf("policy: decode %s: %w", path, err)
-	}
-	if dec.More() {
-		return File{}, fmt.Errorf("policy: decode %s: trailing data after the JSON object", path)
-	}
-	return f, nil
-}
-
 // Config is everything the policy depends on.
 type Config struct {
 	Recursive RecursiveMode
@@ -96,8 +62,11 @@ type Policy struct {
 	concealed []pattern
 	// listed are the concealed patterns whose values appear in recursive listings;
 	// identity tokens are minted on request and never listed.
-	listed    []pattern
-	extraKeys []string // sorted, lowercase
+	listed []pattern
+	// namedRes find a concealed pattern's path in a string (FilterListing).
+	namedRes []*regexp.Regexp
+	// extra are the policy file's query keys, each with its paths and value pattern.
+	extra []extraKey
 }
 
 type pattern struct {
@@ -113,16 +82,6 @@ var builtinPatterns = []pattern{
 	{segs: []string{"instance", "service-accounts", "*", "identity"}, rule: RuleIdentity},
 }
 
-// builtinKeys are the query keys GCE defines for /computeMetadata/v1/, in the order
-// the canonical query lists them.
-var builtinKeys = []string{"recursive", "alt", "wait_for_change", "last_etag", "timeout_sec"}
-
-// identityKeys are the identity endpoint's query keys; only exposed pods reach it.
-var identityKeys = []string{"audience", "format", "licenses"}
-
-// MaxTimeoutSec is the longest long poll GCE accepts.
-const MaxTimeoutSec = 3600
-
 // New validates cfg and builds a Policy.
 func New(cfg Config) (*Policy, error) {
 	p := &Policy{recursive: cfg.Recursive}
@@ -132,29 +91,41 @@ func New(cfg Config) (*Policy, error) {
 			p.listed = append(p.listed, b)
 		}
 	}
-	for _, raw := range cfg.File.ConcealPaths {
-		segs, err := parsePattern(raw)
-		if err != nil {
-			return nil, err
-		}
-		pat := pattern{segs: segs, rule: RuleConcealedPath}
-		p.concealed = append(p.concealed, pat)
-		p.listed = append(p.listed, pat)
+	file, err := compileFile(cfg.File)
+	if err != nil {
+		return nil, fmt.Errorf("policy file: %w", err)
 	}
-	for _, k := range cfg.File.AllowQueryKeys {
-		lk := strings.ToLower(k)
-		if lk == "" || !isQueryKeyToken(lk) {
-			return nil, fmt.Errorf("policy: allowQueryKeys: %q is not a plain query key (letters, digits, '_', '-', '.')", k)
-		}
-		if slices.Contains(builtinKeys, lk) {
-			return nil, fmt.Errorf("policy: allowQueryKeys: %q is built in and governed by the policy itself", k)
-		}
-		if !slices.Contains(p.extraKeys, lk) {
-			p.extraKeys = append(p.extraKeys, lk)
-		}
-	}
-	slices.Sort(p.extraKeys)
+	p.concealed = append(p.concealed, file.conceal...)
+	p.listed = append(p.listed, file.conceal...)
+	p.extra = file.keys
+	p.namedRes = namedRegexps(p.concealed)
 	return p, nil
+}
+
+// Effective describes the patterns in effect, one line each, for the start-up log:
+// what is concealed, which query keys are allowed where and with which values.
+func (p *Policy) Effective() []string {
+	out := []string{
+		"recursive=" + p.recursive.String(),
+		"conceal kube-env: any path segment kube-env under /computeMetadata/v1/, any spelling",
+	}
+	for _, pat := range p.concealed {
+		out = append(out, "conceal "+strings.Join(pat.segs, "/")+" and below ("+pat.rule.String()+")")
+	}
+	out = append(out,
+		"query alt=json|text, wait_for_change=true|false, timeout_sec=0..3600, last_etag=<hex, up to 64> under /computeMetadata/v1/",
+		"query recursive=true|false under instance/service-accounts/<account>/ (everywhere under v1 with --recursive=filter)",
+		"query scopes="+ScopePrefix+"<scope>[,...] on instance/service-accounts/<account>/token",
+		"query audience, format=standard|full, licenses=TRUE|FALSE on instance/service-accounts/<account>/identity (exposed pods only)",
+	)
+	for _, k := range p.extra {
+		paths := make([]string, len(k.paths))
+		for i, segs := range k.paths {
+			paths[i] = strings.Join(segs, "/")
+		}
+		out = append(out, fmt.Sprintf("query %s matching ^(?:%s)$ on %s (policy file)", k.key, k.src, strings.Join(paths, ", ")))
+	}
+	return out
 }
 
 // Exposed returns the policy for pods whose state record marks them exposed (mode
@@ -165,30 +136,6 @@ func (p *Policy) Exposed() *Policy {
 	q := *p
 	q.exposed = true
 	return &q
-}
-
-func parsePattern(raw string) ([]string, error) {
-	trimmed := strings.Trim(raw, "/")
-	if trimmed == "" {
-		return nil, fmt.Errorf("policy: concealPaths: %q is empty: it would conceal the whole tree", raw)
-	}
-	segs := strings.Split(strings.ToLower(trimmed), "/")
-	for _, s := range segs {
-		if s == "" || s == "." || s == ".." || strings.ContainsAny(s, "%\\?#;") {
-			return nil, fmt.Errorf("policy: concealPaths: %q: segment %q is not a plain path segment (relative to /computeMetadata/v1/, '*' for any one segment)", raw, s)
-		}
-	}
-	return segs, nil
-}
-
-func isQueryKeyToken(s string) bool {
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_' || c == '-' || c == '.') {
-			return false
-		}
-	}
-	return true
 }
 
 // Decision is the outcome of Evaluate.
@@ -241,34 +188,14 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 
 	d := Decision{Path: canon, TimeoutSec: -1}
 	var rest []string // segments under /computeMetadata/v1/, when there
-	switch {
-	case len(segs) == 0:
-		d.Rule = RuleDiscovery
-	case segs[0] == "computeMetadata":
-		switch {
-		case len(segs) == 1:
-			d.Rule = RuleDiscovery
-		case segs[1] == "v1":
-			d.Rule = RuleV1
-			rest = segs[2:]
-		case strings.EqualFold(segs[1], "v1beta1"):
-			d.Verdict, d.Rule = Deny, RuleLegacyAPI
-			return d
-		default:
-			d.Verdict, d.Rule = Deny, RuleUnknownAPIVersion
-			return d
-		}
-	case segs[0] == "0.1":
-		d.Verdict, d.Rule = Deny, RuleLegacyAPI
-		return d
-	default:
-		d.Verdict, d.Rule = Deny, RuleUnknownAPIVersion
+	d.Rule, rest = apiRoot(segs)
+	if d.Rule != RuleDiscovery && d.Rule != RuleV1 {
+		d.Verdict = Deny
 		return d
 	}
 	inV1 := d.Rule == RuleV1
 
 	exposedHit := false // something only an exposed pod may have
-	extraKeys := p.extraKeys
 	if inV1 {
 		if r := p.concealedRule(rest); r != 0 {
 			if !p.exposed {
@@ -276,54 +203,87 @@ func (p *Policy) Evaluate(method, target string, forwardedFor bool) Decision {
 				return d
 			}
 			exposedHit = true
-			if r == RuleIdentity {
-				extraKeys = append(slices.Clip(identityKeys), p.extraKeys...)
-			}
 		}
 	}
 
 	if hasQuery && rawQuery != "" {
-		q, rule := p.parseQuery(rawQuery, extraKeys)
+		q, rule := p.parseQuery(rawQuery)
+		if rule == 0 {
+			rule = p.scopeRule(&q, rest, inV1)
+		}
 		if rule != 0 {
 			d.Verdict, d.Rule = Deny, rule
 			return d
 		}
 		if q.has(keyRecursive) {
-			underAccount := inV1 && len(rest) >= 3 &&
-				strings.EqualFold(rest[0], "instance") && strings.EqualFold(rest[1], "service-accounts")
-			switch {
-			case underAccount:
-				d.Rule = RuleServiceAccountRecursive
-			case inV1 && p.exposed:
+			if p.decideRecursive(&d, &q, rest, inV1) {
 				exposedHit = true
-			case inV1 && p.recursive == RecursiveFilter:
-				d.Rule = RuleRecursiveFiltered
-			default:
-				d.Verdict, d.Rule = Deny, RuleRecursive
-				return d
 			}
-			d.Recursive = q.values[keyRecursive] == "true"
-			if d.Recursive && !p.exposed {
-				switch {
-				case q.values[keyAlt] != "text":
-					d.FilterListing = true
-				case p.holdsListed(rest):
-					d.Verdict, d.Rule = Deny, RuleRecursiveAltText
-					return d
-				}
-				// A text listing of a directory that holds no listed concealed entry
-				// (a service account's: identity tokens are never listed) has nothing
-				// to remove, and is not JSON: it passes as it is.
+			if d.Verdict == Deny {
+				return d
 			}
 		}
 		d.WaitForChange = q.values[keyWaitForChange] == "true"
 		d.TimeoutSec = q.timeoutSec
-		d.RawQuery = q.canonical(extraKeys)
+		d.RawQuery = p.canonical(&q)
 	}
 	if exposedHit {
 		d.Rule = RuleExposedPod
 	}
 	return d
+}
+
+// decideRecursive applies the rules for a query with the recursive key to d: the
+// rule that allows it, whether the answer must be filtered, or the rule that denies
+// it. It reports whether only an exposed pod may have the listing.
+func (p *Policy) decideRecursive(d *Decision, q *query, rest []string, inV1 bool) (exposedHit bool) {
+	underAccount := inV1 && len(rest) >= 3 &&
+		strings.EqualFold(rest[0], "instance") && strings.EqualFold(rest[1], "service-accounts")
+	switch {
+	case underAccount:
+		d.Rule = RuleServiceAccountRecursive
+	case inV1 && p.exposed:
+		exposedHit = true
+	case inV1 && p.recursive == RecursiveFilter:
+		d.Rule = RuleRecursiveFiltered
+	default:
+		d.Verdict, d.Rule = Deny, RuleRecursive
+		return false
+	}
+	d.Recursive = q.values[keyRecursive] == "true"
+	if d.Recursive && !p.exposed {
+		switch {
+		case q.values[keyAlt] != "text":
+			d.FilterListing = true
+		case p.holdsListed(rest):
+			d.Verdict, d.Rule = Deny, RuleRecursiveAltText
+		}
+		// A text listing of a directory that holds no listed concealed entry (a
+		// service account's: identity tokens are never listed) has nothing to
+		// remove, and is not JSON: it passes as it is.
+	}
+	return exposedHit
+}
+
+// apiRoot classifies a canonical path by its root: RuleDiscovery, RuleV1 with the
+// segments under /computeMetadata/v1/, or the rule that denies any other API.
+func apiRoot(segs []string) (Rule, []string) {
+	switch {
+	case len(segs) == 0:
+		return RuleDiscovery, nil
+	case segs[0] == "computeMetadata":
+		switch {
+		case len(segs) == 1:
+			return RuleDiscovery, nil
+		case segs[1] == "v1":
+			return RuleV1, segs[2:]
+		case strings.EqualFold(segs[1], "v1beta1"):
+			return RuleLegacyAPI, nil
+		}
+	case segs[0] == "0.1":
+		return RuleLegacyAPI, nil
+	}
+	return RuleUnknownAPIVersion, nil
 }
 
 // concealedRule returns the concealing rule for a path under /computeMetadata/v1/, or 0.
@@ -353,6 +313,11 @@ func (pat pattern) matchPrefix(segs []string) bool {
 		}
 	}
 	return true
+}
+
+// matchExact reports whether segs is exactly the pattern (case-insensitive).
+func matchExact(pat, segs []string) bool {
+	return len(pat) == len(segs) && pattern{segs: pat}.matchPrefix(segs)
 }
 
 // holdsListed reports whether the directory dir (under /computeMetadata/v1/) is an
@@ -394,38 +359,14 @@ func canonicalPath(rawPath string) (string, Rule) {
 	}
 	path := rawPath
 	if needsDecode {
-		decoded, rule := decodePath(rawPath)
-		if rule != 0 {
-			return "", rule
+		// Nothing that could not appear raw may appear encoded either.
+		decoded, ok := percentDecodeOnce(rawPath, false, `\?#;`)
+		if !ok {
+			return "", RuleBadEscape
 		}
 		path = decoded
 	}
 	return cleanPath(path)
-}
-
-func decodePath(s string) (string, Rule) {
-	var b strings.Builder
-	b.Grow(len(s))
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		if c != '%' {
-			b.WriteByte(c)
-			continue
-		}
-		if i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2]) {
-			return "", RuleBadEscape
-		}
-		d := unhex(s[i+1])<<4 | unhex(s[i+2])
-		// Decoding happens once. A '%' left after it is double encoding, which another
-		// decoder along the way could read differently: refuse it, and every byte that
-		// could not appear raw either.
-		if d < 0x20 || d >= 0x7f || d == '%' || d == '\\' || d == '?' || d == '#' || d == ';' {
-			return "", RuleBadEscape
-		}
-		b.WriteByte(d)
-		i += 2
-	}
-	return b.String(), 0
 }
 
 func cleanPath(path string) (string, Rule) {
@@ -465,6 +406,39 @@ func splitSegments(canon string, buf []string) []string {
 		buf = append(buf, seg)
 	}
 	return buf
+}
+
+// percentDecodeOnce decodes %XX escapes once, and '+' as a space when plusIsSpace (a
+// query). It refuses an invalid escape and an escape that decodes to a control or
+// non-ASCII byte, to '%' (double encoding, which another decoder along the way could
+// read differently) or to a byte in refuse. s itself is returned when there is
+// nothing to decode, so the common case does not allocate.
+func percentDecodeOnce(s string, plusIsSpace bool, refuse string) (string, bool) {
+	if strings.IndexByte(s, '%') < 0 && (!plusIsSpace || strings.IndexByte(s, '+') < 0) {
+		return s, true
+	}
+	var b strings.Builder
+	b.Grow(len(s))
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '+' && plusIsSpace:
+			b.WriteByte(' ')
+		case c == '%':
+			if i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2]) {
+				return "", false
+			}
+			d := unhex(s[i+1])<<4 | unhex(s[i+2])
+			if d < 0x20 || d >= 0x7f || d == '%' || strings.IndexByte(refuse, d) >= 0 {
+				return "", false
+			}
+			b.WriteByte(d)
+			i += 2
+		default:
+			b.WriteByte(c)
+		}
+	}
+	return b.String(), true
 }
 
 func isHex(c byte) bool {

@@ -2,8 +2,7 @@ package policy
 
 import (
 	"net/url"
-	"os"
-	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -216,7 +215,7 @@ func TestEvaluate(t *testing.T) {
 		{name: "semicolon alone", target: v1 + "project/project-id?;", want: deny(RuleSemicolonInQuery)},
 		{name: "unknown key", target: v1 + "project/project-id?foo=bar", want: deny(RuleUnknownQueryKey)},
 		{name: "unknown valueless key", target: v1 + "project/project-id?unknown", want: deny(RuleUnknownQueryKey)},
-		{name: "audience outside identity", target: v1 + "instance/service-accounts/default/token?audience=x", want: deny(RuleUnknownQueryKey)},
+		{name: "audience outside identity", target: v1 + "instance/service-accounts/default/token?audience=x", want: deny(RuleQueryKeyPath)},
 		{name: "encoded equals in key", target: v1 + "instance/?recursive%3Dtrue", want: deny(RuleUnknownQueryKey)},
 		{name: "backspaced key", target: v1 + "instance/?re%08ecursive=true", want: deny(RuleBadEscape)},
 		{name: "duplicate key", target: v1 + "instance/tags?alt=text&alt=json", want: deny(RuleDuplicateQueryKey)},
@@ -305,49 +304,93 @@ func TestLongPollFields(t *testing.T) {
 
 func TestPolicyFile(t *testing.T) {
 	t.Parallel()
-	dir := t.TempDir()
-	path := filepath.Join(dir, "policy.json")
-	writeFile(t, path, `{"concealPaths": ["instance/attributes/kube-labels", "/instance/service-accounts/*/token/"], "allowQueryKeys": ["Scopes"]}`)
-	f, err := LoadFile(path)
+	f, err := ParseFile([]byte(`{"concealPaths": ["instance/attributes/kube-labels", "instance/service-accounts/*/token"],
+		"allowQueryKeys": [{"key": "Mode", "paths": ["instance/attributes/*"], "value": "fast|slow"}]}`))
 	if err != nil {
 		t.Fatal(err)
 	}
 	p := mustPolicy(t, Config{File: f})
 	const v1 = "/computeMetadata/v1/"
 	for target, want := range map[string]Rule{
-		v1 + "instance/attributes/KUBE-LABELS":                    RuleConcealedPath,
-		v1 + "instance/service-accounts/default/token":            RuleConcealedPath,
-		v1 + "instance/service-accounts/x@y/token?scopes=a":       RuleConcealedPath,
-		v1 + "instance/attributes/kube-env":                       RuleKubeEnv,
-		v1 + "instance/service-accounts/default/email?scopes=a,b": RuleV1,
-		v1 + "instance/attributes/?recursive=true":                RuleRecursive,
+		v1 + "instance/attributes/KUBE-LABELS":                                                  RuleConcealedPath,
+		v1 + "instance/service-accounts/default/token":                                          RuleConcealedPath,
+		v1 + "instance/service-accounts/x@y/token?scopes=https://www.googleapis.com/auth/a":     RuleConcealedPath,
+		v1 + "instance/attributes/kube-env":                                                     RuleKubeEnv,
+		v1 + "instance/attributes/cluster-name?mode=fast":                                       RuleV1,
+		v1 + "instance/attributes/cluster-name?MODE=slow&alt=text":                              RuleV1,
+		v1 + "instance/attributes/cluster-name?mode=recursive":                                  RuleBadQueryValue,
+		v1 + "instance/attributes/cluster-name?mode=fastx":                                      RuleBadQueryValue,
+		v1 + "instance/attributes/?mode=fast":                                                   RuleQueryKeyPath,
+		v1 + "instance/tags?mode=fast":                                                          RuleQueryKeyPath,
+		v1 + "instance/attributes/cluster-name?mode=fast&mode=fast":                             RuleDuplicateQueryKey,
+		v1 + "instance/attributes/?recursive=true":                                              RuleRecursive,
+		v1 + "instance/service-accounts/default/email?scopes=https://www.googleapis.com/auth/a": RuleQueryKeyPath,
 	} {
 		if d := p.Evaluate("GET", target, false); d.Rule != want {
 			t.Errorf("%s: rule %s, want %s", target, d.Rule, want)
 		}
 	}
-	d := p.Evaluate("GET", v1+"instance/service-accounts/default/email?SCOPES=a%2Cb+c&alt=text", false)
-	if d.RawQuery != "alt=text&scopes=a%2Cb+c" {
+	d := p.Evaluate("GET", v1+"instance/attributes/cluster-name?MODE=slow&alt=text", false)
+	if d.RawQuery != "alt=text&mode=slow" {
 		t.Errorf("canonical query with extra key = %q", d.RawQuery)
 	}
+	for _, line := range []string{"conceal instance/attributes/kube-labels and below (policy-concealed-path)", "query mode matching ^(?:fast|slow)$ on instance/attributes/* (policy file)"} {
+		if !slices.Contains(p.Effective(), line) {
+			t.Errorf("Effective() = %q, missing %q", p.Effective(), line)
+		}
+	}
+}
 
-	for name, body := range map[string]string{
-		"unknown field": `{"concealPath": ["x"]}`,
-		"empty pattern": `{"concealPaths": ["/"]}`,
-		"dot pattern":   `{"concealPaths": ["instance/../x"]}`,
-		"builtin key":   `{"allowQueryKeys": ["recursive"]}`,
-		"bad key":       `{"allowQueryKeys": ["a=b"]}`,
-		"trailing data": `{} {}`,
-	} {
-		path := filepath.Join(dir, strings.ReplaceAll(name, " ", "-")+".json")
-		writeFile(t, path, body)
-		f, err := LoadFile(path)
+// The policy file is strict: every entry that would load and conceal nothing, or
+// allow more than it says, is an error naming the entry.
+func TestPolicyFileStrict(t *testing.T) {
+	t.Parallel()
+	cases := []struct{ name, body, wantInErr string }{
+		{"unknown field", `{"concealPath": ["instance/x"]}`, "concealPath"},
+		{"unknown nested field", `{"allowQueryKeys": [{"key": "a", "paths": ["instance/x"], "value": "x", "values": "y"}]}`, "values"},
+		{"null file", `null`, "one JSON object"},
+		{"null field", `{"concealPaths": null}`, "concealPaths: null"},
+		{"null entry", `{"concealPaths": ["instance/x", null]}`, "concealPaths[1]: null"},
+		{"array file", `[]`, "one JSON object"},
+		{"empty file", ``, "decode"},
+		{"duplicate key", `{"concealPaths": ["instance/a"], "concealPaths": ["instance/b"]}`, `key "concealPaths" given twice`},
+		{"duplicate nested key", `{"allowQueryKeys": [{"key": "a", "key": "b", "paths": ["instance/x"], "value": "x"}]}`, `allowQueryKeys[0]: key "key" given twice`},
+		{"duplicate path", `{"concealPaths": ["instance/a", "INSTANCE/a"]}`, "concealPaths[1]"},
+		{"full path", `{"concealPaths": ["/computeMetadata/v1/instance/attributes/x"]}`, `concealPaths[0] "/computeMetadata/v1/instance/attributes/x": does not start with instance/ or project/`},
+		{"leading slash", `{"concealPaths": ["/instance/attributes/x"]}`, `concealPaths[0]`},
+		{"trailing space", `{"concealPaths": ["instance/attributes/x "]}`, `concealPaths[0] "instance/attributes/x ": whitespace`},
+		{"leading space", `{"concealPaths": [" instance/attributes/x"]}`, `whitespace`},
+		{"tab inside", `{"concealPaths": ["instance/attri\tbutes/x"]}`, `whitespace`},
+		{"trailing slash", `{"concealPaths": ["instance/attributes/x/"]}`, "empty segment"},
+		{"double slash", `{"concealPaths": ["instance//x"]}`, "empty segment"},
+		{"other root", `{"concealPaths": ["attributes/x"]}`, "does not start with instance/ or project/"},
+		{"empty pattern", `{"concealPaths": [""]}`, "empty"},
+		{"dot pattern", `{"concealPaths": ["instance/../x"]}`, "dot segment"},
+		{"encoded pattern", `{"concealPaths": ["instance/%6bube"]}`, "segment"},
+		{"builtin key", `{"allowQueryKeys": [{"key": "recursive", "paths": ["instance/x"], "value": "true"}]}`, "built in"},
+		{"builtin scopes", `{"allowQueryKeys": [{"key": "scopes", "paths": ["instance/x"], "value": ".*"}]}`, "built in"},
+		{"bad key", `{"allowQueryKeys": [{"key": "a=b", "paths": ["instance/x"], "value": "x"}]}`, `allowQueryKeys[0] (key "a=b")`},
+		{"old string form", `{"allowQueryKeys": ["scopes"]}`, "decode"},
+		{"no paths", `{"allowQueryKeys": [{"key": "a", "value": "x"}]}`, "no paths"},
+		{"no value", `{"allowQueryKeys": [{"key": "a", "paths": ["instance/x"]}]}`, "no value pattern"},
+		{"bad regexp", `{"allowQueryKeys": [{"key": "a", "paths": ["instance/x"], "value": "("}]}`, "value pattern"},
+		{"bad key path", `{"allowQueryKeys": [{"key": "a", "paths": ["computeMetadata/v1/instance/x"], "value": "x"}]}`, `paths[0]`},
+		{"duplicate extra key", `{"allowQueryKeys": [{"key": "a", "paths": ["instance/x"], "value": "x"}, {"key": "A", "paths": ["instance/y"], "value": "y"}]}`, "allowQueryKeys[1]"},
+		{"trailing data", `{} {}`, "trailing data"},
+	}
+	for _, tc := range cases {
+		_, err := ParseFile([]byte(tc.body))
 		if err == nil {
-			_, err = New(Config{File: f})
+			t.Errorf("%s: policy file %s accepted, want an error", tc.name, tc.body)
+			continue
 		}
-		if err == nil {
-			t.Errorf("%s: policy file %s accepted, want an error", name, body)
+		if !strings.Contains(err.Error(), tc.wantInErr) {
+			t.Errorf("%s: error %q does not name %q", tc.name, err, tc.wantInErr)
 		}
+	}
+	// New validates a File built in code the same way.
+	if _, err := New(Config{File: File{ConcealPaths: []string{"instance/x "}}}); err == nil {
+		t.Error("New accepted a pattern with a trailing space")
 	}
 }
 
@@ -433,13 +476,6 @@ func TestFilterListing(t *testing.T) {
 	}
 	if _, err := p.FilterListing("/", []byte(`{}`)); err == nil {
 		t.Error("FilterListing outside v1 succeeded")
-	}
-}
-
-func writeFile(t *testing.T, path, content string) {
-	t.Helper()
-	if err := os.WriteFile(path, []byte(content), 0o644); err != nil {
-		t.Fatal(err)
 	}
 }
 

@@ -59,6 +59,8 @@ const (
 	RuleBadQueryValue
 	RuleRecursive
 	RuleRecursiveAltText
+	RuleQueryKeyPath
+	RuleRequestBody
 	numRules
 )
 
@@ -87,9 +89,11 @@ var ruleInfos = [numRules]ruleInfo{
 	RuleSemicolonInQuery:        {"semicolon-in-query", "';' in the query string is ambiguous between parsers"},
 	RuleUnknownQueryKey:         {"unknown-query-key", "query key not in the allowed set"},
 	RuleDuplicateQueryKey:       {"duplicate-query-key", "a query key given twice is ambiguous between parsers"},
-	RuleBadQueryValue:           {"bad-query-value", "query value outside the values the metadata server accepts"},
+	RuleBadQueryValue:           {"bad-query-value", "query value outside GCE's grammar for its key (alt json|text, wait_for_change and recursive true|false, timeout_sec digits up to 3600, last_etag hex digits, scopes https://www.googleapis.com/auth/... URLs, or the policy file's pattern)"},
 	RuleRecursive:               {"recursive", "recursive listings are allowed only under instance/service-accounts/<account>/"},
 	RuleRecursiveAltText:        {"recursive-alt-text", "recursive alt=text listings of directories holding concealed entries cannot be filtered"},
+	RuleQueryKeyPath:            {"query-key-path", "query key given on a path where GCE does not define it (scopes only on service-accounts/<account>/token, audience/format/licenses only on .../identity, alt/wait_for_change/last_etag/timeout_sec only under /computeMetadata/v1/, policy-file keys only on their paths)"},
+	RuleRequestBody:             {"request-body", "GET and HEAD carry no body: a request announcing one (Content-Length, Transfer-Encoding) is refused and its connection closed"},
 }
 
 // String is the rule's stable name, used in metrics, logs and denied bodies.

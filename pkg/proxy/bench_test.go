@@ -7,8 +7,8 @@ import (
 	"net/url"
 	"testing"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/pkg/policy"
-	"github.com/metaconceal/metaconceal/test/fakegce"
 )
 
 // BenchmarkHandler compares the handler's cost per request with a bare

@@ -21,6 +21,9 @@ type Metrics struct {
 	longPollsOpen   prometheus.Gauge
 	upstreamPolls   prometheus.Gauge
 	coalesced       prometheus.Counter
+	refused         *prometheus.CounterVec
+	auditDropped    *prometheus.CounterVec
+	clientConns     prometheus.Gauge
 }
 
 // NewMetrics registers the proxy's series, plus the Go and process collectors, in a
@@ -48,9 +51,9 @@ func NewMetrics() *Metrics {
 	m.latencyLongPoll = m.upstreamLatency.WithLabelValues("long_poll")
 	m.upstreamErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "metaconceal_proxy_upstream_errors_total",
-		Help: "Upstream failures answered 502 (unreachable) or 504 (timeout), or withheld (bad_listing).",
+		Help: "Upstream failures answered 502 (unreachable), 504 (timeout) or 503 (busy: no upstream slot under --max-upstream-conns before the deadline), or withheld (bad_listing: a listing to filter that was not a 200 in GCE's JSON shape).",
 	}, []string{"reason"})
-	for _, reason := range []string{"unreachable", "timeout", "bad_listing"} {
+	for _, reason := range []string{"unreachable", "timeout", "bad_listing", "busy"} {
 		m.upstreamErrors.WithLabelValues(reason)
 	}
 	m.longPollsOpen = prometheus.NewGauge(prometheus.GaugeOpts{
@@ -65,6 +68,19 @@ func NewMetrics() *Metrics {
 		Name: "metaconceal_proxy_long_polls_coalesced_total",
 		Help: "Client long polls that joined an upstream long poll already open for the same canonical request.",
 	})
+	m.refused = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "metaconceal_proxy_refused_requests_total",
+		Help: "Requests refused by a limit, by the pod namespace they came from (\"unknown\" without a state record) and reason: pod_rate, pod_conns, pod_long_polls (429), upstream_long_polls (503).",
+	}, []string{"namespace", "reason"})
+	m.auditDropped = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "metaconceal_proxy_audit_lines_dropped_total",
+		Help: "Audit log lines not written because the pod exceeded its audit rate, by pod namespace; the log summarises them.",
+	}, []string{"namespace"})
+	m.clientConns = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "metaconceal_proxy_client_connections_open",
+		Help: "Client connections open now, held long polls included.",
+	})
+	reg.MustRegister(m.refused, m.auditDropped, m.clientConns)
 	reg.MustRegister(requests, m.blockedByNS, m.upstreamLatency, m.upstreamErrors,
 		m.longPollsOpen, m.upstreamPolls, m.coalesced,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

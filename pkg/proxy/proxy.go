@@ -2,14 +2,22 @@
 // request, answers concealed and denied requests itself (and audits them), and sends
 // allowed ones upstream in their canonical form only.
 //
-// The upstream path is deliberately lean: one pooled http.Transport sized for the
-// concurrency, direct RoundTrip calls, only the headers that matter forwarded, pooled
-// copy buffers, and no httputil.ReverseProxy. Long polls (wait_for_change=true) are
-// coalesced: identical polls share one upstream request, cancelled when the last
-// client waiting on it goes away.
+// Where things are:
+//
+//	proxy.go       Handler: per-request flow, audit, forwarding, error answers
+//	limits.go      per-pod limits and connection accounting
+//	upstream.go    the lean keep-alive pool ordinary requests use (no http.Transport)
+//	cache.go       the answer cache (what it keeps: cachetable.go; metrics: cachestats.go)
+//	flight.go      coalescing: identical requests share one upstream request (a flight)
+//	coalesce.go    ordinary GETs through flights
+//	longpoll.go    long polls (wait_for_change=true) through flights, parked connections
+//	listing.go     filtered recursive listings, which fail closed
+//	metrics.go     the Prometheus series
+//	server.go      http.Server settings, admin endpoints, listeners
 package proxy
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -32,6 +40,13 @@ type PodLookup interface {
 	Lookup(ip netip.Addr) (podindex.Pod, bool)
 }
 
+// BlockNotifier hears of every concealed or denied request, after its audit line, with
+// the pod behind it (zero when the source IP has no state record). It must not block:
+// *podevents.Recorder queues a rate-limited Event on the pod.
+type BlockNotifier interface {
+	Blocked(pod podindex.Pod, d policy.Decision)
+}
+
 // Defaults for Config fields left zero.
 const (
 	DefaultUpstreamTimeout = 15 * time.Second
@@ -50,7 +65,9 @@ type Config struct {
 	Upstream *url.URL
 	Policy   *policy.Policy
 	// Pods names the pod behind a source IP in the audit log; nil logs IPs only.
-	Pods    PodLookup
+	Pods PodLookup
+	// Notify, when set, is told of each concealed or denied request (Events on pods).
+	Notify  BlockNotifier
 	Log     *slog.Logger
 	Metrics *Metrics
 	// Transport carries long polls and readiness checks; defaults to NewTransport().
@@ -61,6 +78,11 @@ type Config struct {
 	// LongPollSlack is added to a long poll's timeout_sec (or to the 3600 s maximum
 	// when it has none) before the proxy gives up on the upstream.
 	LongPollSlack time.Duration
+	// Limits are the per-pod and global limits; the zero value turns them all off.
+	Limits Limits
+	// Cache configures the answer cache and the coalescing of identical GETs
+	// (cache.go); the zero value caches with the defaults.
+	Cache CacheConfig
 }
 
 // Handler is the proxy's http.Handler.
@@ -69,20 +91,22 @@ type Handler struct {
 	policy                       *policy.Policy
 	exposedPolicy                *policy.Policy // for pods the plugin left unconcealed
 	pods                         PodLookup
+	notify                       BlockNotifier
 	log                          *slog.Logger
 	metrics                      *Metrics
 	transport                    http.RoundTripper
 	upstreamTimeout              time.Duration
 	longPollSlack                time.Duration
 
-	pool       *connPool       // ordinary requests
-	baseCtx    context.Context // parent of every coalesced upstream long poll
+	pool       *connPool // ordinary requests
+	limits     Limits
+	clients    *clients        // per-pod state: connections, polls, request and audit rates
+	conns      sync.Map        // net.Conn -> *connInfo, until the connection closes or is hijacked
+	cache      *answerCache    // cached answers (cache.go)
+	gets       *flightGroup    // ordinary GETs in flight, coalesced (coalesce.go)
+	polls      *flightGroup    // long polls in flight, coalesced (longpoll.go)
+	baseCtx    context.Context // parent of every coalesced upstream request
 	cancelBase context.CancelFunc
-
-	mu      sync.Mutex
-	flights map[string]*flight
-	closed  bool           // no new flights once Close started
-	running sync.WaitGroup // flights not yet delivered
 }
 
 // NewTransport returns the upstream transport: keep-alive connections pooled per
@@ -119,12 +143,12 @@ func New(cfg Config) (*Handler, error) {
 		policy:          cfg.Policy,
 		exposedPolicy:   cfg.Policy.Exposed(),
 		pods:            cfg.Pods,
+		notify:          cfg.Notify,
 		log:             cfg.Log,
 		metrics:         cfg.Metrics,
 		transport:       cfg.Transport,
 		upstreamTimeout: cfg.UpstreamTimeout,
 		longPollSlack:   cfg.LongPollSlack,
-		flights:         make(map[string]*flight),
 	}
 	if h.log == nil {
 		h.log = slog.New(slog.DiscardHandler)
@@ -141,8 +165,25 @@ func New(cfg Config) (*Handler, error) {
 	if h.longPollSlack <= 0 {
 		h.longPollSlack = DefaultLongPollSlack
 	}
-	h.pool = newConnPool(cfg.Upstream, DefaultMaxIdleConnsPerHost)
+	if err := cfg.Limits.validate(); err != nil {
+		return nil, err
+	}
+	h.limits = cfg.Limits
+	h.pool = newConnPool(cfg.Upstream, DefaultMaxIdleConnsPerHost, cfg.Limits.MaxUpstreamConns)
+	h.clients = newClients(cfg.Limits, h.metrics, h.log)
+	cache, err := newAnswerCache(cfg.Cache, h.metrics)
+	if err != nil {
+		return nil, err
+	}
+	h.cache = cache
 	h.baseCtx, h.cancelBase = context.WithCancel(context.Background())
+	h.gets = newFlightGroup(h.baseCtx, 0, false)
+	h.polls = newFlightGroup(h.baseCtx, cfg.Limits.MaxUpstreamLongPolls, true)
+	go h.clients.sweeper(h.baseCtx)
+	h.log.Info("policy in effect", "patterns", cfg.Policy.Effective())
+	h.log.Info("limits in effect (0 = off)", "pod_rate", h.limits.PodRate, "pod_burst", h.limits.PodBurst,
+		"pod_max_conns", h.limits.PodMaxConns, "pod_max_long_polls", h.limits.PodMaxLongPolls,
+		"max_upstream_long_polls", h.limits.MaxUpstreamLongPolls, "max_upstream_conns", h.limits.MaxUpstreamConns)
 	return h, nil
 }
 
@@ -150,16 +191,10 @@ func New(cfg Config) (*Handler, error) {
 // (shutting down, retry), waits up to 5 s for those answers to be written, and closes
 // idle upstream connections.
 func (h *Handler) Close() {
-	h.mu.Lock()
-	h.closed = true
-	h.mu.Unlock()
+	h.polls.stop()
 	h.cancelBase()
 	h.pool.closeIdle()
-	delivered := make(chan struct{})
-	go func() { h.running.Wait(); close(delivered) }()
-	select {
-	case <-delivered:
-	case <-time.After(5 * time.Second):
+	if !h.polls.wait(5 * time.Second) {
 		h.log.Warn("long poll answers still being written at shutdown")
 	}
 }
@@ -173,56 +208,88 @@ var (
 
 // ServeHTTP decides and answers one request.
 func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
+	var cl *client
+	var src source
+	if ci != nil {
+		cl, src = ci.client, ci.src
+	} else {
+		// Served without NewServer's hooks (tests, a recorder): identify per request.
+		src = h.identify(r.RemoteAddr)
+		cl = h.clients.acquire(src)
+		defer h.clients.release(cl)
+	}
+	// Writing the answer has a deadline: a client that does not read it loses its
+	// connection instead of pinning it. A held long poll replaces it with its own.
+	if wd, ok := w.(writeDeadliner); ok {
+		_ = wd.SetWriteDeadline(time.Now().Add(h.upstreamTimeout + writeGrace))
+	}
+	// The client's Host is never forwarded: every path upstream names the upstream's
+	// own host, so Host is not a free key that makes identical polls distinct.
+	r.Host = h.upstreamHost
+
+	if r.ContentLength != 0 || r.TransferEncoding != nil {
+		d := policy.Decision{Verdict: policy.Deny, Rule: policy.RuleRequestBody, TimeoutSec: -1}
+		h.metrics.countRequest(d.Rule)
+		h.refuseBody(w, r, ci)
+		h.auditLimited(r, d, src, cl)
+		return
+	}
+	if ci != nil && ci.over {
+		h.refuse(w, cl, reasonPodConns, 1, true)
+		return
+	}
+	if ok, retry := h.clients.allow(cl, time.Now()); !ok {
+		h.refuse(w, cl, reasonRate, retry, false)
+		return
+	}
+
 	_, forwardedFor := r.Header["X-Forwarded-For"]
 	d := h.policy.Evaluate(r.Method, r.RequestURI, forwardedFor)
-	var src source
-	if d.Verdict != policy.Allow || d.FilterListing {
-		// Only requests the policy restricts need to know the pod: an exposed one
-		// (mode EXPOSED, excluded namespace) is served in full, and a blocked one is
-		// audited with its name.
-		src = h.source(r)
-		if src.pod.Exposed {
-			if e := h.exposedPolicy.Evaluate(r.Method, r.RequestURI, forwardedFor); e.Verdict == policy.Allow {
-				d = e
-				h.log.LogAttrs(context.Background(), slog.LevelInfo, "metadata request served to an exposed pod",
-					slog.String("rule", d.Rule.String()),
-					slog.String("pod_namespace", src.pod.Namespace),
-					slog.String("pod_name", src.pod.Name),
-					slog.String("source_ip", src.ip),
-					slog.String("path", d.Path))
-			}
-		}
+	if (d.Verdict != policy.Allow || d.FilterListing) && src.pod.Exposed {
+		// Only requests the policy restricts need to know whether the pod is exposed
+		// (mode EXPOSED, excluded namespace): then it is served in full.
+		d = h.decideExposed(r, forwardedFor, d, src, cl)
 	}
 	h.metrics.countRequest(d.Rule)
 	switch {
 	case d.Verdict != policy.Allow:
-		h.block(w, r, d, src)
+		h.block(w, r, d, src, cl)
 	case d.WaitForChange:
-		h.longPoll(w, r, d)
+		h.longPoll(w, r, d, cl, ci)
 	default:
 		h.forward(w, r, d)
 	}
 }
 
+// decideExposed decides a request the policy restricts again, for an exposed pod:
+// allowed in full unless malformed (then d stands). Each one served is logged,
+// within the pod's audit rate.
+func (h *Handler) decideExposed(r *http.Request, forwardedFor bool, d policy.Decision, src source, cl *client) policy.Decision {
+	e := h.exposedPolicy.Evaluate(r.Method, r.RequestURI, forwardedFor)
+	if e.Verdict != policy.Allow {
+		return d
+	}
+	if ok, dropped := h.clients.allowAudit(cl, time.Now()); ok {
+		h.logDropped(src, dropped)
+		h.log.LogAttrs(context.Background(), slog.LevelInfo, "metadata request served to an exposed pod",
+			slog.String("rule", e.Rule.String()),
+			slog.String("pod_namespace", src.pod.Namespace),
+			slog.String("pod_name", src.pod.Name),
+			slog.String("source_ip", src.ip),
+			slog.String("path", clip(e.Path, maxAuditField)))
+	}
+	return e
+}
+
 // source is who sent a request: its IP and, from the state records, its pod.
 type source struct {
-	ip  string
-	pod podindex.Pod // zero when the IP has no state record
+	ip   string
+	addr netip.Addr
+	pod  podindex.Pod // zero when the IP has no state record
 }
 
-func (h *Handler) source(r *http.Request) source {
-	ap, err := netip.ParseAddrPort(r.RemoteAddr)
-	if err != nil {
-		return source{ip: r.RemoteAddr}
-	}
-	s := source{ip: ap.Addr().Unmap().String()}
-	if h.pods != nil {
-		s.pod, _ = h.pods.Lookup(ap.Addr())
-	}
-	return s
-}
-
-func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decision, src source) {
+func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decision, src source, cl *client) {
 	body := policy.ConcealedBody
 	if d.Verdict == policy.Deny {
 		body = d.Reason()
@@ -236,7 +303,46 @@ func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decisio
 	if r.Method != http.MethodHead {
 		_, _ = io.WriteString(w, body) // a client gone mid-answer is not our error
 	}
+	h.auditLimited(r, d, src, cl)
+}
+
+// Audit lines are bounded: each field taken from the request is clipped, so a line
+// stays under 2 KiB whatever the request (JSON escaping at most sextuples a byte).
+const maxAuditField = 256
+
+func clip(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return s[:n] + "..."
+}
+
+// auditLimited writes the audit line within the client's audit rate; lines over it
+// are counted (metaconceal_proxy_audit_lines_dropped_total) and summarised.
+func (h *Handler) auditLimited(r *http.Request, d policy.Decision, src source, cl *client) {
+	ok, dropped := h.clients.allowAudit(cl, time.Now())
+	if !ok {
+		h.metrics.blockedByNS.WithLabelValues(cl.ns, d.Verdict.String()).Inc()
+		if h.notify != nil {
+			h.notify.Blocked(src.pod, d)
+		}
+		return
+	}
+	h.logDropped(src, dropped)
 	h.audit(r, d, src)
+}
+
+// logDropped summarises audit lines dropped before this one.
+func (h *Handler) logDropped(src source, dropped int64) {
+	if dropped == 0 {
+		return
+	}
+	h.log.LogAttrs(context.Background(), slog.LevelWarn, "audit lines dropped: this pod exceeded its audit rate",
+		slog.Int64("dropped", dropped),
+		slog.String("pod_namespace", src.pod.Namespace),
+		slog.String("pod_name", src.pod.Name),
+		slog.String("source_ip", src.ip),
+		slog.Int("audit_rate_per_second", auditRate))
 }
 
 // audit logs one line per concealed or denied request, naming the pod.
@@ -246,38 +352,40 @@ func (h *Handler) audit(r *http.Request, d policy.Decision, src source) {
 		nsLabel = "unknown"
 	}
 	h.metrics.blockedByNS.WithLabelValues(nsLabel, d.Verdict.String()).Inc()
-	target := r.RequestURI
-	if len(target) > 512 {
-		target = target[:512] + "..."
-	}
+	target := clip(r.RequestURI, maxAuditField)
 	h.log.LogAttrs(context.Background(), slog.LevelWarn, "metadata request blocked",
 		slog.String("verdict", d.Verdict.String()),
 		slog.String("rule", d.Rule.String()),
 		slog.String("pod_namespace", src.pod.Namespace),
 		slog.String("pod_name", src.pod.Name),
 		slog.String("source_ip", src.ip),
-		slog.String("method", r.Method),
-		slog.String("path", d.Path),
+		slog.String("method", clip(r.Method, 16)),
+		slog.String("path", clip(d.Path, maxAuditField)),
 		slog.String("target", target),
 	)
+	if h.notify != nil {
+		h.notify.Blocked(src.pod, d)
+	}
 }
 
-// newUpstreamRequest builds the request the upstream sees: the canonical path and
-// query, the client's Host (so an absolute Location names what the client used), and
-// of the client's headers only Metadata-Flavor. The upstream enforces the header, so
-// a client that did not send it gets the upstream's own 403, exactly as without the
-// proxy; X-Forwarded-For and everything else never leave the node.
-func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, d policy.Decision) *http.Request {
-	out, _ := http.NewRequestWithContext(ctx, r.Method, "", nil) // "" cannot fail to parse
+// newUpstreamRequest builds the request the upstream sees for a long poll: the
+// canonical path and query, the upstream's Host, and of the client's headers only
+// Metadata-Flavor (all from key). The upstream enforces the header, so a client that
+// did not send it gets the upstream's own 403, exactly as without the proxy;
+// X-Forwarded-For and everything else never leave the node. A HEAD whose answer is
+// filtered is sent as GET: it too is answered from a checked listing.
+func (h *Handler) newUpstreamRequest(ctx context.Context, key reqKey) *http.Request {
+	method := http.MethodGet
+	if key.flags&keyHead != 0 && key.flags&keyFiltered == 0 {
+		method = http.MethodHead
+	}
+	out, _ := http.NewRequestWithContext(ctx, method, "", nil) // "" cannot fail to parse
 	out.URL.Scheme = h.upstreamScheme
 	out.URL.Host = h.upstreamHost
-	out.URL.Path = d.Path
-	out.URL.RawQuery = d.RawQuery
-	out.Host = r.Host
-	if out.Host == "" {
-		out.Host = h.upstreamHost
-	}
-	if v := forwardedFlavor(r); v != nil {
+	out.URL.Path = key.path
+	out.URL.RawQuery = key.query
+	out.Host = key.host
+	if v := key.flavorValues(); v != nil {
 		out.Header["Metadata-Flavor"] = v
 	}
 	return out
@@ -285,40 +393,24 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, r *http.Request, d pol
 
 // forward serves a request that is not a long poll, on the lean connection pool.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+	if d.FilterListing {
+		h.forwardFiltered(w, r, d)
+		return
+	}
+	if h.serveGET(w, r, d) {
+		return // answered from the cache or through a coalesced upstream GET (cache.go)
+	}
 	req := upstreamRequest{method: r.Method, host: r.Host, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
 	if req.host == "" {
 		req.host = h.upstreamHost
 	}
-	start := time.Now()
-	resp, release, err := h.pool.roundTrip(r.Context(), &req, start.Add(h.upstreamTimeout))
+	resp, release, err := h.send(r.Context(), &req)
 	if err != nil {
 		h.upstreamFailed(w, r, err, h.upstreamTimeout)
 		return
 	}
-	h.metrics.latencyRequest.Observe(time.Since(start).Seconds())
 	reusable := false
 	defer func() { release(reusable) }()
-
-	if d.FilterListing && resp.StatusCode == http.StatusOK {
-		if r.Method == http.MethodHead {
-			copyHeader(w.Header(), resp.Header)
-			w.Header().Del("Content-Length") // the filtered body's length is not known
-			w.WriteHeader(resp.StatusCode)
-			reusable = true
-			return
-		}
-		body, err := readLimited(resp.Body)
-		if err == nil {
-			reusable = resp.Body.Close() == nil
-			body, err = h.policy.FilterListing(d.Path, body)
-		}
-		if err != nil {
-			h.withheld(w, r, err)
-			return
-		}
-		writeBuffered(w, resp.StatusCode, resp.Header, body)
-		return
-	}
 
 	copyHeader(w.Header(), resp.Header)
 	w.WriteHeader(resp.StatusCode)
@@ -359,13 +451,69 @@ func (h *Handler) withheld(w http.ResponseWriter, r *http.Request, err error) {
 	writeError(w, status, body)
 }
 
+// failureAnswer is the status and body for an upstream failure, and counts it.
+func (h *Handler) failureAnswer(err error, limit time.Duration) (int, string) {
+	var le *listingError
+	var netErr net.Error
+	switch {
+	case errors.As(err, &le):
+		h.metrics.upstreamErrors.WithLabelValues("bad_listing").Inc()
+		h.log.Warn("recursive listing withheld: it could not be filtered", "err", err)
+		return http.StatusBadGateway, "metaconceal: the metadata server's recursive listing could not be filtered and was withheld.\n"
+	case errors.Is(err, errUpstreamBusy):
+		h.metrics.upstreamErrors.WithLabelValues("busy").Inc()
+		return http.StatusServiceUnavailable, "metaconceal: " + err.Error() + "; retry.\n"
+	case h.baseCtx.Err() != nil:
+		return http.StatusServiceUnavailable, "metaconceal: the proxy is shutting down; retry.\n"
+	case errors.Is(err, context.DeadlineExceeded) || (errors.As(err, &netErr) && netErr.Timeout()):
+		h.metrics.upstreamErrors.WithLabelValues("timeout").Inc()
+		h.log.Warn("upstream metadata server timed out", "limit", limit, "err", err)
+		return http.StatusGatewayTimeout, fmt.Sprintf("metaconceal: the metadata server did not answer within %s.\n", limit)
+	}
+	h.metrics.upstreamErrors.WithLabelValues("unreachable").Inc()
+	h.log.Warn("upstream metadata server unreachable", "err", err)
+	return http.StatusBadGateway, "metaconceal: the metadata server is unreachable: " + err.Error() + "\n"
+}
+
 func writeError(w http.ResponseWriter, status int, body string) {
 	hdr := w.Header()
 	hdr["Content-Type"] = hdrTextPlain
 	hdr["Metadata-Flavor"] = hdrGoogle
 	hdr["Content-Length"] = []string{strconv.Itoa(len(body))}
+	if status == http.StatusServiceUnavailable {
+		hdr["Retry-After"] = []string{"1"}
+	}
 	w.WriteHeader(status)
 	_, _ = io.WriteString(w, body)
+}
+
+// rawResponse renders a complete HTTP/1.1 response with Connection: close, for an
+// answer written on a connection taken over from net/http (parked long polls, refused
+// bodies and connections). Hop-by-hop headers in hdr are left out; Content-Length is
+// the body's, except in the answer to a HEAD (headOnly), which keeps hdr's and has no
+// body.
+func rawResponse(status int, hdr http.Header, body []byte, headOnly bool) []byte {
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "HTTP/1.1 %d %s\r\n", status, http.StatusText(status))
+	for k, vs := range hdr {
+		if hopHeaders[k] || (k == "Content-Length" && !headOnly) {
+			continue
+		}
+		for _, v := range vs {
+			b.WriteString(k)
+			b.WriteString(": ")
+			b.WriteString(v)
+			b.WriteString("\r\n")
+		}
+	}
+	if !headOnly {
+		b.WriteString("Content-Length: " + strconv.Itoa(len(body)) + "\r\n")
+	}
+	b.WriteString("Connection: close\r\n\r\n")
+	if !headOnly {
+		b.Write(body)
+	}
+	return b.Bytes()
 }
 
 // hopHeaders are connection-level headers (RFC 9110 7.6.1) never copied across.
@@ -384,13 +532,6 @@ func copyHeader(dst, src http.Header) {
 		}
 		dst[k] = v
 	}
-}
-
-func writeBuffered(w http.ResponseWriter, status int, src http.Header, body []byte) {
-	copyHeader(w.Header(), src)
-	w.Header()["Content-Length"] = []string{strconv.Itoa(len(body))}
-	w.WriteHeader(status)
-	_, _ = w.Write(body)
 }
 
 // smallBody is the largest answer read whole and written with one Write.

@@ -21,9 +21,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/pkg/podindex"
 	"github.com/metaconceal/metaconceal/pkg/policy"
-	"github.com/metaconceal/metaconceal/test/fakegce"
 )
 
 // fixture is the real proxy handler in front of the fake GCE metadata server, both on
@@ -94,6 +94,7 @@ func newFixture(t *testing.T, mode policy.RecursiveMode, tweak func(*Config)) *f
 	t.Cleanup(f.handler.Close)
 	f.proxy = httptest.NewUnstartedServer(f.handler)
 	f.proxy.Config = NewServer(f.handler, cfg.Log)
+	f.proxy.Listener = f.handler.Listener(f.proxy.Listener) // as metaconceal-proxy serves
 	f.proxy.Start()
 	t.Cleanup(f.proxy.Close)
 	return f
@@ -290,7 +291,13 @@ func TestConcealedAndDenied(t *testing.T) {
 		PodName                  string `json:"pod_name"`
 		SourceIP                 string `json:"source_ip"`
 	}
-	first, _, _ := strings.Cut(f.logs.String(), "\n")
+	var first string
+	for l := range strings.SplitSeq(f.logs.String(), "\n") {
+		if strings.Contains(l, `"msg":"metadata request blocked"`) {
+			first = l
+			break
+		}
+	}
 	if err := json.Unmarshal([]byte(first), &line); err != nil {
 		t.Fatalf("audit line %q: %v", first, err)
 	}
@@ -298,9 +305,19 @@ func TestConcealedAndDenied(t *testing.T) {
 		line.SourceIP != "127.0.0.1" || line.Path != v1+"instance/attributes/kube-env" {
 		t.Errorf("audit line = %+v", line)
 	}
-	wantLines := 2*len(concealed) + len(denied) + 5 + 2
-	if n := strings.Count(f.logs.String(), `"msg":"metadata request blocked"`); n != wantLines {
-		t.Errorf("%d audit lines, want %d", n, wantLines)
+	// Audit lines are rate-limited per pod: the first auditBurst are written, the
+	// rest counted and summarised.
+	blocked := 2*len(concealed) + len(denied) + 5 + 2
+	if n := strings.Count(f.logs.String(), `"msg":"metadata request blocked"`); n != auditBurst {
+		t.Errorf("%d audit lines, want %d (the pod's audit burst)", n, auditBurst)
+	}
+	want := fmt.Sprintf(`metaconceal_proxy_audit_lines_dropped_total{namespace="team-a"} %d`, blocked-auditBurst)
+	if m := scrape(t, f); !strings.Contains(m, want) {
+		t.Errorf("metrics lack %s:\n%s", want, grepLines(m, "audit_lines_dropped"))
+	}
+	f.handler.clients.sweep(time.Now())
+	if !strings.Contains(f.logs.String(), fmt.Sprintf(`"msg":"audit lines dropped: this pod exceeded its audit rate","dropped":%d,"pod_namespace":"team-a","pod_name":"web-0"`, blocked-auditBurst)) {
+		t.Errorf("no summary of the dropped audit lines in the log:\n%s", grepLines(f.logs.String(), "dropped"))
 	}
 }
 
@@ -413,11 +430,7 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("upstream long poll still open 5s after its only client left")
 	}
-	waitFor(t, "the flight to be dropped", func() bool {
-		f.handler.mu.Lock()
-		defer f.handler.mu.Unlock()
-		return len(f.handler.flights) == 0
-	})
+	waitFor(t, "the flight to be dropped", func() bool { return f.handler.polls.len() == 0 })
 }
 
 func TestCoalescing(t *testing.T) {
@@ -543,7 +556,9 @@ func TestMetricsAndHealth(t *testing.T) {
 		`metaconceal_proxy_requests_total{rule="legacy-api",verdict="deny"} 1`,
 		`metaconceal_proxy_requests_total{rule="identity",verdict="conceal"} 0`,
 		`metaconceal_proxy_blocked_requests_by_namespace_total{namespace="team-a",verdict="conceal"} 1`,
-		`metaconceal_proxy_upstream_duration_seconds_count{kind="request"} 2`,
+		// The second project-id is answered from the cache (cache.go).
+		`metaconceal_proxy_upstream_duration_seconds_count{kind="request"} 1`,
+		`metaconceal_proxy_cache_hits_total{kind="fact"} 1`,
 		`metaconceal_proxy_long_polls_open 0`,
 	} {
 		if !strings.Contains(m, want+"\n") {

@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/pkg/policy"
-	"github.com/metaconceal/metaconceal/test/fakegce"
 )
 
 // Wrong-client and shared-state attacks: an answer meant for one request must never

@@ -13,9 +13,13 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// Server timeouts. There is deliberately no WriteTimeout: a long poll is held for as
-// long as its timeout_sec (up to an hour), bounded per request instead. Slow or idle
-// clients are bounded by the header read timeout, the header size and the idle timeout.
+// Server timeouts. Every phase of a client connection has a deadline: reading the
+// request head (ReadHeaderTimeout, also from accept to the first request), waiting
+// between requests (IdleTimeout); a request body is never read (requests announcing
+// one are refused at once and the connection closed); writing an ordinary answer
+// (the upstream timeout plus 10 s, set per request); a held long poll (its
+// timeout_sec plus the slack, then 10 s to write the answer). There is no server-wide
+// WriteTimeout because a long poll is held for up to an hour.
 const (
 	ReadHeaderTimeout = 10 * time.Second
 	IdleTimeout       = 90 * time.Second
@@ -24,7 +28,7 @@ const (
 
 // NewServer returns the http.Server for the proxy's listeners.
 func NewServer(h http.Handler, log *slog.Logger) *http.Server {
-	return &http.Server{
+	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: ReadHeaderTimeout,
 		IdleTimeout:       IdleTimeout,
@@ -33,6 +37,13 @@ func NewServer(h http.Handler, log *slog.Logger) *http.Server {
 		DisableGeneralOptionsHandler: true,
 		ErrorLog:                     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	if ph, ok := h.(*Handler); ok {
+		// Per-pod connection accounting: each connection is identified once, when
+		// accepted, and given back when it closes.
+		srv.ConnContext = ph.ConnContext
+		srv.ConnState = ph.ConnState
+	}
+	return srv
 }
 
 // AdminMux serves /metrics, /healthz (the process is up) and /readyz (the upstream

@@ -32,6 +32,8 @@ type connPool struct {
 	dialer  net.Dialer
 	maxIdle int
 	idleFor time.Duration
+	// slots caps the requests in flight (--max-upstream-conns); nil: no cap.
+	slots chan struct{}
 
 	mu   sync.Mutex
 	idle []*upConn
@@ -50,7 +52,7 @@ type upConn struct {
 	peek    [1]byte
 }
 
-func newConnPool(u *url.URL, maxIdle int) *connPool {
+func newConnPool(u *url.URL, maxIdle, maxConns int) *connPool {
 	host, port := u.Hostname(), u.Port()
 	isTLS := u.Scheme == "https"
 	if port == "" {
@@ -59,13 +61,55 @@ func newConnPool(u *url.URL, maxIdle int) *connPool {
 			port = "443"
 		}
 	}
-	return &connPool{
+	p := &connPool{
 		addr:    net.JoinHostPort(host, port),
 		tls:     isTLS,
 		host:    host,
 		dialer:  net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second},
 		maxIdle: maxIdle,
 		idleFor: 60 * time.Second,
+	}
+	if maxConns > 0 {
+		p.slots = make(chan struct{}, maxConns)
+		p.maxIdle = min(maxIdle, maxConns)
+	}
+	return p
+}
+
+// errUpstreamBusy: no upstream slot came free in time.
+var errUpstreamBusy = errors.New("every upstream connection (--max-upstream-conns) stayed busy")
+
+// upstreamSlotWait bounds the wait for an upstream slot: when every slot stays busy
+// that long the upstream is overloaded, and a quick 503 with Retry-After serves the
+// client better than a wait to its deadline.
+const upstreamSlotWait = time.Second
+
+// acquire takes an upstream slot, waiting until ctx ends, deadline passes or
+// upstreamSlotWait.
+func (p *connPool) acquire(ctx context.Context, deadline time.Time) error {
+	if p.slots == nil {
+		return nil
+	}
+	select {
+	case p.slots <- struct{}{}:
+		return nil
+	default:
+	}
+	t := time.NewTimer(min(time.Until(deadline), upstreamSlotWait))
+	defer t.Stop()
+	select {
+	case p.slots <- struct{}{}:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return errUpstreamBusy
+	}
+}
+
+func (p *connPool) releaseSlot() {
+	if p.slots != nil {
+		<-p.slots
 	}
 }
 
@@ -158,6 +202,21 @@ var longAgo = time.Unix(1, 0)
 // without error. Cancelling ctx (the client went away) or passing deadline aborts
 // the exchange.
 func (p *connPool) roundTrip(ctx context.Context, req *upstreamRequest, deadline time.Time) (*http.Response, func(reusable bool), error) {
+	if p.slots == nil {
+		return p.roundTripSlot(ctx, req, deadline)
+	}
+	if err := p.acquire(ctx, deadline); err != nil {
+		return nil, nil, err
+	}
+	resp, release, err := p.roundTripSlot(ctx, req, deadline)
+	if err != nil {
+		p.releaseSlot()
+		return nil, nil, err
+	}
+	return resp, func(reusable bool) { release(reusable); p.releaseSlot() }, nil
+}
+
+func (p *connPool) roundTripSlot(ctx context.Context, req *upstreamRequest, deadline time.Time) (*http.Response, func(reusable bool), error) {
 	for {
 		c, reused, err := p.get(ctx)
 		if err != nil {

@@ -4,13 +4,20 @@
 // Each attachment gets a chain of its own in the nat and filter tables of the pod
 // netns, jumped to from OUTPUT:
 //
-//	nat    OUTPUT -> METACONCEAL-<hash>: DNAT tcp <metadata>:80 -> proxy
-//	filter OUTPUT -> METACONCEAL-<hash>: REJECT everything else to <metadata>
+//	nat    OUTPUT -> METACONCEAL-<hash>: DNAT tcp <metadata>:80   -> proxy
+//	                                     DNAT tcp <metadata>:8080 -> ALTS relay (alts: relay)
+//	filter OUTPUT -> METACONCEAL-<hash>: RETURN udp+tcp <metadata>:53 and udp <metadata>:123
+//	                                     REJECT everything else to <metadata>
 //
-// DNATed packets reach filter OUTPUT with the proxy as destination, so the REJECT only
-// catches what was not redirected. Rules are written in the exact form iptables-save
+// DNS and NTP pass untouched (on GCE the metadata address is also the VPC resolver
+// and the NTP server). DNATed packets reach filter OUTPUT with the proxy as
+// destination, so the REJECT only catches what was neither passed nor redirected. Rules are written in the exact form iptables-save
 // prints them (both nf_tables and legacy backends print the same form), so that the
 // rendered text can be compared line by line with what the kernel holds.
+//
+// The iptables vocabulary (backends, families, programs, quoting, iptables-save
+// parsing, the restore runner) is pkg/xtables's, shared with the host guard; this
+// package adds what is specific to one attachment's rules.
 //
 // Nothing here enters a network namespace: callers run these functions inside the pod
 // netns (ns.WithNetNSPath); the iptables processes inherit the calling thread's netns.
@@ -22,34 +29,13 @@ import (
 	"fmt"
 	"net/netip"
 	"strings"
+
+	"github.com/metaconceal/metaconceal/pkg/gce"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
-
-// Family is an IP address family.
-type Family int
-
-const (
-	IPv4 Family = 4
-	IPv6 Family = 6
-)
-
-func (f Family) String() string {
-	if f == IPv6 {
-		return "IPv6"
-	}
-	return "IPv4"
-}
 
 // ChainPrefix starts the name of every chain this package creates.
 const ChainPrefix = "METACONCEAL-"
-
-// Tables this package writes to, in the order restore files list them.
-const (
-	TableNAT    = "nat"
-	TableFilter = "filter"
-)
-
-// metadataPort is the port of the metadata server that is redirected.
-const metadataPort = 80
 
 // Attachment is what CNI calls an attachment: a container's interface.
 type Attachment struct {
@@ -89,18 +75,21 @@ func (a Attachment) comment() string {
 
 // Spec is everything one attachment gets in one address family.
 type Spec struct {
-	Family     Family
+	Family     xtables.Family
 	Attachment Attachment
 	// Metadata are the metadata addresses of this family.
 	Metadata []netip.Addr
-	// Proxy receives TCP to Metadata port 80. When it is not valid, nothing is
-	// redirected and all traffic to Metadata is rejected.
+	// Proxy receives TCP to Metadata port 80. When it is not valid, port 80 is
+	// rejected.
 	Proxy netip.AddrPort
+	// ALTS receives TCP to Metadata port 8080 (the ALTS handshaker's port). When it
+	// is not valid, port 8080 is rejected.
+	ALTS netip.AddrPort
 }
 
 // Validate reports a spec that cannot be rendered.
 func (s Spec) Validate() error {
-	if s.Family != IPv4 && s.Family != IPv6 {
+	if s.Family != xtables.IPv4 && s.Family != xtables.IPv6 {
 		return fmt.Errorf("redirect: unknown address family %d", s.Family)
 	}
 	if s.Attachment.ContainerID == "" || s.Attachment.IfName == "" {
@@ -110,77 +99,76 @@ func (s Spec) Validate() error {
 		return fmt.Errorf("redirect: no %s metadata address", s.Family)
 	}
 	for _, a := range s.Metadata {
-		if a.Is4() != (s.Family == IPv4) {
+		if a.Is4() != (s.Family == xtables.IPv4) {
 			return fmt.Errorf("redirect: metadata address %s is not %s", a, s.Family)
 		}
 	}
-	if s.Proxy.IsValid() && s.Proxy.Addr().Is4() != (s.Family == IPv4) {
+	if s.Proxy.IsValid() && s.Proxy.Addr().Is4() != (s.Family == xtables.IPv4) {
 		return fmt.Errorf("redirect: proxy %s is not %s", s.Proxy, s.Family)
 	}
+	if s.ALTS.IsValid() && s.ALTS.Addr().Is4() != (s.Family == xtables.IPv4) {
+		return fmt.Errorf("redirect: ALTS relay %s is not %s", s.ALTS, s.Family)
+	}
 	return nil
-}
-
-// Rule is one rule's arguments after "-A CHAIN", one argument per element.
-type Rule []string
-
-// String renders a rule the way iptables-save does. Only the comment can hold
-// characters that need quoting (iptables-save quotes a comment unless it is made of
-// letters, digits, '_' and '-'; ours always holds spaces), so an argument is quoted
-// exactly when it is empty or holds a space, a quote or a backslash.
-func (r Rule) String() string {
-	parts := make([]string, len(r))
-	for i, arg := range r {
-		parts[i] = quoteArg(arg)
-	}
-	return strings.Join(parts, " ")
-}
-
-func quoteArg(s string) string {
-	if s != "" && !strings.ContainsAny(s, " \t\"'\\") {
-		return s
-	}
-	return `"` + strings.NewReplacer(`\`, `\\`, `"`, `\"`).Replace(s) + `"`
 }
 
 // TableRules are the attachment's rules in one table: the jump from OUTPUT and the
 // rules of its own chain.
 type TableRules struct {
 	Table string
-	Jump  Rule
-	Chain []Rule
+	Jump  xtables.Rule
+	Chain []xtables.Rule
 }
 
 // Render returns the rules of spec, table by table. A table with nothing to do (nat
-// when there is no proxy for the family) is left out.
+// when neither the proxy nor the ALTS relay is set for the family) is left out.
 func Render(s Spec) ([]TableRules, error) {
 	if err := s.Validate(); err != nil {
 		return nil, err
 	}
 	chain := s.Attachment.Chain()
-	jump := Rule{"-m", "comment", "--comment", s.Attachment.comment(), "-j", chain}
+	jump := xtables.Rule{"-m", "comment", "--comment", s.Attachment.comment(), "-j", chain}
 	var out []TableRules
-	if s.Proxy.IsValid() {
-		nat := TableRules{Table: TableNAT, Jump: jump}
+	if s.Proxy.IsValid() || s.ALTS.IsValid() {
+		nat := TableRules{Table: xtables.TableNAT, Jump: jump}
 		for _, a := range s.Metadata {
-			nat.Chain = append(nat.Chain, Rule{"-d", HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(metadataPort),
-				"-j", "DNAT", "--to-destination", s.Proxy.String()})
+			nat.Chain = append(nat.Chain, DNATRules(a, s.Proxy, s.ALTS)...)
 		}
 		out = append(out, nat)
 	}
-	rejectWith := "icmp-port-unreachable"
-	if s.Family == IPv6 {
-		rejectWith = "icmp6-port-unreachable"
-	}
-	filter := TableRules{Table: TableFilter, Jump: jump}
+	filter := TableRules{Table: xtables.TableFilter, Jump: jump}
 	for _, a := range s.Metadata {
-		filter.Chain = append(filter.Chain, Rule{"-d", HostPrefix(a), "-j", "REJECT", "--reject-with", rejectWith})
+		filter.Chain = append(filter.Chain, PassRules(a)...)
+		filter.Chain = append(filter.Chain, xtables.Rule{"-d", xtables.HostPrefix(a), "-j", "REJECT", "--reject-with", xtables.RejectWith(s.Family)})
 	}
 	return append(out, filter), nil
 }
 
-// HostPrefix renders an address as iptables-save prints a destination: a /32 or /128.
-func HostPrefix(a netip.Addr) string {
-	return netip.PrefixFrom(a, a.BitLen()).String()
+// PassRules are the filter rules that let DNS (UDP and TCP 53) and NTP (UDP 123) to
+// metadata address a through untouched (RETURN: the rest of OUTPUT still applies).
+func PassRules(a netip.Addr) []xtables.Rule {
+	out := make([]xtables.Rule, 0, len(gce.PassPorts))
+	for _, p := range gce.PassPorts {
+		out = append(out, xtables.Rule{"-d", xtables.HostPrefix(a), "-p", p.Proto, "-m", p.Proto, "--dport", fmt.Sprint(p.Port), "-j", "RETURN"})
+	}
+	return out
+}
+
+// DNATRules are the nat rules that send TCP to metadata address a on port 80 to proxy
+// and on port 8080 to alts; an invalid target leaves its port alone (the filter table
+// rejects it).
+func DNATRules(a netip.Addr, proxy, alts netip.AddrPort) []xtables.Rule {
+	var out []xtables.Rule
+	for _, d := range []struct {
+		port uint16
+		to   netip.AddrPort
+	}{{gce.MetadataPort, proxy}, {gce.ALTSPort, alts}} {
+		if d.to.IsValid() {
+			out = append(out, xtables.Rule{"-d", xtables.HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(d.port),
+				"-j", "DNAT", "--to-destination", d.to.String()})
+		}
+	}
+	return out
 }
 
 // AddRestore renders an iptables-restore --noflush input that creates the chains with
@@ -202,7 +190,7 @@ func AddRestore(tables []TableRules, chain string) string {
 // from what current holds to exactly tables: the chain is declared (created, or flushed
 // when it exists) and refilled, every existing jump to it is removed and one inserted,
 // and in tables where the attachment should have nothing, its chain is removed.
-func ReconcileRestore(tables []TableRules, chain string, current Snapshot) string {
+func ReconcileRestore(tables []TableRules, chain string, current xtables.Snapshot) string {
 	var b strings.Builder
 	want := map[string]bool{}
 	for _, t := range tables {
@@ -238,7 +226,7 @@ func DeleteRestore(tables []TableRules, chain string) string {
 
 // RemovalRestore renders an iptables-restore --noflush input that removes every jump
 // to chain and chain itself from every table of current; "" when there is nothing.
-func RemovalRestore(chain string, current Snapshot) string {
+func RemovalRestore(chain string, current xtables.Snapshot) string {
 	var b strings.Builder
 	for _, table := range current.TablesWith(chain) {
 		writeRemoval(&b, table, chain, current)
@@ -246,7 +234,7 @@ func RemovalRestore(chain string, current Snapshot) string {
 	return b.String()
 }
 
-func writeRemoval(b *strings.Builder, table, chain string, current Snapshot) {
+func writeRemoval(b *strings.Builder, table, chain string, current xtables.Snapshot) {
 	fmt.Fprintf(b, "*%s\n", table)
 	for _, j := range current.Jumps(table, chain) {
 		fmt.Fprintf(b, "-D %s\n", j)

@@ -1,5 +1,5 @@
 // Command metaconceal is the chained CNI plugin that conceals the GCE metadata server
-// from pods: see README.md, "The CNI plugin". The verbs live in pkg/cniplugin.
+// from pods: see docs/plugin.md. The verbs live in pkg/cniplugin.
 package main
 
 import (

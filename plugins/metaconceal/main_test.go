@@ -10,8 +10,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
-	"github.com/metaconceal/metaconceal/test/simnode"
 )
 
 // The built binary speaks CNI through skel: VERSION lists 0.3.0..1.1.0, and ADD, CHECK,

@@ -4,7 +4,8 @@
 # In a network namespace of its own (the "node": 169.254.169.254 and 169.254.169.252 on
 # its lo) it starts the fake GCE metadata server and metaconceal-proxy, adds two pods
 # with cnitool through the bridge + host-local + metaconceal conflist from conf/, and
-# asks the same four metadata questions from each pod and from the node itself (what a
+# asks the same four metadata questions, plus DNS, NTP and the ALTS port that GCE also
+# serves on the metadata address, from each pod and from the node itself (what a
 # hostNetwork pod sees). Everything is torn down on exit, Ctrl-C or failure. Nothing
 # here touches the machine's own netns, routes or iptables, and no packet to a
 # link-local address leaves the namespaces the demo created.
@@ -108,22 +109,24 @@ wait_http() { # wait_http NETNS URL: until something answers there (5 s at most)
 
 start_ms=$(date +%s%3N)
 
-echo "== node netns $NODE: 169.254.169.254 (metadata) and 169.254.169.252 (proxy) on lo"
+echo "== node netns $NODE: 169.254.169.254 (metadata) and 169.254.169.252 (proxy, scope host) on lo"
 ip netns add "$NODE"
 CREATED_NS+=("$NODE")
 ip -n "$NODE" link set lo up
 ip -n "$NODE" addr add 169.254.169.254/32 dev lo
-ip -n "$NODE" addr add 169.254.169.252/32 dev lo
+ip -n "$NODE" addr add 169.254.169.252/32 dev lo scope host
 
 echo "== conflist from conf/ (stateDir, logFile, subnet pointed at $WORK)"
 go build -o "$WORK/democonf" ./test/demo/democonf
+go build -o "$WORK/gceprobe" ./test/demo/gceprobe
 mkdir -p "$WORK/net.d" "$WORK/state"
 "$WORK/democonf" -conf-root "${METACONCEAL_DEMO_CONF_DIR:-conf}" -name "$NET" -bridge mcdemo0 -subnet 10.88.0.0/24 \
 	-ipam-dir "$WORK/ipam" -state-dir "$WORK/state" -log-file "$WORK/metaconceal.log" \
 	>"$WORK/net.d/10-demo.conflist" 2>"$WORK/democonf.err" || { cat "$WORK/democonf.err" >&2; exit 1; }
 sed 's/^democonf: using /   from /' "$WORK/democonf.err"
 
-echo "== fake GCE metadata server on 169.254.169.254:80, metaconceal-proxy on 169.254.169.252:988"
+echo "== fake GCE metadata server on 169.254.169.254 (HTTP 80, DNS 53, NTP 123, ALTS 8080),"
+echo "   metaconceal-proxy on 169.254.169.252 (HTTP 988, ALTS relay 987)"
 ip netns exec "$NODE" "$BIN/fake-gce-metadata" --listen 169.254.169.254:80 \
 	>"$WORK/fake-gce.log" 2>&1 &
 PIDS+=($!)
@@ -185,6 +188,30 @@ for i in "${!ENDPOINTS[@]}"; do
 	[ "${pod_answer%% *}" = "${other_answer%% *}" ] && same=$((same + 1))
 	printf '%s | %s | %s\n' "$(cut_to 22 "${LABELS[$i]}")" "$(cut_to $W "$pod_answer")" "$(cut_to $W "$node_answer")"
 done
+# GCE's other services on the metadata address keep working for the pods: DNS (the VPC
+# resolver), NTP, and the ALTS handshaker on 8080 (relayed by the proxy for the pods).
+gce_probe() { # gce_probe NETNS ARGS...: the probe's one-line answer
+	ip netns exec "$1" "$WORK/gceprobe" "${@:2}" 2>&1 | head -n1 || true
+}
+GCE_LABELS=("DNS via .254 (UDP)" "DNS via .254 (TCP)" "NTP" "ALTS port 8080")
+GCE_PROBES=("dns-udp metadata.google.internal" "dns-tcp metadata.google.internal" "ntp" "alts")
+GCE_WANT=("metadata.google.internal A 169.254.169.254" "metadata.google.internal A 169.254.169.254" "stratum 1, ref GOOG" "MCFAKEALTS handshaker ready")
+for i in "${!GCE_PROBES[@]}"; do
+	# shellcheck disable=SC2086 # the probe's arguments are split on purpose
+	pod_answer=$(gce_probe "$NODE-${PODS[0]}" ${GCE_PROBES[$i]})
+	# shellcheck disable=SC2086
+	node_answer=$(gce_probe "$NODE" ${GCE_PROBES[$i]})
+	expect "pod default/${PODS[0]}" "${GCE_LABELS[$i]}" "$pod_answer" "${GCE_WANT[$i]}"
+	expect node "${GCE_LABELS[$i]}" "$node_answer" "${GCE_WANT[$i]}"
+	label=${GCE_LABELS[$i]}
+	[ "$label" = "ALTS port 8080" ] && pod_answer="$pod_answer (relayed)"
+	printf '%s | %s | %s\n' "$(cut_to 22 "$label")" "$(cut_to $W "$pod_answer")" "$(cut_to $W "$node_answer")"
+done
+relayed=$(ip netns exec "$NODE" curl -s -m 5 http://127.0.0.1:9988/metrics |
+	sed -n 's/^metaconceal_proxy_alts_connections_total{namespace="default"} //p')
+echo
+echo "The proxy's ALTS relay counted ${relayed:-0} connection(s) from namespace default (the pod's 8080)."
+[ "${relayed:-0}" != 0 ] || FAILURES+=("ALTS relay: no connection counted for namespace default")
 echo
 echo "pod default/${PODS[1]}: same status as ${PODS[0]} for $same of ${#ENDPOINTS[@]} endpoints"
 echo

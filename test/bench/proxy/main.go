@@ -1,6 +1,8 @@
 // Command proxy is `make bench-proxy`: throughput and latency of metaconceal-proxy
-// against the fake upstream directly and a bare httputil.ReverseProxy, then 10,000
-// concurrent long polls held to their timeout.
+// against the fake upstream directly and a bare httputil.ReverseProxy (limits off: one
+// loopback client stands in for many pods), then 10,000 concurrent long polls held to
+// their timeout; then, with the default limits on, one pod flooding while another
+// measures its latency, and every pod of a full node at its caps at once (flood.go).
 //
 // Everything runs on 127.0.0.1 in separate processes: bin/fake-gce-metadata (the
 // upstream), this binary re-executed as "bare-proxy" (the floor any Go proxy starts
@@ -42,6 +44,9 @@ func main() {
 	}
 	if len(os.Args) > 1 && os.Args[1] == "load" {
 		os.Exit(loadOnly(os.Args[2:]))
+	}
+	if len(os.Args) > 1 && os.Args[1] == "flood" {
+		os.Exit(flooder(os.Args[2:]))
 	}
 	os.Exit(run(os.Args[1:]))
 }
@@ -103,6 +108,7 @@ type benchConfig struct {
 	conns       []int
 	polls       int
 	pollTimeout int
+	flood       floodConfig
 }
 
 func run(args []string) int {
@@ -113,6 +119,12 @@ func run(args []string) int {
 	connsFlag := fs.String("conns", "50,200", "concurrent keep-alive connections, comma-separated")
 	fs.IntVar(&cfg.polls, "long-polls", 10000, "concurrent long polls (0 skips)")
 	fs.IntVar(&cfg.pollTimeout, "long-poll-timeout", 20, "timeout_sec of the long polls")
+	fs.IntVar(&cfg.flood.polls, "flood-polls", 3000, "the flooding pod's distinct long poll loops (0 skips the flood bench)")
+	fs.IntVar(&cfg.flood.hammers, "flood-hammers", 64, "the flooding pod's back-to-back request loops")
+	fs.DurationVar(&cfg.flood.duration, "flood-phase", 8*time.Second, "each measured phase of the flood bench (idle, then under the flood)")
+	fs.IntVar(&cfg.flood.victimRPS, "victim-rps", 80, "the measuring pod's request rate (under the default --pod-rate)")
+	fs.IntVar(&cfg.flood.worstPods, "worst-case-pods", 110, "pods (distinct loopback addresses) that fill the proxy at once, each at its default caps, after the flood (GKE's default maximum pods per node; 0 skips)")
+	fs.IntVar(&cfg.flood.nice, "flood-nice", 19, "nice level of the flooding pod's process (a pod's CPU is bounded by its cgroup's share; 0 lets it compete with the proxy as an equal)")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -228,7 +240,13 @@ func bench(cfg benchConfig) error {
 	defer os.RemoveAll(stateDir)
 	mc, err := start("metaconceal-proxy", mcAddr, filepath.Join(bin, "metaconceal-proxy"),
 		"--listen", mcAddr, "--upstream", "http://"+upAddr, "--metrics-listen", mcMetrics,
-		"--state-dir", stateDir, "--log-format", "text")
+		"--state-dir", stateDir, "--log-format", "text",
+		// One loopback client stands in for many pods here: per-pod and global limits
+		// off, as the flags document for benchmarks (the flood bench runs with them on).
+		"--pod-rate=0", "--pod-max-conns=0", "--pod-max-long-polls=0",
+		"--max-upstream-long-polls=0", "--max-upstream-conns=0",
+		// The machine's own netns: never install the host guard here; no ALTS relay.
+		"--host-guard=false", "--alts-listen=")
 	if err != nil {
 		return err
 	}
@@ -287,11 +305,22 @@ func bench(cfg benchConfig) error {
 	if rss, err := mc.peakRSS(); err == nil {
 		fmt.Printf("\nmetaconceal-proxy peak RSS after the throughput rounds: %.1f MiB\n", float64(rss)/1024)
 	}
+	if err := cacheBench(cfg, upstream); err != nil { // cache.go
+		return err
+	}
 
 	if cfg.polls > 0 {
 		fmt.Printf("\nlong polls: %d concurrent GET ...?wait_for_change=true&timeout_sec=%d on metaconceal-proxy\n", cfg.polls, cfg.pollTimeout)
 		if err := longPolls(mc, mcMetrics, cfg.polls, cfg.pollTimeout); err != nil {
 			return err
+		}
+	}
+	if cfg.flood.polls > 0 {
+		mc.stop()
+		bare.stop()
+		upstream.stop()
+		if err := runFlood(bin, self, cfg.flood); err != nil {
+			return fmt.Errorf("flood: %w", err)
 		}
 	}
 	return nil
@@ -347,13 +376,18 @@ func (r *result) percentile(p float64) time.Duration {
 // client is one keep-alive HTTP/1.1 connection.
 type client struct {
 	addr string
+	src  string // source address on lo, "" for any
 	conn net.Conn
 	br   *bufio.Reader
 	req  []byte
 }
 
 func (c *client) dial() error {
-	conn, err := net.Dial("tcp", c.addr)
+	d := net.Dialer{Timeout: 5 * time.Second}
+	if c.src != "" {
+		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(c.src)}
+	}
+	conn, err := d.Dial("tcp", c.addr)
 	if err != nil {
 		return err
 	}
@@ -380,8 +414,8 @@ func (c *client) do() (int, error) {
 		c.close()
 		return 0, err
 	}
-	status, err := readResponse(c.br)
-	if err != nil {
+	status, closing, err := readResponseClose(c.br)
+	if err != nil || closing {
 		c.close()
 	}
 	return status, err
@@ -389,40 +423,50 @@ func (c *client) do() (int, error) {
 
 // readResponse parses a response with a Content-Length body and discards the body.
 func readResponse(br *bufio.Reader) (int, error) {
+	status, _, err := readResponseClose(br)
+	return status, err
+}
+
+// readResponseClose is readResponse that also says whether the server closes the
+// connection after this answer (Connection: close).
+func readResponseClose(br *bufio.Reader) (int, bool, error) {
 	line, err := br.ReadSlice('\n')
 	if err != nil {
-		return 0, err
+		return 0, false, err
 	}
 	if len(line) < 12 || !bytes.HasPrefix(line, []byte("HTTP/1.1 ")) {
-		return 0, fmt.Errorf("bad status line %q", line)
+		return 0, false, fmt.Errorf("bad status line %q", line)
 	}
 	status, err := strconv.Atoi(string(line[9:12]))
 	if err != nil {
-		return 0, fmt.Errorf("bad status line %q", line)
+		return 0, false, fmt.Errorf("bad status line %q", line)
 	}
-	length := -1
+	length, closing := -1, false
 	for {
 		line, err = br.ReadSlice('\n')
 		if err != nil {
-			return 0, err
+			return 0, false, err
 		}
 		if len(line) <= 2 {
 			break
 		}
-		if len(line) > 16 && bytes.EqualFold(line[:15], []byte("Content-Length:")) {
+		switch {
+		case len(line) > 16 && bytes.EqualFold(line[:15], []byte("Content-Length:")):
 			length, err = strconv.Atoi(string(bytes.TrimSpace(line[15:])))
 			if err != nil {
-				return 0, fmt.Errorf("bad Content-Length %q", line)
+				return 0, false, fmt.Errorf("bad Content-Length %q", line)
 			}
+		case len(line) > 11 && bytes.EqualFold(line[:11], []byte("Connection:")):
+			closing = bytes.EqualFold(bytes.TrimSpace(line[11:]), []byte("close"))
 		}
 	}
 	if length < 0 {
-		return 0, errors.New("response without Content-Length")
+		return 0, false, errors.New("response without Content-Length")
 	}
 	if _, err := br.Discard(length); err != nil {
-		return 0, err
+		return 0, false, err
 	}
-	return status, nil
+	return status, closing, nil
 }
 
 func request(path string) []byte {

@@ -11,7 +11,7 @@ import (
 	"os"
 	"strings"
 
-	"github.com/metaconceal/metaconceal/test/e2e/harness"
+	"github.com/metaconceal/metaconceal/internal/testlib/harness"
 )
 
 func main() {

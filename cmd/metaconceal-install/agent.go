@@ -1,0 +1,257 @@
+package main
+
+// The node agent: in watch mode, beside keeping the entry, metaconceal-install can run
+// the readiness gate (pkg/nodegate), the repair of pods without rules (pkg/repair) and
+// their Events (pkg/podevents), and serve their metrics. Wiring only.
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/metaconceal/metaconceal/internal/kubeflags"
+	"github.com/metaconceal/metaconceal/pkg/nodegate"
+	"github.com/metaconceal/metaconceal/pkg/podevents"
+	"github.com/metaconceal/metaconceal/pkg/repair"
+	"github.com/metaconceal/metaconceal/pkg/state"
+	"github.com/metaconceal/metaconceal/pkg/xtables"
+)
+
+// agentOptions are the node agent's flags.
+type agentOptions struct {
+	kube            kubeflags.Flags
+	gate            bool
+	gateInterval    time.Duration
+	gateGrace       time.Duration
+	proxyReadyz     string
+	guardCheck      bool
+	iptablesBackend string
+	repair          string
+	repairInterval  time.Duration
+	criSocket       string
+	stateDir        string
+	metricsListen   string
+}
+
+func (a *agentOptions) register(fs *flag.FlagSet) {
+	a.kube.Register(fs, "watch mode: on pods found without metadata rules (MetadataUnprotected, MetadataRepaired)")
+	fs.BoolVar(&a.gate, "readiness-gate", false, "watch mode: remove the taint "+nodegate.TaintKey+" from this node once the entry is in the CNI config, the proxy is ready and the host guard is installed; put it back when the entry is lost (needs nodes get/patch)")
+	fs.DurationVar(&a.gateInterval, "gate-interval", nodegate.DefaultInterval, "readiness gate: how often the checks run")
+	fs.DurationVar(&a.gateGrace, "gate-grace", nodegate.DefaultGrace, "readiness gate: how long the entry may be missing before the taint goes back")
+	fs.StringVar(&a.proxyReadyz, "proxy-readyz", "http://127.0.0.1:989/readyz", "readiness gate: the proxy's readiness URL (empty: not checked)")
+	fs.BoolVar(&a.guardCheck, "check-host-guard", true, "readiness gate: require the proxy's host guard in this netns's iptables rules")
+	fs.StringVar(&a.iptablesBackend, "iptables-backend", string(xtables.BackendAuto), "readiness gate: iptables binaries to read the host guard with: auto (iptables on PATH; empty means the same), nft or legacy, as the proxy's")
+	fs.StringVar(&a.repair, "repair", string(repair.ModeOff), "watch mode: pods running without metadata rules: repair (install them as ADD would), report (metric, log, Event) or off")
+	fs.DurationVar(&a.repairInterval, "repair-interval", repair.DefaultInterval, "repair: how often the node's pod sandboxes are compared with the state records")
+	fs.StringVar(&a.criSocket, "cri-socket", "/run/containerd/containerd.sock", "repair: the container runtime's CRI socket")
+	fs.StringVar(&a.stateDir, "state-dir", state.DefaultDir, "repair: the plugin's state dir, when the CNI config holds no entry to name it")
+	fs.StringVar(&a.metricsListen, "metrics-listen", "", "watch mode: address:port for the agent's /metrics (metaconceal_unprotected_pods, ...) and /healthz; empty disables")
+}
+
+// enabled reports whether any agent part runs.
+func (a *agentOptions) enabled() bool {
+	return a.gate || a.repair != string(repair.ModeOff) || a.kube.Events || a.metricsListen != ""
+}
+
+// validate checks the flags before anything happens; watch says whether the installer
+// runs in watch mode (the only mode the agent runs in).
+func (a *agentOptions) validate(watch bool) error {
+	mode, err := repair.ParseMode(a.repair)
+	if err != nil {
+		return fmt.Errorf("--repair: %w", err)
+	}
+	if !watch && a.enabled() {
+		return errors.New("--readiness-gate, --repair, --pod-events and --metrics-listen run in watch mode only (not with --once or --uninstall)")
+	}
+	if (a.gate || a.kube.Events) && a.kube.NodeName == "" {
+		return errors.New("--readiness-gate and --pod-events need --node-name (or $" + kubeflags.NodeNameEnv + ")")
+	}
+	if mode != repair.ModeOff && a.repairInterval <= 0 {
+		return errors.New("--repair-interval must be positive")
+	}
+	if _, err := xtables.ParseBackend(a.iptablesBackend); err != nil {
+		return fmt.Errorf("--iptables-backend: %w", err)
+	}
+	return nil
+}
+
+// runBeside runs keep (the installer's watch loop) and the enabled agent parts until
+// ctx is done or keep returns; the parts stop with it.
+func (a *agentOptions) runBeside(ctx context.Context, confDir string, log *slog.Logger, keep func(context.Context) error) error {
+	if !a.enabled() {
+		return keep(ctx)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	var client kubernetes.Interface
+	var events *podevents.Recorder
+	if a.gate || a.kube.Events {
+		var err error
+		if client, err = a.kube.Client(); err != nil {
+			return err
+		}
+		if events, err = a.kube.Recorder(client, "metaconceal-node-agent", log); err != nil {
+			return err
+		}
+		if events != nil {
+			defer events.Close()
+		}
+	}
+
+	var wg sync.WaitGroup
+	errc := make(chan error, 4)
+	goRun := func(name string, fn func(context.Context) error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := fn(ctx); err != nil && ctx.Err() == nil {
+				errc <- fmt.Errorf("%s: %w", name, err)
+			}
+		}()
+	}
+
+	if a.metricsListen != "" {
+		srv, err := a.metricsServer(ctx, reg, log)
+		if err != nil {
+			return err
+		}
+		goRun("metrics", srv)
+	}
+	if a.gate {
+		gate, err := a.newGate(client, confDir, reg, log)
+		if err != nil {
+			return err
+		}
+		goRun("readiness gate", gate.Run)
+	}
+	if mode := repair.Mode(a.repair); mode != repair.ModeOff {
+		metrics := repair.NewMetrics(reg)
+		goRun("repair", func(ctx context.Context) error { return a.runRepair(ctx, mode, confDir, events, metrics, log) })
+	}
+
+	err := keep(ctx)
+	cancel()
+	wg.Wait()
+	close(errc)
+	for e := range errc {
+		err = errors.Join(err, e)
+	}
+	return err
+}
+
+func (a *agentOptions) newGate(client kubernetes.Interface, confDir string, reg prometheus.Registerer, log *slog.Logger) (*nodegate.Gate, error) {
+	open := prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "metaconceal_readiness_gate_open",
+		Help: "1 when the readiness gate removed the " + nodegate.TaintKey + " taint from this node, 0 while it is closed.",
+	})
+	reg.MustRegister(open)
+	checks := []nodegate.Check{{
+		Name: "cni-entry", Keep: true,
+		Probe: func(context.Context) error { _, err := repair.LoadPluginConf(confDir); return err },
+	}}
+	if a.proxyReadyz != "" {
+		checks = append(checks, nodegate.Check{Name: "proxy-ready", Probe: nodegate.HTTPReady(a.proxyReadyz)})
+	}
+	if a.guardCheck {
+		checks = append(checks, nodegate.Check{Name: "host-guard", Probe: nodegate.HostGuardInstalled(xtables.Backend(a.iptablesBackend))})
+	}
+	return nodegate.New(nodegate.Config{
+		Client: client, Node: a.kube.NodeName, Checks: checks,
+		Interval: a.gateInterval, Grace: a.gateGrace, Log: log.With("part", "readiness-gate"),
+		OnChange: func(isOpen bool) {
+			if isOpen {
+				open.Set(1)
+			} else {
+				open.Set(0)
+			}
+		},
+	})
+}
+
+// runRepair connects to the CRI socket (retrying every interval until it answers) and
+// runs the repair loop.
+func (a *agentOptions) runRepair(ctx context.Context, mode repair.Mode, confDir string, events *podevents.Recorder, m *repair.Metrics, log *slog.Logger) error {
+	log = log.With("part", "repair")
+	var cri *repair.CRI
+	for {
+		var err error
+		if cri, err = repair.DialCRI(ctx, a.criSocket, 10*time.Second); err == nil {
+			break
+		}
+		log.Error("cannot reach the container runtime; retrying", "err", err, "retry", a.repairInterval.String())
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(a.repairInterval):
+		}
+	}
+	defer cri.Close()
+	cfg := repair.Config{
+		Mode: mode, Sandboxes: cri, ConfDir: confDir, StateDir: a.stateDir,
+		Interval: a.repairInterval, Metrics: m, PluginLog: pluginLogWriter{log}, Log: log,
+	}
+	if events != nil {
+		cfg.Events = events
+	}
+	r, err := repair.New(cfg)
+	if err != nil {
+		return err
+	}
+	log.Info("repair running", "mode", string(mode), "interval", a.repairInterval.String(), "cri", a.criSocket)
+	return r.Run(ctx)
+}
+
+// pluginLogWriter passes the plugin's own log lines (ADD, DEL of a repair) to the log.
+type pluginLogWriter struct{ log *slog.Logger }
+
+func (w pluginLogWriter) Write(p []byte) (int, error) {
+	w.log.Info("plugin", "line", string(trimNewline(p)))
+	return len(p), nil
+}
+
+func trimNewline(p []byte) []byte {
+	for len(p) > 0 && (p[len(p)-1] == '\n' || p[len(p)-1] == '\r') {
+		p = p[:len(p)-1]
+	}
+	return p
+}
+
+// metricsServer listens now (so a bad address fails at start) and returns the serve loop.
+func (a *agentOptions) metricsServer(ctx context.Context, reg *prometheus.Registry, log *slog.Logger) (func(context.Context) error, error) {
+	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
+		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
+	var lc net.ListenConfig
+	ln, err := lc.Listen(ctx, "tcp", a.metricsListen)
+	if err != nil {
+		return nil, fmt.Errorf("--metrics-listen: %w", err)
+	}
+	return func(ctx context.Context) error {
+		go func() {
+			<-ctx.Done()
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			_ = srv.Shutdown(sctx) // the process is stopping; nothing to report
+		}()
+		if err := srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			return err
+		}
+		return nil
+	}, nil
+}

@@ -1,0 +1,85 @@
+package hostguard
+
+import (
+	"net/netip"
+	"net/url"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/metaconceal/metaconceal/pkg/xtables"
+)
+
+func TestConfigFrom(t *testing.T) {
+	t.Parallel()
+	gceUp := &url.URL{Scheme: "http", Host: "169.254.169.254"}
+	v4, v6 := netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")
+	proxy := netip.MustParseAddrPort("169.254.169.252:988")
+	for _, tc := range []struct {
+		name     string
+		s        Settings
+		listen   []netip.AddrPort
+		metadata []netip.Addr
+		port     uint16
+		backend  xtables.Backend
+		err      string
+	}{
+		{name: "GCE with IPv6: the IPv6 metadata address is guarded (rejected) without an IPv6 listener",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, IPv6: true},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4, v6}},
+		{name: "dual stack listener",
+			s:      Settings{Listen: []string{"169.254.169.252:988", "[fd20:ce::252]:988"}, Upstream: gceUp, IPv6: true},
+			listen: []netip.AddrPort{proxy, netip.MustParseAddrPort("[fd20:ce::252]:988")}, metadata: []netip.Addr{v4, v6}},
+		{name: "node without IPv6",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}},
+		{name: "--metadata-addr replaces the defaults",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"10.9.9.9"}, IPv6: true},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{netip.MustParseAddr("10.9.9.9")}},
+		{name: "upstream port and IP",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:8080"}},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{netip.MustParseAddr("10.1.2.3")}, port: 8080},
+		{name: "upstream by name: GCE's address",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "metadata.google.internal"}},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}},
+		{name: "auto is the default backend",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "auto"},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}, backend: xtables.BackendAuto},
+		{name: "empty backend: auto, the old default's spelling",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: ""},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}, backend: xtables.BackendAuto},
+		{name: "legacy backend",
+			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "legacy"},
+			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}, backend: xtables.BackendLegacy},
+		{name: "host name listen address", s: Settings{Listen: []string{"metadata.local:988"}, Upstream: gceUp}, err: "--listen"},
+		{name: "no listen address", s: Settings{Upstream: gceUp}, err: "no --listen"},
+		{name: "loopback first", s: Settings{Listen: []string{"127.0.0.1:988"}, Upstream: gceUp}, err: "loopback"},
+		{name: "port zero", s: Settings{Listen: []string{"169.254.169.252:0"}, Upstream: gceUp}, err: "non-zero port"},
+		{name: "bad metadata address", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"x"}}, err: "--metadata-addr"},
+		{name: "unspecified metadata address", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"0.0.0.0"}}, err: "not a specific address"},
+		{name: "bad upstream port", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:0"}}, err: "--upstream port"},
+		{name: "no upstream", s: Settings{Listen: []string{"169.254.169.252:988"}}, err: "upstream"},
+		{name: "unknown backend", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "ebpf"}, err: "backend"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg, err := ConfigFrom(tc.s)
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("ConfigFrom(%+v) = %+v, %v; want an error naming %q", tc.s, cfg, err, tc.err)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.backend == "" {
+				tc.backend = xtables.BackendAuto // every case without a backend gets the default
+			}
+			if !slices.Equal(cfg.ListenAddrs, tc.listen) || !slices.Equal(cfg.MetadataAddrs, tc.metadata) ||
+				cfg.MetadataPort != tc.port || cfg.Backend != tc.backend {
+				t.Errorf("ConfigFrom(%+v) = %+v; want listen %v, metadata %v, port %d, backend %q", tc.s, cfg, tc.listen, tc.metadata, tc.port, tc.backend)
+			}
+		})
+	}
+}

@@ -1,0 +1,476 @@
+package proxy
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/policy"
+)
+
+// The answer cache sits after the policy decision, on the path of allowed ordinary
+// GETs only (see Handler.serveGET): a concealed or denied request is answered before
+// it, a long poll and a HEAD take their own paths. What it keeps and for how long is
+// the table in cachetable.go. Identical concurrent GETs that the cache cannot answer
+// share one upstream request (coalesce.go), whether their answer is cacheable or not.
+
+// CacheConfig configures the answer cache.
+type CacheConfig struct {
+	// Disabled turns the cache off: every allowed request goes upstream. Identical
+	// concurrent GETs are still coalesced into one upstream request.
+	Disabled bool
+	// FactTTL is how long a VM-lifetime fact (project-id, instance/zone, ...) is
+	// served from the cache; 0 means DefaultFactTTL, at most MaxFactTTL.
+	FactTTL time.Duration
+	// MaxEntries bounds the number of entries; 0 means DefaultMaxCacheEntries.
+	MaxEntries int
+	// Now is the cache's clock; nil means time.Now. Tests inject a fake one.
+	Now func() time.Time
+}
+
+// DefaultMaxCacheEntries bounds the cache. Keys carry the client's Host and
+// Metadata-Flavor values and the account and scopes it asked for, so a pod could
+// otherwise grow it without limit; a full cache serves uncached (coalesced).
+const DefaultMaxCacheEntries = 1024
+
+// answerCache holds cached answers and the GETs in flight.
+type answerCache struct {
+	disabled   bool
+	factTTL    time.Duration
+	maxEntries int
+	now        func() time.Time
+	stats      *cacheStats
+
+	mu      sync.RWMutex
+	entries map[reqKey]*cacheEntry
+
+	bg sync.WaitGroup // background refreshes running
+}
+
+func newAnswerCache(cfg CacheConfig, m *Metrics) (*answerCache, error) {
+	c := &answerCache{
+		disabled:   cfg.Disabled,
+		factTTL:    cfg.FactTTL,
+		maxEntries: cfg.MaxEntries,
+		now:        cfg.Now,
+		entries:    make(map[reqKey]*cacheEntry),
+	}
+	switch {
+	case c.factTTL < 0 || c.factTTL > MaxFactTTL:
+		return nil, fmt.Errorf("proxy: cache TTL %s out of range: 0 (default %s) to %s", c.factTTL, DefaultFactTTL, MaxFactTTL)
+	case c.factTTL == 0:
+		c.factTTL = DefaultFactTTL
+	}
+	if c.maxEntries < 0 {
+		return nil, fmt.Errorf("proxy: cache max entries %d is negative", c.maxEntries)
+	}
+	if c.maxEntries == 0 {
+		c.maxEntries = DefaultMaxCacheEntries
+	}
+	if c.now == nil {
+		c.now = time.Now
+	}
+	stats, err := registerCacheStats(m, c)
+	if err != nil {
+		return nil, err
+	}
+	c.stats = stats
+	return c, nil
+}
+
+// reqKey identifies identical requests: everything that is sent upstream or that
+// changes what the client gets back. It keys the cache and the coalescing of GETs
+// and long polls (flight.go). The path and query are canonical, so spellings that
+// mean the same share a key; requests whose answers are treated differently
+// (filtered, or served in full to an exposed pod) never do. The client's Host plays
+// no part: ServeHTTP replaces it with the upstream's.
+type reqKey struct {
+	path, query, host string
+	flavor            string // the Metadata-Flavor values, joined by "\x00"
+	flags             uint8
+}
+
+const (
+	keyFlavor   uint8 = 1 << iota // a Metadata-Flavor header was forwarded
+	keyFiltered                   // the answer is a filtered recursive listing
+	keyExposed                    // served in full to an exposed pod
+	keyHead                       // HEAD (long polls): the answer has headers only
+)
+
+func (h *Handler) requestKey(r *http.Request, d policy.Decision) reqKey {
+	k := reqKey{path: d.Path, query: d.RawQuery, host: r.Host}
+	if k.host == "" {
+		k.host = h.upstreamHost
+	}
+	if v := forwardedFlavor(r); v != nil {
+		k.flags |= keyFlavor
+		if len(v) == 1 {
+			k.flavor = v[0]
+		} else {
+			k.flavor = strings.Join(v, "\x00")
+		}
+	}
+	if d.FilterListing {
+		k.flags |= keyFiltered
+	}
+	if d.Rule == policy.RuleExposedPod {
+		k.flags |= keyExposed
+	}
+	if r.Method == http.MethodHead {
+		k.flags |= keyHead
+	}
+	return k
+}
+
+// upstreamRequest is the GET a key stands for, on the lean pool.
+func (k reqKey) upstreamRequest() upstreamRequest {
+	return upstreamRequest{method: http.MethodGet, host: k.host, path: k.path, rawQuery: k.query, flavor: k.flavorValues()}
+}
+
+func (k reqKey) flavorValues() []string {
+	if k.flags&keyFlavor == 0 {
+		return nil
+	}
+	return strings.Split(k.flavor, "\x00")
+}
+
+// cacheKindOf is the table's answer for an allowed decision.
+func (c *answerCache) cacheKindOf(d policy.Decision) cacheKind {
+	if c.disabled || d.Rule != policy.RuleV1 || d.FilterListing || d.WaitForChange {
+		return notCached
+	}
+	kind := lookupRow(d.Path)
+	if kind == notCached || !cacheableQuery(kind, d.RawQuery) {
+		return notCached
+	}
+	return kind
+}
+
+// serveGET answers an allowed, ordinary GET from the cache or through a coalesced
+// upstream request. It reports false for anything else (HEAD), which the caller
+// forwards itself.
+func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Decision) bool {
+	c := h.cache
+	if c == nil || r.Method != http.MethodGet || d.WaitForChange {
+		return false
+	}
+	key := h.requestKey(r, d)
+	kind := c.cacheKindOf(d)
+	if kind != notCached {
+		now := c.now()
+		if e := c.get(key); e != nil && now.Before(e.staleAt) {
+			c.stats.hits[kind].Add(1)
+			if kind == cacheToken && !now.Before(e.refreshAt) {
+				h.startRefresh(key, e, now)
+			}
+			e.write(w, now)
+			return true
+		}
+	}
+	h.coalescedGET(w, r, key, kind)
+	return true
+}
+
+// cacheEntry is one cached 200 answer. Immutable once stored, but for the refresh
+// bookkeeping.
+type cacheEntry struct {
+	kind    cacheKind
+	header  http.Header // the upstream's headers, without Date (and for tokens Content-Length)
+	staleAt time.Time   // not served from then on
+
+	// Facts: header also holds their Content-Length.
+	body []byte
+
+	// Tokens: the body is prefix, the remaining seconds, suffix.
+	prefix, suffix []byte
+	expiresAt      time.Time
+	refreshAt      time.Time
+	lengths        [21][]string // Content-Length by the number of digits
+	nextTry        atomic.Int64 // unix nanos before which no refresh starts
+	refreshing     atomic.Bool
+}
+
+func (c *answerCache) get(k reqKey) *cacheEntry {
+	c.mu.RLock()
+	e := c.entries[k]
+	c.mu.RUnlock()
+	return e
+}
+
+// write serves e to a client at now.
+func (e *cacheEntry) write(w http.ResponseWriter, now time.Time) {
+	dst := w.Header()
+	for k, v := range e.header {
+		dst[k] = v
+	}
+	if e.kind != cacheToken {
+		w.WriteHeader(http.StatusOK) // e.header holds Content-Length
+		_, _ = w.Write(e.body)       // a client gone mid-answer is not our error
+		return
+	}
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	b := e.appendToken((*bp)[:0], now)
+	dst["Content-Length"] = e.lengths[len(b)-len(e.prefix)-len(e.suffix)]
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(b)
+	*bp = b[:0]
+}
+
+// appendToken appends the token answer at now (expires_in counted down) to b.
+func (e *cacheEntry) appendToken(b []byte, now time.Time) []byte {
+	b = append(b, e.prefix...)
+	b = strconv.AppendInt(b, int64(e.expiresAt.Sub(now)/time.Second), 10)
+	return append(b, e.suffix...)
+}
+
+// answer returns the header and body e serves at now, for a flight's waiters.
+func (e *cacheEntry) answer(now time.Time) (http.Header, []byte) {
+	hdr := e.header.Clone()
+	if e.kind != cacheToken {
+		return hdr, e.body
+	}
+	body := e.appendToken(nil, now)
+	hdr["Content-Length"] = []string{strconv.Itoa(len(body))}
+	return hdr, body
+}
+
+// store keeps a 200 answer when the table says so. sent is when the upstream
+// request was sent: every lifetime counts from then, so the cache errs early.
+func (c *answerCache) store(k reqKey, kind cacheKind, hdr http.Header, body []byte, sent time.Time) bool {
+	e := &cacheEntry{kind: kind, header: make(http.Header, len(hdr))}
+	for name, v := range hdr {
+		if name == "Date" || name == "Content-Length" {
+			continue // the server dates each answer; the length is set per answer
+		}
+		e.header[name] = v
+	}
+	now := c.now()
+	switch kind {
+	case cacheFact:
+		e.body = body
+		e.header["Content-Length"] = []string{strconv.Itoa(len(body))}
+		e.staleAt = sent.Add(c.factTTL)
+	case cacheToken:
+		tok, ok := parseToken(body)
+		if !ok {
+			return false
+		}
+		lifetime := time.Duration(tok.expiresIn) * time.Second
+		e.prefix, e.suffix = body[:tok.numStart], body[tok.numEnd:]
+		e.expiresAt = sent.Add(lifetime)
+		e.staleAt = e.expiresAt.Add(-tokenMargin(lifetime))
+		e.refreshAt = e.staleAt.Add(-tokenLead(lifetime))
+		e.nextTry.Store(sent.Add(refreshRetry).UnixNano())
+		for digits := 1; digits < len(e.lengths); digits++ {
+			e.lengths[digits] = []string{strconv.Itoa(len(e.prefix) + digits + len(e.suffix))}
+		}
+	default:
+		return false
+	}
+	if !now.Before(e.staleAt) {
+		return false // already past its margin: passed on, never kept
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, replacing := c.entries[k]; !replacing && len(c.entries) >= c.maxEntries {
+		for ok, old := range c.entries {
+			if !now.Before(old.staleAt) {
+				delete(c.entries, ok)
+			}
+		}
+		if len(c.entries) >= c.maxEntries {
+			c.stats.full.Add(1)
+			return false
+		}
+	}
+	c.entries[k] = e
+	return true
+}
+
+// startRefresh starts one background refresh of a token entry, unless one is
+// running, a request for the same key is already in flight (it will refresh the
+// entry), or the last attempt was less than refreshRetry ago.
+func (h *Handler) startRefresh(k reqKey, e *cacheEntry, now time.Time) {
+	c := h.cache
+	if now.UnixNano() < e.nextTry.Load() || !e.refreshing.CompareAndSwap(false, true) {
+		return
+	}
+	f := h.gets.startIfNone(k, h.upstreamTimeout) // holds the refresh's own reference
+	if f == nil {
+		e.refreshing.Store(false)
+		return
+	}
+	c.bg.Add(1)
+	go func() {
+		defer c.bg.Done()
+		stored := h.runGetFlight(k, f, cacheToken)
+		switch {
+		case stored:
+			c.stats.refreshes[refreshRenewed].Add(1)
+		case f.errStatus != 0 || f.status != http.StatusOK:
+			c.stats.refreshes[refreshFailed].Add(1)
+		default:
+			c.stats.refreshes[refreshNotCacheable].Add(1)
+		}
+		if !stored {
+			// The entry stays, served until its margin; try again later.
+			e.nextTry.Store(c.now().Add(refreshRetry).UnixNano())
+			e.refreshing.Store(false)
+		}
+	}()
+}
+
+// token is what the cache needs from a token answer.
+type token struct {
+	expiresIn        int64
+	numStart, numEnd int // the expires_in digits in the body
+}
+
+// parseToken reads a token answer: JSON ({"access_token": "...", "expires_in": N,
+// ...}) or alt=text ("access_token ...\nexpires_in N\n..."). Anything else, a
+// missing or empty access_token, a duplicate or non-integer expires_in, or one
+// outside (0, maxTokenLifetime], is not a cacheable token.
+func parseToken(body []byte) (token, bool) {
+	trimmed := strings.TrimLeft(string(body), " \t\r\n")
+	var tok token
+	var ok bool
+	if strings.HasPrefix(trimmed, "{") {
+		tok, ok = parseJSONToken(body)
+	} else {
+		tok, ok = parseTextToken(body)
+	}
+	if !ok || tok.expiresIn <= 0 || time.Duration(tok.expiresIn)*time.Second > maxTokenLifetime {
+		return token{}, false
+	}
+	return tok, true
+}
+
+// parseTextToken reads the alt=text form, one "key value" per line.
+func parseTextToken(body []byte) (token, bool) {
+	var tok token
+	found, hasToken := false, false
+	s := string(body)
+	for off := 0; off < len(s); {
+		line := s[off:]
+		next := len(s)
+		if i := strings.IndexByte(line, '\n'); i >= 0 {
+			line, next = line[:i], off+i+1
+		}
+		key, value, _ := strings.Cut(line, " ")
+		switch {
+		case strings.EqualFold(key, "expires_in"):
+			if found || key != "expires_in" || !allDigits(value) || len(value) > 9 {
+				return token{}, false
+			}
+			found = true
+			tok.expiresIn, _ = strconv.ParseInt(value, 10, 64)
+			tok.numStart = off + len(key) + 1
+			tok.numEnd = tok.numStart + len(value)
+		case strings.EqualFold(key, "access_token"):
+			if hasToken || key != "access_token" || value == "" {
+				return token{}, false
+			}
+			hasToken = true
+		}
+		off = next
+	}
+	return tok, found && hasToken
+}
+
+func allDigits(s string) bool {
+	if s == "" {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if s[i] < '0' || s[i] > '9' {
+			return false
+		}
+	}
+	return true
+}
+
+// parseJSONToken reads the JSON form: one object whose top-level access_token is a
+// non-empty string and whose top-level expires_in is a plain integer, each once.
+func parseJSONToken(body []byte) (token, bool) {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	dec.UseNumber()
+	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
+		return token{}, false
+	}
+	var tok token
+	found, hasToken := false, false
+	for dec.More() {
+		kt, err := dec.Token()
+		if err != nil {
+			return token{}, false
+		}
+		key, _ := kt.(string)
+		vt, err := dec.Token()
+		if err != nil {
+			return token{}, false
+		}
+		if d, nested := vt.(json.Delim); nested {
+			if skipNested(dec, d) != nil {
+				return token{}, false
+			}
+		}
+		switch {
+		case strings.EqualFold(key, "expires_in"):
+			n, isNum := vt.(json.Number)
+			if found || key != "expires_in" || !isNum || !allDigits(string(n)) || len(n) > 9 {
+				return token{}, false
+			}
+			end := int(dec.InputOffset())
+			start := end - len(n)
+			if start < 0 || string(body[start:end]) != string(n) {
+				return token{}, false
+			}
+			found = true
+			tok.expiresIn, _ = strconv.ParseInt(string(n), 10, 64)
+			tok.numStart, tok.numEnd = start, end
+		case strings.EqualFold(key, "access_token"):
+			s, isStr := vt.(string)
+			if hasToken || key != "access_token" || !isStr || s == "" {
+				return token{}, false
+			}
+			hasToken = true
+		}
+	}
+	if t, err := dec.Token(); err != nil || t != json.Delim('}') {
+		return token{}, false
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		return token{}, false // trailing data
+	}
+	return tok, found && hasToken
+}
+
+// skipNested consumes a nested object or array whose opening delimiter was read.
+func skipNested(dec *json.Decoder, open json.Delim) error {
+	if open != '{' && open != '[' {
+		return errors.New("unexpected closing delimiter")
+	}
+	for depth := 1; depth > 0; {
+		t, err := dec.Token()
+		if err != nil {
+			return err
+		}
+		if d, ok := t.(json.Delim); ok {
+			if d == '{' || d == '[' {
+				depth++
+			} else {
+				depth--
+			}
+		}
+	}
+	return nil
+}

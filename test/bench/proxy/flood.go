@@ -1,0 +1,490 @@
+package main
+
+// The flood bench: one pod floods the proxy (thousands of distinct long polls plus
+// requests as fast as it can send them) while another pod measures its latency, first
+// with the node idle, then under the flood. The two pods are distinct loopback source
+// addresses, 127.0.0.2 (the flooder) and 127.0.0.3 (the victim), named by state
+// records in the proxy's --state-dir exactly as the CNI plugin writes them, so the
+// proxy tells them apart through its pod index. Everything stays on lo.
+//
+// The proxy runs with its default limits (nothing but --host-guard=false, as outside
+// a node netns). The flooder is this binary re-executed ("flood"), so that its
+// goroutines do not share a Go scheduler with the victim's measurements.
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/proxy"
+	"github.com/metaconceal/metaconceal/pkg/state"
+)
+
+var proxyDefaults = proxy.DefaultLimits
+
+const (
+	flooderIP = "127.0.0.2"
+	victimIP  = "127.0.0.3"
+	// daemonSetMemoryLimitMiB is the proxy container's memory limit in
+	// conf/deploy/daemonset.yaml; daemonSetNoFile the descriptor limit it runs with.
+	daemonSetMemoryLimitMiB = 384
+	daemonSetNoFile         = 20000
+	victimPath              = "/computeMetadata/v1/instance/attributes/cluster-name"
+)
+
+type floodConfig struct {
+	polls     int           // the flooder's long poll loops
+	hammers   int           // the flooder's request loops (keep-alive, back to back)
+	duration  time.Duration // each measured phase
+	victimRPS int           // the victim's paced request rate
+	nice      int           // the flooder's nice level: a pod's CPU is its cgroup's share, not the node's
+	worstPods int           // pods of the worst-case fill (0 skips it)
+}
+
+// floodStats is what the flooder reports (JSON on stdout).
+type floodStats struct {
+	Requests      int64            `json:"requests"`
+	Status        map[string]int64 `json:"status"`
+	ConnErrors    int64            `json:"connErrors"`
+	PollsHeldPeak int64            `json:"pollsHeldPeak"`
+	FirstError    string           `json:"firstError,omitempty"`
+}
+
+// runFlood is the flood section of `make bench-proxy`.
+func runFlood(bin string, self string, fc floodConfig) error {
+	var upAddr, mcAddr, mcMetrics string
+	var err error
+	for _, a := range []*string{&upAddr, &mcAddr, &mcMetrics} {
+		if *a, err = freeAddr(); err != nil {
+			return err
+		}
+	}
+	upstream, err := start("fake-gce-metadata", upAddr, filepath.Join(bin, "fake-gce-metadata"), "--listen", upAddr)
+	if err != nil {
+		return err
+	}
+	defer upstream.stop()
+	stateDir, err := os.MkdirTemp("", "bench-proxy-flood-state-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(stateDir)
+	for _, p := range []struct{ id, ns, name, ip string }{
+		{"flooder0000", "flood", "flooder", flooderIP},
+		{"victim00000", "victim", "app", victimIP},
+	} {
+		rec := state.NewRecord(state.Attachment{Network: "bench", ContainerID: p.id, IfName: "eth0", Netns: "/var/run/netns/bench-" + p.id},
+			state.PodRef{Namespace: p.ns, Name: p.name, UID: p.id}, []netip.Addr{netip.MustParseAddr(p.ip)}, "")
+		if err := state.Write(stateDir, rec); err != nil {
+			return fmt.Errorf("state record for %s: %w", p.name, err)
+		}
+	}
+	mc, err := start("metaconceal-proxy (default limits)", mcAddr, filepath.Join(bin, "metaconceal-proxy"),
+		"--listen", mcAddr, "--upstream", "http://"+upAddr, "--metrics-listen", mcMetrics,
+		"--state-dir", stateDir, "--log-format", "text", "--log-level", "error",
+		// The machine's own netns: never install the host guard here; no ALTS relay.
+		"--host-guard=false", "--alts-listen=")
+	if err != nil {
+		return err
+	}
+	defer mc.stop()
+
+	loadavg, _ := os.ReadFile("/proc/loadavg")
+	fmt.Printf("\nflood: pod flood/flooder (%s) floods, pod victim/app (%s) measures; metaconceal-proxy with its default limits\n", flooderIP, victimIP)
+	fmt.Printf("  load average before: %s", loadavg)
+	fmt.Printf("  victim: GET %s at %d req/s over 4 keep-alive connections, %s per phase\n", victimPath, fc.victimRPS, fc.duration)
+	fmt.Printf("  flooder (nice %d): %d loops of distinct long polls (each re-dials at once when answered or refused) + %d keep-alive loops sending back to back\n", fc.nice, fc.polls, fc.hammers)
+
+	if _, err := victim(mc.addr, fc.victimRPS, time.Second); err != nil { // warm-up
+		return fmt.Errorf("victim warm-up: %w", err)
+	}
+	idle, err := victim(mc.addr, fc.victimRPS, fc.duration)
+	if err != nil {
+		return fmt.Errorf("victim, idle: %w", err)
+	}
+
+	etag, err := etagFrom(mc.addr, victimIP, victimPath)
+	if err != nil {
+		return err
+	}
+	fl := exec.Command("nice", "-n", strconv.Itoa(fc.nice), self, "flood", "--addr", mc.addr, "--polls", strconv.Itoa(fc.polls), "--hammers", strconv.Itoa(fc.hammers),
+		"--etag", etag, "--duration", (fc.duration + 3*time.Second).String())
+	var flOut strings.Builder
+	fl.Stdout = &flOut
+	fl.Stderr = os.Stderr
+	if err := fl.Start(); err != nil {
+		return fmt.Errorf("start flooder: %w", err)
+	}
+	time.Sleep(2 * time.Second) // let the flood build up
+	fds := openFDs(mc.cmd.Process.Pid)
+	u0, s0 := cpuTicks(mc.cmd.Process.Pid)
+	t0 := time.Now()
+	flooded, verr := victim(mc.addr, fc.victimRPS, fc.duration)
+	u1, s1 := cpuTicks(mc.cmd.Process.Pid)
+	secs := time.Since(t0).Seconds()
+	userShare, sysShare := float64(u1-u0)/clockTicks/secs, float64(s1-s0)/clockTicks/secs
+	fdsAfter := openFDs(mc.cmd.Process.Pid)
+	waitErr := fl.Wait()
+	if verr != nil {
+		return fmt.Errorf("victim, under flood: %w", verr)
+	}
+	if waitErr != nil {
+		return fmt.Errorf("flooder: %w", waitErr)
+	}
+	var fs floodStats
+	if err := json.Unmarshal([]byte(flOut.String()), &fs); err != nil {
+		return fmt.Errorf("flooder output %q: %w", flOut.String(), err)
+	}
+	rss, err := mc.peakRSS()
+	if err != nil {
+		return fmt.Errorf("proxy RSS: %w", err)
+	}
+
+	ip50, ip99 := idle.percentile(50), idle.percentile(99)
+	fp50, fp99 := flooded.percentile(50), flooded.percentile(99)
+	fmt.Printf("  victim idle:        %d answers, %d not 200, p50 %s p99 %s\n", idle.requests, idle.errors, fmtDur(ip50), fmtDur(ip99))
+	fmt.Printf("  victim under flood: %d answers, %d not 200, p50 %s p99 %s  (p99 %.2fx idle; must be <= 2x)\n",
+		flooded.requests, flooded.errors, fmtDur(fp50), fmtDur(fp99), float64(fp99)/float64(ip99))
+	var codes []string
+	for _, c := range []string{"200", "429", "503", "other"} {
+		if n := fs.Status[c]; n > 0 || c == "429" {
+			codes = append(codes, fmt.Sprintf("%s: %d", c, n))
+		}
+	}
+	fmt.Printf("  flooder: %d requests answered (%s), %d connection errors, at most %d long polls in flight at once\n",
+		fs.Requests, strings.Join(codes, ", "), fs.ConnErrors, fs.PollsHeldPeak)
+	if fs.FirstError != "" {
+		fmt.Printf("  flooder's first connection error: %s\n", fs.FirstError)
+	}
+	fmt.Printf("  proxy: peak RSS %.1f MiB (DaemonSet limit %d MiB), open descriptors %d / %d during the flood (limit %d), CPU %.0f%% of one core during the flood (user %.0f%%, system %.0f%%)\n",
+		float64(rss)/1024, daemonSetMemoryLimitMiB, fds, fdsAfter, daemonSetNoFile, 100*(userShare+sysShare), 100*userShare, 100*sysShare)
+	fmt.Printf("  proxy metric %s\n", scrapeAll(mcMetrics, "metaconceal_proxy_refused_requests_total"))
+	if fc.worstPods > 0 {
+		return worstCase(mc, mcMetrics, fc.worstPods, etag)
+	}
+	return nil
+}
+
+// victim sends GETs from the victim pod's address at rps over 4 keep-alive
+// connections for d; every answer that is not a 200 counts as an error.
+func victim(addr string, rps int, d time.Duration) (*result, error) {
+	const conns = 4
+	interval := time.Duration(conns) * time.Second / time.Duration(rps)
+	var (
+		wg    sync.WaitGroup
+		mu    sync.Mutex
+		total = &result{}
+		first error
+	)
+	start := time.Now()
+	for i := range conns {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c := &client{addr: addr, req: request(victimPath), src: victimIP}
+			defer c.close()
+			r := &result{}
+			next := start.Add(time.Duration(i) * interval / conns)
+			for time.Since(start) < d {
+				time.Sleep(time.Until(next))
+				next = next.Add(interval)
+				t0 := time.Now()
+				status, err := c.do()
+				if err != nil || status != http.StatusOK {
+					r.errors++
+					mu.Lock()
+					if first == nil {
+						first = fmt.Errorf("status %d: %v", status, err)
+					}
+					mu.Unlock()
+					continue
+				}
+				r.latencies = append(r.latencies, time.Since(t0))
+				r.requests++
+			}
+			mu.Lock()
+			total.merge(r)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	total.elapsed = time.Since(start)
+	if total.requests == 0 {
+		return nil, fmt.Errorf("no answer at all: %v", first)
+	}
+	return total, nil
+}
+
+func etagFrom(addr, src, path string) (string, error) {
+	c := &client{addr: addr, req: request(path), src: src}
+	defer c.close()
+	return currentETag(c)
+}
+
+func openFDs(pid int) int {
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return -1
+	}
+	return len(ents)
+}
+
+func scrapeAll(addr, name string) string {
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		return name + " ?"
+	}
+	defer resp.Body.Close()
+	var out []string
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		if l := sc.Text(); strings.HasPrefix(l, name) && !strings.HasSuffix(l, " 0") {
+			out = append(out, strings.TrimPrefix(l, name))
+		}
+	}
+	if len(out) == 0 {
+		return name + " (none)"
+	}
+	return name + " " + strings.Join(out, " ")
+}
+
+// flooder is the re-executed flooding pod: it prints floodStats as JSON.
+func flooder(args []string) int {
+	fs := flag.NewFlagSet("flood", flag.ContinueOnError)
+	addr := fs.String("addr", "", "proxy host:port")
+	polls := fs.Int("polls", 3000, "long poll loops")
+	hammers := fs.Int("hammers", 64, "request loops")
+	etag := fs.String("etag", "", "current ETag of the polled attribute")
+	d := fs.Duration("duration", 10*time.Second, "how long to flood")
+	if err := fs.Parse(args); err != nil {
+		return 2
+	}
+	var (
+		stop       atomic.Bool
+		wg         sync.WaitGroup
+		requests   atomic.Int64
+		connErrs   atomic.Int64
+		held, peak atomic.Int64
+		mu         sync.Mutex
+		status     = map[string]int64{}
+		firstErr   string
+	)
+	count := func(code int, err error) {
+		if err != nil {
+			connErrs.Add(1)
+			mu.Lock()
+			if firstErr == "" {
+				firstErr = err.Error()
+			}
+			mu.Unlock()
+			return
+		}
+		requests.Add(1)
+		key := strconv.Itoa(code)
+		if code != 200 && code != 429 && code != 503 {
+			key = "other"
+		}
+		mu.Lock()
+		status[key]++
+		mu.Unlock()
+	}
+	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(flooderIP)}, Timeout: 5 * time.Second}
+	// Distinct long polls: each loop its own timeout_sec, so none coalesce.
+	for i := range *polls {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			req := request(fmt.Sprintf("%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", victimPath, *etag, 60+i%3000))
+			for !stop.Load() {
+				conn, err := dialer.Dial("tcp", *addr)
+				if err != nil {
+					count(0, err)
+					if errors.Is(err, syscall.EADDRNOTAVAIL) {
+						time.Sleep(10 * time.Millisecond) // out of local ports: the flooder's own limit
+					}
+					continue
+				}
+				_ = conn.SetDeadline(time.Now().Add(*d))
+				if _, err := conn.Write(req); err != nil {
+					conn.Close()
+					count(0, err)
+					continue
+				}
+				n := held.Add(1)
+				for {
+					p := peak.Load()
+					if n <= p || peak.CompareAndSwap(p, n) {
+						break
+					}
+				}
+				code, err := readResponse(bufio.NewReaderSize(conn, 1024))
+				held.Add(-1)
+				conn.Close()
+				if err != nil && (stop.Load() || errors.Is(err, os.ErrDeadlineExceeded)) {
+					return
+				}
+				count(code, err)
+			}
+		}()
+	}
+	// Requests as fast as it can, ignoring Retry-After.
+	for i := range *hammers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			paths := []string{"/computeMetadata/v1/project/project-id", victimPath,
+				"/computeMetadata/v1/instance/attributes/kube-env", fmt.Sprintf("/computeMetadata/v1/instance/attributes/x%d", i)}
+			c := &client{addr: *addr, src: flooderIP}
+			defer c.close()
+			for j := 0; !stop.Load(); j++ {
+				c.req = request(paths[j%len(paths)])
+				code, err := c.do()
+				count(code, err)
+				if errors.Is(err, syscall.EADDRNOTAVAIL) {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	time.Sleep(*d)
+	stop.Store(true)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+	}
+	mu.Lock()
+	out, _ := json.Marshal(floodStats{Requests: requests.Load(), Status: status, ConnErrors: connErrs.Load(), PollsHeldPeak: peak.Load(), FirstError: firstErr})
+	mu.Unlock()
+	fmt.Println(string(out))
+	return 0
+}
+
+// worstCase fills the proxy as far as its default limits let every pod go at once:
+// pods source addresses (127.0.1.1, ...; no state records, so each is its own
+// client by IP), each opening its connection cap, half of them holding distinct long
+// polls (up to the pod's long poll cap) and half idle after one request. It reports
+// what the proxy holds then: resident memory, descriptors, long polls, refusals.
+func worstCase(mc *process, metricsAddr string, pods int, etag string) error {
+	l := defaultLimits()
+	fmt.Printf("\nworst case: %d pods at once, each at its caps (%d connections: %d distinct long polls held, the rest idle after one request)\n",
+		pods, l.podConns, l.podPolls)
+	var (
+		mu       sync.Mutex
+		conns    []net.Conn
+		statuses = map[int]int{}
+		failed   int
+		wg       sync.WaitGroup
+	)
+	sem := make(chan struct{}, 256)
+	start := time.Now()
+	for p := range pods {
+		src := fmt.Sprintf("127.0.%d.%d", 1+p/250, 1+p%250)
+		for i := range l.podConns {
+			wg.Add(1)
+			sem <- struct{}{}
+			go func() {
+				defer wg.Done()
+				defer func() { <-sem }()
+				d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 10 * time.Second}
+				conn, err := d.Dial("tcp", mc.addr)
+				if err != nil {
+					mu.Lock()
+					failed++
+					mu.Unlock()
+					return
+				}
+				mu.Lock()
+				conns = append(conns, conn)
+				mu.Unlock()
+				if i < l.podPolls {
+					_, _ = conn.Write(request(fmt.Sprintf("%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", victimPath, etag, 60+(p*l.podPolls+i)%3541)))
+					return // held (timeout_sec 60..3600, distinct): answered after this measurement
+				}
+				_, _ = conn.Write(request(victimPath))
+				_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+				status, err := readResponse(bufio.NewReader(conn))
+				mu.Lock()
+				if err != nil {
+					failed++
+				} else {
+					statuses[status]++
+				}
+				mu.Unlock()
+			}()
+		}
+	}
+	wg.Wait()
+	opened := time.Since(start)
+	time.Sleep(2 * time.Second) // let the proxy settle on what it holds
+	rss := currentRSS(mc.cmd.Process.Pid)
+	peak, _ := mc.peakRSS()
+	fds := openFDs(mc.cmd.Process.Pid)
+	fmt.Printf("  opened %d connections in %s (%d failed); idle connections' answers: %v\n", len(conns), opened.Round(time.Millisecond), failed, statuses)
+	fmt.Printf("  proxy holds: %s client long polls on %s upstream long polls; %s client connections\n",
+		scrapeGauge(metricsAddr, "metaconceal_proxy_long_polls_open"), scrapeGauge(metricsAddr, "metaconceal_proxy_upstream_long_polls_open"),
+		scrapeGauge(metricsAddr, "metaconceal_proxy_client_connections_open"))
+	fmt.Printf("  proxy: RSS %.1f MiB now, peak %.1f MiB (DaemonSet limit %d MiB); %d open descriptors (limit %d)\n",
+		float64(rss)/1024, float64(peak)/1024, daemonSetMemoryLimitMiB, fds, daemonSetNoFile)
+	fmt.Printf("  proxy metric %s\n", scrapeAll(metricsAddr, "metaconceal_proxy_refused_requests_total"))
+	for _, c := range conns {
+		c.Close()
+	}
+	return nil
+}
+
+type benchLimits struct{ podConns, podPolls int }
+
+// defaultLimits are metaconceal-proxy's defaults (the same variable its flags use).
+func defaultLimits() benchLimits {
+	return benchLimits{podConns: proxyDefaults.PodMaxConns, podPolls: proxyDefaults.PodMaxLongPolls}
+}
+
+func currentRSS(pid int) int {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for l := range strings.SplitSeq(string(data), "\n") {
+		if v, ok := strings.CutPrefix(l, "VmRSS:"); ok {
+			n, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")))
+			return n
+		}
+	}
+	return 0
+}
+
+// clockTicks is USER_HZ, the unit of /proc/<pid>/stat's CPU times (100 on Linux).
+const clockTicks = 100
+
+// cpuTicks is the process's user and system CPU time in clock ticks.
+func cpuTicks(pid int) (int64, int64) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, 0
+	}
+	// Fields after the command (which may hold spaces) start after the last ')'.
+	rest := string(data[strings.LastIndexByte(string(data), ')')+2:])
+	f := strings.Fields(rest)
+	if len(f) < 13 {
+		return 0, 0
+	}
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	return utime, stime
+}

@@ -1,0 +1,142 @@
+// Command probe is the cluster e2e's test workload (in the probe image, beside a
+// busybox shell). It asks the metadata server the way a pod's client would and prints
+// what came back as JSON, for the scenarios to read through `kubectl exec` / `logs`:
+//
+//	probe idle                         block until SIGTERM (the pod's main process)
+//	probe get [-H 'Name: value'] URL   one GET, one JSON line {"status","body","leak","err"}
+//	probe loop -interval 100ms URL     a GET every interval, one JSON line each, with "t"
+//
+// Every request carries Metadata-Flavor: Google and its own connection (no keep-alive),
+// so each one goes through the pod's rules anew.
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
+)
+
+// Line is one printed result.
+type Line struct {
+	T      int64  `json:"t,omitempty"` // Unix milliseconds at the request's start (loop)
+	Status int    `json:"status"`      // HTTP status; 0 when no answer
+	Body   string `json:"body"`        // the first 200 bytes
+	// Leak: the whole body holds the fake metadata server's kube-env or identity-token
+	// marker, i.e. a concealed answer got through.
+	Leak bool   `json:"leak"`
+	Err  string `json:"err,omitempty"`
+}
+
+func main() {
+	os.Exit(run(os.Args[1:]))
+}
+
+func run(args []string) int {
+	if len(args) == 0 {
+		fmt.Fprintln(os.Stderr, "usage: probe idle | get URL | loop [-interval D] URL")
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	client := &http.Client{
+		Timeout:   3 * time.Second,
+		Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil},
+	}
+	switch args[0] {
+	case "idle":
+		<-ctx.Done()
+		return 0
+	case "get":
+		fs := flag.NewFlagSet("get", flag.ContinueOnError)
+		var headers headerList
+		fs.Var(&headers, "H", "extra request header `Name: value`; repeatable")
+		if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 1 {
+			fmt.Fprintln(os.Stderr, "usage: probe get [-H 'Name: value']... URL")
+			return 2
+		}
+		return emit(get(ctx, client, fs.Arg(0), headers...))
+	case "loop":
+		fs := flag.NewFlagSet("loop", flag.ContinueOnError)
+		interval := fs.Duration("interval", 100*time.Millisecond, "time between request starts")
+		if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 1 {
+			fmt.Fprintln(os.Stderr, "usage: probe loop [-interval D] URL")
+			return 2
+		}
+		tick := time.NewTicker(*interval)
+		defer tick.Stop()
+		for {
+			start := time.Now()
+			l := get(ctx, client, fs.Arg(0))
+			l.T = start.UnixMilli()
+			if rc := emit(l); rc != 0 {
+				return rc
+			}
+			select {
+			case <-ctx.Done():
+				return 0
+			case <-tick.C:
+			}
+		}
+	default:
+		fmt.Fprintf(os.Stderr, "probe: unknown mode %q\n", args[0])
+		return 2
+	}
+}
+
+type headerList []string
+
+func (h *headerList) String() string     { return strings.Join(*h, ", ") }
+func (h *headerList) Set(v string) error { *h = append(*h, v); return nil }
+
+func get(ctx context.Context, client *http.Client, url string, headers ...string) Line {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return Line{Err: err.Error()}
+	}
+	req.Header.Set("Metadata-Flavor", "Google")
+	for _, h := range headers {
+		name, value, ok := strings.Cut(h, ":")
+		if !ok {
+			return Line{Err: fmt.Sprintf("header %q: want Name: value", h)}
+		}
+		req.Header.Set(strings.TrimSpace(name), strings.TrimSpace(value))
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return Line{Err: err.Error()}
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	l := Line{
+		Status: resp.StatusCode,
+		Body:   string(body[:min(len(body), 200)]),
+		Leak:   bytes.Contains(body, []byte(fakegce.KubeEnvMarker)) || bytes.Contains(body, []byte(fakegce.IdentityTokenMarker)),
+	}
+	if err != nil {
+		l.Err = "body: " + err.Error()
+	}
+	return l
+}
+
+func emit(l Line) int {
+	data, err := json.Marshal(l)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "probe:", err)
+		return 1
+	}
+	if _, err := fmt.Println(string(data)); err != nil {
+		return 1
+	}
+	return 0
+}
