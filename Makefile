@@ -51,7 +51,14 @@ deps-runtime:
 # The README's test command: static checks, unit and privileged integration tests
 # (iptables nf_tables and legacy, cnitool on a simulated node), a short fuzz run of
 # every fuzz target, then the real-runtime e2e.
-test: deps-runtime build unit fuzz e2e
+# Each step prints its time (`phase <step> <seconds>s`), as the cluster e2e does.
+TEST_STEPS := deps-runtime build unit fuzz e2e
+test:
+	@for step in $(TEST_STEPS); do \
+		start=$$(date +%s); \
+		$(MAKE) --no-print-directory $$step || exit 1; \
+		echo "phase $$step $$(( $$(date +%s) - start ))s"; \
+	done
 
 unit:
 	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -62,6 +62,8 @@ type options struct {
 	removeHostGuard bool
 	iptablesBackend string
 	metadataAddrs   cliflag.List
+	guardConnRate   int // --guard-conn-rate, --guard-conn-burst: the host guard's per-source limit
+	guardConnBurst  int
 	logFormat       string
 	logLevel        string
 	upstreamTimeout time.Duration
@@ -106,6 +108,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.recursive, "recursive", "deny", "recursive listings outside service accounts: deny (as GKE) or filter (strip concealed entries)")
 	fs.BoolVar(&o.hostGuard, "host-guard", true, "install the node-wide guard in this network namespace (DNAT of forwarded metadata traffic, REJECT of the rest, anti-spoofing of exposed pods, listen address on lo); it stays after the proxy stops. --host-guard=false only outside a node netns (tests, benchmarks): without it pods with CAP_NET_RAW bypass their own rules")
 	fs.BoolVar(&o.removeHostGuard, "remove-host-guard", false, "deprecated: use `metaconceal-proxy remove-host-guard`")
+	fs.IntVar(&o.guardConnRate, "guard-conn-rate", hostguard.DefaultConnRate, "host guard: new TCP connections per second per source IP to the proxy and the ALTS relay; SYNs over it (once --guard-conn-burst is spent) are dropped in the kernel, before the proxy accepts. 0 turns it off")
+	fs.IntVar(&o.guardConnBurst, "guard-conn-burst", hostguard.DefaultConnBurst, "host guard: new TCP connections a source IP may open at once before --guard-conn-rate applies (1-10000 with a rate)")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open ordinary requests may finish before connections are closed (held long polls are answered 503 at once, so clients retry)")
 	fs.BoolVar(&o.cache, "cache", true, "cache service-account tokens (until a safety margin before expiry) and VM-lifetime facts (project-id, instance id/zone/name/..., for --cache-ttl); --cache=false sends every request upstream (identical concurrent GETs still share one)")
@@ -203,6 +207,7 @@ func guardConfig(o options, upstream *url.URL) (hostguard.Config, error) {
 	return hostguard.ConfigFrom(hostguard.Settings{
 		Listen: o.listen, ALTSListen: o.altsListen, Upstream: upstream, MetadataAddrs: o.metadataAddrs,
 		Backend: o.iptablesBackend, IPv6: hostguard.IPv6Enabled(),
+		ConnRate: o.guardConnRate, ConnBurst: o.guardConnBurst,
 	})
 }
 
@@ -230,19 +235,27 @@ func checkAddrs(o options) error {
 	return nil
 }
 
-func runRemoveHostGuard(args []string, stderr io.Writer) int {
-	o, err := parseRemoveFlags(args, stderr)
+// command parses a command's flags with parse and builds its logger; code is the exit
+// code to return at once when ok is false (0 for -h, 2 for bad flags).
+func command(name string, args []string, stderr io.Writer, parse func([]string, io.Writer) (options, error)) (o options, log *slog.Logger, code int, ok bool) {
+	o, err := parse(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
-		return 0
+		return o, nil, 0, false
+	}
+	if err == nil {
+		log, err = logging.New(stderr, o.logFormat, o.logLevel)
 	}
 	if err != nil {
-		fmt.Fprintln(stderr, "metaconceal-proxy remove-host-guard:", err)
-		return 2
+		fmt.Fprintf(stderr, "%s: %v\n", name, err)
+		return o, nil, 2, false
 	}
-	log, err := logging.New(stderr, o.logFormat, o.logLevel)
-	if err != nil {
-		fmt.Fprintln(stderr, "metaconceal-proxy remove-host-guard:", err)
-		return 2
+	return o, log, 0, true
+}
+
+func runRemoveHostGuard(args []string, stderr io.Writer) int {
+	o, log, code, ok := command("metaconceal-proxy remove-host-guard", args, stderr, parseRemoveFlags)
+	if !ok {
+		return code
 	}
 	if err := removeHostGuard(o, log); err != nil {
 		log.Error("metaconceal-proxy remove-host-guard failed", "err", err)
@@ -270,18 +283,9 @@ func removeHostGuard(o options, log *slog.Logger) error {
 }
 
 func run(args []string, stderr io.Writer) int {
-	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintln(stderr, "metaconceal-proxy:", err)
-		return 2
-	}
-	log, err := logging.New(stderr, o.logFormat, o.logLevel)
-	if err != nil {
-		fmt.Fprintln(stderr, "metaconceal-proxy:", err)
-		return 2
+	o, log, code, ok := command("metaconceal-proxy", args, stderr, parseFlags)
+	if !ok {
+		return code
 	}
 	tuneGC(o, log) // gc.go
 	if err := serve(o, log); err != nil {

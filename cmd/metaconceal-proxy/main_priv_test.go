@@ -72,6 +72,8 @@ func TestBadFlagLeavesNoGuard(t *testing.T) {
 		{"metadata addr", []string{"--metadata-addr", "metadata"}, "--metadata-addr"},
 		{"backend", []string{"--iptables-backend", "ebpf"}, "backend"},
 		{"listen by name", []string{"--listen", "metadata.local:988"}, "--listen"},
+		{"guard connection burst", []string{"--guard-conn-burst", "0"}, "--guard-conn-burst"},
+		{"guard connection rate", []string{"--guard-conn-rate", "-5"}, "--guard-conn-rate"},
 	} {
 		var stderr bytes.Buffer
 		var code int

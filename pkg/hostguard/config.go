@@ -27,6 +27,10 @@ type Settings struct {
 	// Backend is --iptables-backend: "auto" (iptables on PATH), "nft" or "legacy";
 	// empty means "auto" (xtables.ParseBackend).
 	Backend string
+	// ConnRate and ConnBurst are --guard-conn-rate and --guard-conn-burst: new TCP
+	// connections per second and burst per source IP to the listen addresses (0
+	// rate: no limit; see ChainLimit).
+	ConnRate, ConnBurst int
 	// IPv6 says whether the node has an IPv6 stack (IPv6Enabled on a real node). With
 	// it, GCE's IPv6 metadata address is guarded too by default.
 	IPv6 bool
@@ -77,6 +81,15 @@ func ConfigFrom(s Settings) (Config, error) {
 			return cfg, fmt.Errorf("--metadata-addr %q: %w", a, err)
 		}
 		cfg.MetadataAddrs = append(cfg.MetadataAddrs, ip)
+	}
+	if s.ConnRate < 0 || s.ConnRate > maxConnRate {
+		return cfg, fmt.Errorf("--guard-conn-rate %d: want 0 (off) to %d", s.ConnRate, maxConnRate)
+	}
+	if s.ConnRate > 0 && (s.ConnBurst < 1 || s.ConnBurst > maxConnBurst) {
+		return cfg, fmt.Errorf("--guard-conn-burst %d: want 1-%d when --guard-conn-rate is set", s.ConnBurst, maxConnBurst)
+	}
+	if s.ConnRate > 0 {
+		cfg.ConnRate, cfg.ConnBurst = uint32(s.ConnRate), uint32(s.ConnBurst)
 	}
 	if s.Upstream == nil {
 		return cfg, errors.New("hostguard: no upstream to derive the metadata address and port from")

@@ -59,6 +59,10 @@ func TestConfigFrom(t *testing.T) {
 		{name: "unspecified metadata address", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"0.0.0.0"}}, err: "not a specific address"},
 		{name: "bad upstream port", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:0"}}, err: "--upstream port"},
 		{name: "no upstream", s: Settings{Listen: []string{"169.254.169.252:988"}}, err: "upstream"},
+		{name: "connection rate below 0", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: -1, ConnBurst: 5}, err: "--guard-conn-rate"},
+		{name: "connection rate too fast", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: 2_000_000, ConnBurst: 5}, err: "--guard-conn-rate"},
+		{name: "connection rate without a burst", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: 100}, err: "--guard-conn-burst"},
+		{name: "connection burst too large", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: 100, ConnBurst: 10_001}, err: "--guard-conn-burst"},
 		{name: "unknown backend", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "ebpf"}, err: "backend"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -79,6 +83,9 @@ func TestConfigFrom(t *testing.T) {
 			if !slices.Equal(cfg.ListenAddrs, tc.listen) || !slices.Equal(cfg.MetadataAddrs, tc.metadata) ||
 				cfg.MetadataPort != tc.port || cfg.Backend != tc.backend {
 				t.Errorf("ConfigFrom(%+v) = %+v; want listen %v, metadata %v, port %d, backend %q", tc.s, cfg, tc.listen, tc.metadata, tc.port, tc.backend)
+			}
+			if cfg.ConnRate != 0 || cfg.ConnBurst != 0 {
+				t.Errorf("ConfigFrom(%+v) = %+v; want no connection limit without a rate", tc.s, cfg)
 			}
 		})
 	}

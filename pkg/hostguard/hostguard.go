@@ -82,6 +82,12 @@ type Config struct {
 	ALTSListenAddrs []netip.AddrPort
 	// ALTSPort is the ALTS handshaker's port on the metadata server (default 8080).
 	ALTSPort uint16
+	// ConnRate limits, per source IP, new TCP connections per second to each listen
+	// address (the proxy's and the relay's) in ChainLimit; 0 turns the limit off.
+	ConnRate uint32
+	// ConnBurst is how many new connections a source may open at once before
+	// ConnRate applies (1-10000 when ConnRate is set).
+	ConnBurst uint32
 	// KeepConntrack skips deleting the conntrack entries of pod connections that
 	// reached the metadata server directly (tests that inspect them use it).
 	KeepConntrack bool
@@ -118,6 +124,9 @@ func (c Config) normalized() (Config, error) {
 		c.ALTSPort = gce.ALTSPort
 	}
 
+	if err := validateConnLimit(c.ConnRate, c.ConnBurst); err != nil {
+		return c, err
+	}
 	if c.Backend == "" {
 		c.Backend = xtables.BackendAuto
 	}
@@ -158,10 +167,15 @@ type family struct {
 	metadata   []netip.Addr
 	port       uint16
 	altsPort   uint16
-	target     netip.AddrPort  // DNAT target; invalid when no listen address of this family
-	altsTarget netip.AddrPort  // ALTS DNAT target; invalid when none of this family
-	names      xtables.Tools   // program names, for logs
-	run        *xtables.Runner // shared by the families of one families() call
+	target     netip.AddrPort // DNAT target; invalid when no listen address of this family
+	altsTarget netip.AddrPort // ALTS DNAT target; invalid when none of this family
+	names      xtables.Tools  // program names, for logs
+	// limitTargets, connRate, connBurst: ChainLimit (limit.go); limitExists says
+	// whether the chain is there before Install.
+	limitTargets        []netip.AddrPort
+	connRate, connBurst uint32
+	limitExists         bool
+	run                 *xtables.Runner // shared by the families of one families() call
 }
 
 // firstOf returns the first address of the family in addrs, unmapped.
@@ -182,7 +196,8 @@ func families(c Config) []family {
 	for _, fam := range xtables.Families {
 		v6 := fam == xtables.IPv6
 		f := family{v6: v6, fam: fam, port: c.MetadataPort, altsPort: c.ALTSPort, run: run,
-			target: firstOf(c.ListenAddrs, v6), altsTarget: firstOf(c.ALTSListenAddrs, v6)}
+			target: firstOf(c.ListenAddrs, v6), altsTarget: firstOf(c.ALTSListenAddrs, v6),
+			limitTargets: limitTargets(c, v6), connRate: c.ConnRate, connBurst: c.ConnBurst}
 		for _, a := range c.MetadataAddrs {
 			if a.Unmap().Is6() == v6 {
 				f.metadata = append(f.metadata, a.Unmap())
@@ -211,7 +226,8 @@ var jumps = []jump{
 }
 
 // tableChains are the guard's own chains, per table.
-var tableChains = map[string][]string{xtables.TableNAT: {Chain}, xtables.TableFilter: {Chain, ChainFrom}}
+// ChainLimit is there only while the connection limit is on (limit.go).
+var tableChains = map[string][]string{xtables.TableNAT: {Chain}, xtables.TableFilter: {Chain, ChainFrom, ChainLimit}}
 
 // ipt is a go-iptables handle on the family's iptables program, for queries.
 func (f family) ipt() (*iptables.IPTables, error) {
@@ -260,9 +276,10 @@ func (f family) installPayload(stale map[string][]string) string {
 	}
 	writeJumps(&b, "nat", stale["nat"])
 	b.WriteString("COMMIT\n*filter\n")
-	for _, c := range tableChains["filter"] {
+	for _, c := range []string{Chain, ChainFrom} {
 		b.WriteString(":" + c + " - [0:0]\n-F " + c + "\n")
 	}
+	f.writeLimitChain(&b)
 	for _, a := range f.metadata {
 		// DNS and NTP pass: GCE serves them on the metadata address.
 		for _, p := range gce.PassPorts {
@@ -284,6 +301,7 @@ func (f family) installPayload(stale map[string][]string) string {
 		}
 	}
 	writeJumps(&b, "filter", stale["filter"])
+	f.writeLimitTail(&b)
 	b.WriteString("COMMIT\n")
 	return b.String()
 }
@@ -354,12 +372,16 @@ func Install(ctx context.Context, cfg Config, log *slog.Logger) error {
 				return err
 			}
 		}
+		if f.limitExists, err = ipt.ChainExists(xtables.TableFilter, ChainLimit); err != nil {
+			return fmt.Errorf("hostguard: %s: looking for chain %s: %w", f.names.Iptables, ChainLimit, err)
+		}
 		if err := f.restore(ctx, f.installPayload(stale)); err != nil {
 			return err
 		}
 		log.Info("host guard installed", "iptables", f.names.Iptables, "metadata", f.metadata,
 			"port", cfg.MetadataPort, "redirect_to", f.target.String(), "alts_port", cfg.ALTSPort, "alts_relay", f.altsTarget.String(),
-			"jumps_replaced", len(stale["nat"])+len(stale["filter"]))
+			"jumps_replaced", len(stale["nat"])+len(stale["filter"]),
+			"conn_rate_per_source", cfg.ConnRate, "conn_burst_per_source", cfg.ConnBurst)
 		if !f.target.IsValid() {
 			log.Warn("no listen address of this family: metadata traffic of this family is rejected, not redirected", "iptables", f.names.Iptables)
 		}

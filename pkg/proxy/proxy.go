@@ -240,7 +240,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if ok, retry := h.clients.allow(cl, time.Now()); !ok {
-		h.refuse(w, cl, reasonRate, retry, false)
+		h.refuse(w, cl, reasonRate, retry, true) // re-dialling meets the host guard's SYN limit
 		return
 	}
 

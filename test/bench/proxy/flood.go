@@ -2,14 +2,17 @@ package main
 
 // The flood bench: one pod floods the proxy (thousands of distinct long polls plus
 // requests as fast as it can send them) while another pod measures its latency, first
-// with the node idle, then under the flood. The two pods are distinct loopback source
-// addresses, 127.0.0.2 (the flooder) and 127.0.0.3 (the victim), named by state
-// records in the proxy's --state-dir exactly as the CNI plugin writes them, so the
-// proxy tells them apart through its pod index. Everything stays on lo.
+// with the node idle, then under the flood. It runs as on a node (node.go): a
+// simulated node netns holds the fake metadata server on 169.254.169.254 and
+// metaconceal-proxy with its defaults, host guard on (its DNAT of pods' metadata
+// traffic, its per-source connection limit); the flooder and the victim are pods,
+// each a netns on the node's bridge with its own veth, named by state records in the
+// proxy's --state-dir exactly as the CNI plugin writes them, and each a process of
+// its own (this binary re-executed with `ip netns exec`). Nothing touches the
+// machine's own netns.
 //
-// The proxy runs with its default limits (nothing but --host-guard=false, as outside
-// a node netns). The flooder is this binary re-executed ("flood"), so that its
-// goroutines do not share a Go scheduler with the victim's measurements.
+// The worst-case fill that follows stays on loopback (worstCaseOnLoopback): one
+// proxy with --host-guard=false, 110 loopback source addresses.
 
 import (
 	"bufio"
@@ -19,9 +22,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/netip"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -31,14 +32,14 @@ import (
 	"time"
 
 	"github.com/metaconceal/metaconceal/pkg/proxy"
-	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
 var proxyDefaults = proxy.DefaultLimits
 
 const (
-	flooderIP = "127.0.0.2"
-	victimIP  = "127.0.0.3"
+	// The pods' addresses on the simulated node's bridge (node.go).
+	flooderIP = "10.89.0.2"
+	victimIP  = "10.89.0.3"
 	// daemonSetMemoryLimitMiB is the proxy container's memory limit in
 	// conf/deploy/daemonset.yaml; daemonSetNoFile the descriptor limit it runs with.
 	daemonSetMemoryLimitMiB = 384
@@ -64,96 +65,20 @@ type floodStats struct {
 	FirstError    string           `json:"firstError,omitempty"`
 }
 
-// runFlood is the flood section of `make bench-proxy`.
+// runFlood is the flood section of `make bench-proxy`: the flood in a simulated node,
+// then the worst-case fill on loopback.
 func runFlood(bin string, self string, fc floodConfig) error {
-	var upAddr, mcAddr, mcMetrics string
-	var err error
-	for _, a := range []*string{&upAddr, &mcAddr, &mcMetrics} {
-		if *a, err = freeAddr(); err != nil {
-			return err
-		}
-	}
-	upstream, err := start("fake-gce-metadata", upAddr, filepath.Join(bin, "fake-gce-metadata"), "--listen", upAddr)
-	if err != nil {
+	if err := floodInNode(bin, self, fc); err != nil {
 		return err
 	}
-	defer upstream.stop()
-	stateDir, err := os.MkdirTemp("", "bench-proxy-flood-state-")
-	if err != nil {
-		return err
+	if fc.worstPods > 0 {
+		return worstCaseOnLoopback(bin, fc.worstPods)
 	}
-	defer os.RemoveAll(stateDir)
-	for _, p := range []struct{ id, ns, name, ip string }{
-		{"flooder0000", "flood", "flooder", flooderIP},
-		{"victim00000", "victim", "app", victimIP},
-	} {
-		rec := state.NewRecord(state.Attachment{Network: "bench", ContainerID: p.id, IfName: "eth0", Netns: "/var/run/netns/bench-" + p.id},
-			state.PodRef{Namespace: p.ns, Name: p.name, UID: p.id}, []netip.Addr{netip.MustParseAddr(p.ip)}, "")
-		if err := state.Write(stateDir, rec); err != nil {
-			return fmt.Errorf("state record for %s: %w", p.name, err)
-		}
-	}
-	mc, err := start("metaconceal-proxy (default limits)", mcAddr, filepath.Join(bin, "metaconceal-proxy"),
-		"--listen", mcAddr, "--upstream", "http://"+upAddr, "--metrics-listen", mcMetrics,
-		"--state-dir", stateDir, "--log-format", "text", "--log-level", "error",
-		// The machine's own netns: never install the host guard here; no ALTS relay.
-		"--host-guard=false", "--alts-listen=")
-	if err != nil {
-		return err
-	}
-	defer mc.stop()
+	return nil
+}
 
-	loadavg, _ := os.ReadFile("/proc/loadavg")
-	fmt.Printf("\nflood: pod flood/flooder (%s) floods, pod victim/app (%s) measures; metaconceal-proxy with its default limits\n", flooderIP, victimIP)
-	fmt.Printf("  load average before: %s", loadavg)
-	fmt.Printf("  victim: GET %s at %d req/s over 4 keep-alive connections, %s per phase\n", victimPath, fc.victimRPS, fc.duration)
-	fmt.Printf("  flooder (nice %d): %d loops of distinct long polls (each re-dials at once when answered or refused) + %d keep-alive loops sending back to back\n", fc.nice, fc.polls, fc.hammers)
-
-	if _, err := victim(mc.addr, fc.victimRPS, time.Second); err != nil { // warm-up
-		return fmt.Errorf("victim warm-up: %w", err)
-	}
-	idle, err := victim(mc.addr, fc.victimRPS, fc.duration)
-	if err != nil {
-		return fmt.Errorf("victim, idle: %w", err)
-	}
-
-	etag, err := etagFrom(mc.addr, victimIP, victimPath)
-	if err != nil {
-		return err
-	}
-	fl := exec.Command("nice", "-n", strconv.Itoa(fc.nice), self, "flood", "--addr", mc.addr, "--polls", strconv.Itoa(fc.polls), "--hammers", strconv.Itoa(fc.hammers),
-		"--etag", etag, "--duration", (fc.duration + 3*time.Second).String())
-	var flOut strings.Builder
-	fl.Stdout = &flOut
-	fl.Stderr = os.Stderr
-	if err := fl.Start(); err != nil {
-		return fmt.Errorf("start flooder: %w", err)
-	}
-	time.Sleep(2 * time.Second) // let the flood build up
-	fds := openFDs(mc.cmd.Process.Pid)
-	u0, s0 := cpuTicks(mc.cmd.Process.Pid)
-	t0 := time.Now()
-	flooded, verr := victim(mc.addr, fc.victimRPS, fc.duration)
-	u1, s1 := cpuTicks(mc.cmd.Process.Pid)
-	secs := time.Since(t0).Seconds()
-	userShare, sysShare := float64(u1-u0)/clockTicks/secs, float64(s1-s0)/clockTicks/secs
-	fdsAfter := openFDs(mc.cmd.Process.Pid)
-	waitErr := fl.Wait()
-	if verr != nil {
-		return fmt.Errorf("victim, under flood: %w", verr)
-	}
-	if waitErr != nil {
-		return fmt.Errorf("flooder: %w", waitErr)
-	}
-	var fs floodStats
-	if err := json.Unmarshal([]byte(flOut.String()), &fs); err != nil {
-		return fmt.Errorf("flooder output %q: %w", flOut.String(), err)
-	}
-	rss, err := mc.peakRSS()
-	if err != nil {
-		return fmt.Errorf("proxy RSS: %w", err)
-	}
-
+// printFlood prints the flood's figures.
+func printFlood(idle, flooded *result, fs floodStats, p proxyUsage, refused string) {
 	ip50, ip99 := idle.percentile(50), idle.percentile(99)
 	fp50, fp99 := flooded.percentile(50), flooded.percentile(99)
 	fmt.Printf("  victim idle:        %d answers, %d not 200, p50 %s p99 %s\n", idle.requests, idle.errors, fmtDur(ip50), fmtDur(ip99))
@@ -171,17 +96,56 @@ func runFlood(bin string, self string, fc floodConfig) error {
 		fmt.Printf("  flooder's first connection error: %s\n", fs.FirstError)
 	}
 	fmt.Printf("  proxy: peak RSS %.1f MiB (DaemonSet limit %d MiB), open descriptors %d / %d during the flood (limit %d), CPU %.0f%% of one core during the flood (user %.0f%%, system %.0f%%)\n",
-		float64(rss)/1024, daemonSetMemoryLimitMiB, fds, fdsAfter, daemonSetNoFile, 100*(userShare+sysShare), 100*userShare, 100*sysShare)
-	fmt.Printf("  proxy metric %s\n", scrapeAll(mcMetrics, "metaconceal_proxy_refused_requests_total"))
-	if fc.worstPods > 0 {
-		return worstCase(mc, mcMetrics, fc.worstPods, etag)
+		float64(p.peakRSSKiB)/1024, daemonSetMemoryLimitMiB, p.fdsBefore, p.fdsAfter, daemonSetNoFile, 100*(p.user+p.sys), 100*p.user, 100*p.sys)
+	fmt.Printf("  proxy metric %s\n", refused)
+}
+
+// proxyUsage is what the proxy used during the flood.
+type proxyUsage struct {
+	peakRSSKiB          int
+	fdsBefore, fdsAfter int
+	user, sys           float64 // share of one core
+}
+
+// worstCaseOnLoopback starts the fake upstream and a proxy with its default limits on
+// loopback (--host-guard=false: the machine's own netns) and fills it (worstCase).
+func worstCaseOnLoopback(bin string, pods int) error {
+	var upAddr, mcAddr, mcMetrics string
+	var err error
+	for _, a := range []*string{&upAddr, &mcAddr, &mcMetrics} {
+		if *a, err = freeAddr(); err != nil {
+			return err
+		}
 	}
-	return nil
+	upstream, err := start("fake-gce-metadata", upAddr, filepath.Join(bin, "fake-gce-metadata"), "--listen", upAddr)
+	if err != nil {
+		return err
+	}
+	defer upstream.stop()
+	stateDir, err := os.MkdirTemp("", "bench-proxy-worst-state-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(stateDir)
+	mc, err := start("metaconceal-proxy (default limits)", mcAddr, filepath.Join(bin, "metaconceal-proxy"),
+		"--listen", mcAddr, "--upstream", "http://"+upAddr, "--metrics-listen", mcMetrics,
+		"--state-dir", stateDir, "--log-format", "text", "--log-level", "error",
+		// The machine's own netns: never install the host guard here; no ALTS relay.
+		"--host-guard=false", "--alts-listen=")
+	if err != nil {
+		return err
+	}
+	defer mc.stop()
+	etag, err := etagFrom(mc.addr, "", victimPath)
+	if err != nil {
+		return err
+	}
+	return worstCase(mc, mcMetrics, pods, etag)
 }
 
 // victim sends GETs from the victim pod's address at rps over 4 keep-alive
 // connections for d; every answer that is not a 200 counts as an error.
-func victim(addr string, rps int, d time.Duration) (*result, error) {
+func victim(addr, src string, rps int, d time.Duration) (*result, error) {
 	const conns = 4
 	interval := time.Duration(conns) * time.Second / time.Duration(rps)
 	var (
@@ -195,7 +159,7 @@ func victim(addr string, rps int, d time.Duration) (*result, error) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			c := &client{addr: addr, req: request(victimPath), src: victimIP}
+			c := &client{addr: addr, req: request(victimPath), src: src}
 			defer c.close()
 			r := &result{}
 			next := start.Add(time.Duration(i) * interval / conns)
@@ -243,8 +207,12 @@ func openFDs(pid int) int {
 	return len(ents)
 }
 
-func scrapeAll(addr, name string) string {
-	resp, err := http.Get("http://" + addr + "/metrics")
+func scrapeAll(addr, name string) string { return scrapeAllWith(http.DefaultClient, addr, name) }
+
+// scrapeAllWith is scrapeAll through c (a client whose connections are made in the
+// node netns, for the proxy in the simulated node).
+func scrapeAllWith(c *http.Client, addr, name string) string {
+	resp, err := c.Get("http://" + addr + "/metrics")
 	if err != nil {
 		return name + " ?"
 	}
@@ -262,10 +230,15 @@ func scrapeAll(addr, name string) string {
 	return name + " " + strings.Join(out, " ")
 }
 
-// flooder is the re-executed flooding pod: it prints floodStats as JSON.
+// flooder is the re-executed flooding pod: it prints floodStats as JSON. Started as
+// "flood victim ...", it is the measuring pod instead (victimMain).
 func flooder(args []string) int {
+	if len(args) > 0 && args[0] == "victim" {
+		return victimMain(args[1:])
+	}
 	fs := flag.NewFlagSet("flood", flag.ContinueOnError)
 	addr := fs.String("addr", "", "proxy host:port")
+	src := fs.String("src", "", "source address (empty: the netns's own)")
 	polls := fs.Int("polls", 3000, "long poll loops")
 	hammers := fs.Int("hammers", 64, "request loops")
 	etag := fs.String("etag", "", "current ETag of the polled attribute")
@@ -302,7 +275,40 @@ func flooder(args []string) int {
 		status[key]++
 		mu.Unlock()
 	}
-	dialer := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(flooderIP)}, Timeout: 5 * time.Second}
+	dialer := &net.Dialer{Timeout: 5 * time.Second}
+	if *src != "" {
+		dialer.LocalAddr = &net.TCPAddr{IP: net.ParseIP(*src)}
+	}
+	// Requests as fast as it can, ignoring Retry-After. These loops connect first, as
+	// an attacker would: once a keep-alive connection is open, no connection limit
+	// slows its requests down, while the poll loops' re-dials spend the pod's
+	// connection burst at the host guard.
+	var connected sync.WaitGroup
+	connected.Add(*hammers)
+	for i := range *hammers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			first := true
+			paths := []string{"/computeMetadata/v1/project/project-id", victimPath,
+				"/computeMetadata/v1/instance/attributes/kube-env", fmt.Sprintf("/computeMetadata/v1/instance/attributes/x%d", i)}
+			c := &client{addr: *addr, src: *src}
+			defer c.close()
+			for j := 0; !stop.Load(); j++ {
+				c.req = request(paths[j%len(paths)])
+				code, err := c.do()
+				count(code, err)
+				if first {
+					first = false
+					connected.Done()
+				}
+				if errors.Is(err, syscall.EADDRNOTAVAIL) {
+					time.Sleep(10 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	waitTimeout(&connected, 2*time.Second)
 	// Distinct long polls: each loop its own timeout_sec, so none coalesce.
 	for i := range *polls {
 		wg.Add(1)
@@ -341,25 +347,6 @@ func flooder(args []string) int {
 			}
 		}()
 	}
-	// Requests as fast as it can, ignoring Retry-After.
-	for i := range *hammers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			paths := []string{"/computeMetadata/v1/project/project-id", victimPath,
-				"/computeMetadata/v1/instance/attributes/kube-env", fmt.Sprintf("/computeMetadata/v1/instance/attributes/x%d", i)}
-			c := &client{addr: *addr, src: flooderIP}
-			defer c.close()
-			for j := 0; !stop.Load(); j++ {
-				c.req = request(paths[j%len(paths)])
-				code, err := c.do()
-				count(code, err)
-				if errors.Is(err, syscall.EADDRNOTAVAIL) {
-					time.Sleep(10 * time.Millisecond)
-				}
-			}
-		}()
-	}
 	time.Sleep(*d)
 	stop.Store(true)
 	done := make(chan struct{})
@@ -373,6 +360,16 @@ func flooder(args []string) int {
 	mu.Unlock()
 	fmt.Println(string(out))
 	return 0
+}
+
+// waitTimeout waits for wg at most d.
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
 }
 
 // worstCase fills the proxy as far as its default limits let every pod go at once:

@@ -1,0 +1,80 @@
+package hostguard
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+// The limit chain is written only when a rate is set: one hashlimit rule per listen
+// address of the family (the proxy's and the relay's), and one jump from INPUT for
+// SYNs that do not arrive on lo; off, an existing chain is flushed and deleted.
+func TestLimitPayload(t *testing.T) {
+	t.Parallel()
+	base := Config{
+		ListenAddrs:     []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988"), netip.MustParseAddrPort("[fd20:ce::252]:988")},
+		ALTSListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:987")},
+		MetadataAddrs:   []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")},
+	}
+	for _, tc := range []struct {
+		name        string
+		rate, burst uint32
+		exists      bool
+		want        map[string]int // substring -> count in the IPv4 payload
+	}{
+		{"on", 100, 200, false, map[string]int{
+			":" + ChainLimit + " - [0:0]": 1,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcguard0-988": 1,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcguard1-987": 1,
+			"-I INPUT 1 ! -i lo -p tcp -m tcp --syn": 1,
+			"-X " + ChainLimit:                       0,
+		}},
+		{"off", 0, 0, false, map[string]int{ChainLimit: 0}},
+		{"off, left by an earlier install", 0, 0, true, map[string]int{
+			":" + ChainLimit: 0,
+			"-F " + ChainLimit + "\n-X " + ChainLimit: 1,
+			"-j " + ChainLimit:                        0,
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			cfg := base
+			cfg.ConnRate, cfg.ConnBurst = tc.rate, tc.burst
+			n, err := cfg.normalized()
+			if err != nil {
+				t.Fatal(err)
+			}
+			fams := families(n)
+			v4 := fams[0]
+			v4.limitExists = tc.exists
+			p := v4.installPayload(nil)
+			for sub, want := range tc.want {
+				if got := strings.Count(p, sub); got != want {
+					t.Errorf("%d of %q in the payload, want %d:\n%s", got, sub, want, p)
+				}
+			}
+			if tc.rate > 0 {
+				p6 := fams[1].installPayload(nil)
+				if !strings.Contains(p6, "-A "+ChainLimit+" -d fd20:ce::252/128 -p tcp -m tcp --dport 988 ") || strings.Count(p6, "-A "+ChainLimit) != 1 {
+					t.Errorf("IPv6 payload: want one rule for fd20:ce::252:988:\n%s", p6)
+				}
+			}
+		})
+	}
+}
+
+func TestValidateConnLimit(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		rate, burst uint32
+		ok          bool
+	}{
+		{0, 0, true}, {0, 99999, true}, {100, 200, true}, {1, 1, true}, {1_000_000, 10_000, true},
+		{100, 0, false}, {100, 10_001, false}, {1_000_001, 5, false},
+	} {
+		err := validateConnLimit(tc.rate, tc.burst)
+		if (err == nil) != tc.ok {
+			t.Errorf("validateConnLimit(%d, %d) = %v, want ok %v", tc.rate, tc.burst, err, tc.ok)
+		}
+	}
+}
