@@ -25,21 +25,9 @@ import (
 func podOnVeth(t *testing.T, node *simnode.Node, iptables string) (podName, podPath string) {
 	t.Helper()
 	ctx := context.Background()
-	podName, podPath, err := node.NewPodNS("mc-hg-pod")
+	podName, podPath, err := node.AddRoutedPod("mc-hg-pod", "mcg0", "10.251.0.1/24", "10.251.0.2/24")
 	if err != nil {
 		t.Fatal(err)
-	}
-	for _, args := range [][]string{
-		{"-n", node.Name, "link", "add", "mcg0", "type", "veth", "peer", "name", "eth0", "netns", podName},
-		{"-n", node.Name, "addr", "add", "10.251.0.1/24", "dev", "mcg0"},
-		{"-n", node.Name, "link", "set", "mcg0", "up"},
-		{"-n", podName, "addr", "add", "10.251.0.2/24", "dev", "eth0"},
-		{"-n", podName, "link", "set", "eth0", "up"},
-		{"-n", podName, "route", "add", "default", "via", "10.251.0.1"},
-	} {
-		if _, err := simnode.Run(ctx, "ip", args...); err != nil {
-			t.Fatal(err)
-		}
 	}
 	if _, err := node.Exec(ctx, iptables, "-t", "nat", "-A", "POSTROUTING", "-s", "10.251.0.0/24", "!", "-d", "10.251.0.0/24", "-j", "MASQUERADE"); err != nil {
 		t.Fatal(err)

@@ -21,23 +21,10 @@ import (
 // style, inside the test namespaces only) and returns its netns path.
 func routedPod(t *testing.T, node *simnode.Node, i int) string {
 	t.Helper()
-	ctx := context.Background()
-	podName, podPath, err := node.NewPodNS("mc-hg-lim")
+	_, podPath, err := node.AddRoutedPod("mc-hg-lim", fmt.Sprintf("mcl%d", i),
+		fmt.Sprintf("10.252.%d.1/24", i), fmt.Sprintf("10.252.%d.2/24", i))
 	if err != nil {
 		t.Fatal(err)
-	}
-	hostIf := fmt.Sprintf("mcl%d", i)
-	for _, args := range [][]string{
-		{"-n", node.Name, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", podName},
-		{"-n", node.Name, "addr", "add", fmt.Sprintf("10.252.%d.1/24", i), "dev", hostIf},
-		{"-n", node.Name, "link", "set", hostIf, "up"},
-		{"-n", podName, "addr", "add", fmt.Sprintf("10.252.%d.2/24", i), "dev", "eth0"},
-		{"-n", podName, "link", "set", "eth0", "up"},
-		{"-n", podName, "route", "add", "default", "via", fmt.Sprintf("10.252.%d.1", i)},
-	} {
-		if _, err := simnode.Run(ctx, "ip", args...); err != nil {
-			t.Fatal(err)
-		}
 	}
 	return podPath
 }

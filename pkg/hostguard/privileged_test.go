@@ -307,23 +307,11 @@ func TestGuardRedirectsPodTraffic(t *testing.T) {
 			t.Parallel()
 			ctx := context.Background()
 			node := newNode(t)
-			podName, podPath, err := node.NewPodNS("mc-hg-pod")
-			if err != nil {
-				t.Fatal(err)
-			}
 			// A pod joined to the node by a veth pair, with no rules of its own (as
 			// after it flushed them with CAP_NET_ADMIN). Private test addresses only.
-			for _, args := range [][]string{
-				{"-n", node.Name, "link", "add", "mcg0", "type", "veth", "peer", "name", "eth0", "netns", podName},
-				{"-n", node.Name, "addr", "add", "10.250.0.1/24", "dev", "mcg0"},
-				{"-n", node.Name, "link", "set", "mcg0", "up"},
-				{"-n", podName, "addr", "add", "10.250.0.2/24", "dev", "eth0"},
-				{"-n", podName, "link", "set", "eth0", "up"},
-				{"-n", podName, "route", "add", "default", "via", "10.250.0.1"},
-			} {
-				if _, err := simnode.Run(ctx, "ip", args...); err != nil {
-					t.Fatal(err)
-				}
+			_, podPath, err := node.AddRoutedPod("mc-hg-pod", "mcg0", "10.250.0.1/24", "10.250.0.2/24")
+			if err != nil {
+				t.Fatal(err)
 			}
 			listeners := map[string]string{
 				"169.254.169.254:80":   "metadata",

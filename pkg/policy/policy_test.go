@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/metaconceal/metaconceal/internal/testlib/k8scheck"
 )
 
 func mustPolicy(t testing.TB, cfg Config) *Policy {
@@ -31,50 +33,13 @@ func targetOf(t *testing.T, rawURL string) string {
 	return target
 }
 
-// Kubernetes' metadata-concealment e2e check
-// (kubernetes/kubernetes test/images/metadata-concealment/check_metadata_concealment.go):
-// every endpoint of its three lists, and its X-Forwarded-For rule.
-var (
-	k8sSuccess = []string{
-		"http://169.254.169.254",
-		"http://metadata.google.internal",
-		"http://169.254.169.254/",
-		"http://metadata.google.internal/",
-		"http://metadata.google.internal/computeMetadata",
-		"http://metadata.google.internal/computeMetadata/v1",
-		"http://metadata.google.internal/computeMetadata/v1/",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/?recursive=true",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?alt=text",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?wait_for_change=false",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?wait_for_change=true&timeout_sec=0",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?wait_for_change=true&last_etag=d34db33f",
-	}
-	k8sNoKubeEnv = []string{
-		"http://metadata.google.internal/computeMetadata/v1/instance/?recursive%3Dtrue",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?re%08ecursive=true",
-	}
-	k8sFailure = []string{
-		"http://metadata.google.internal/0.2/",
-		"http://metadata.google.internal/computeMetadata/v2/",
-		"http://metadata.google.internal/computeMetadata/v1/instance/attributes/kube-env",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/identity",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?recursive=true",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?%72%65%63%75%72%73%69%76%65=true",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?something=else",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?unknown",
-		"http://metadata.google.internal/computeMetadata/v1/instance/attributes//kube-env",
-		"http://metadata.google.internal/computeMetadata/v1/instance/attributes/../attributes/kube-env",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts//default/identity",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/../service-accounts/default/identity",
-	}
-)
-
+// Kubernetes' metadata-concealment e2e check (internal/testlib/k8scheck): every
+// endpoint of its three lists, and its X-Forwarded-For rule.
 func TestKubernetesConcealmentCheck(t *testing.T) {
 	t.Parallel()
 	for _, mode := range []RecursiveMode{RecursiveDeny, RecursiveFilter} {
 		p := mustPolicy(t, Config{Recursive: mode})
-		for _, u := range k8sSuccess {
+		for _, u := range k8scheck.Success {
 			target := targetOf(t, u)
 			if d := p.Evaluate("GET", target, false); d.Verdict != Allow {
 				t.Errorf("mode %s: success endpoint %s (target %q): got %s/%s, want allow", mode, u, target, d.Verdict, d.Rule)
@@ -84,12 +49,12 @@ func TestKubernetesConcealmentCheck(t *testing.T) {
 				t.Errorf("mode %s: success endpoint %s with X-Forwarded-For: got %s/%s, want deny/x-forwarded-for", mode, u, d.Verdict, d.Rule)
 			}
 		}
-		for _, u := range k8sNoKubeEnv {
+		for _, u := range k8scheck.NoKubeEnv {
 			if d := p.Evaluate("GET", targetOf(t, u), false); d.Verdict == Allow {
 				t.Errorf("mode %s: no-kube-env endpoint %s: got allow/%s, want 403", mode, u, d.Rule)
 			}
 		}
-		for _, u := range k8sFailure {
+		for _, u := range k8scheck.Failure {
 			d := p.Evaluate("GET", targetOf(t, u), false)
 			if mode == RecursiveFilter && d.Verdict == Allow && d.FilterListing {
 				continue // filter mode allows recursive listings and strips kube-env from them

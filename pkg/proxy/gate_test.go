@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
+	"github.com/metaconceal/metaconceal/internal/testlib/k8scheck"
 	"github.com/metaconceal/metaconceal/pkg/policy"
 )
 
@@ -138,8 +139,7 @@ func TestClientHostNotForwarded(t *testing.T) {
 }
 
 // Kubernetes' metadata-concealment e2e check
-// (kubernetes/kubernetes test/images/metadata-concealment/check_metadata_concealment.go),
-// line by line through the real proxy in front of the fake: its success endpoints
+// (internal/testlib/k8scheck), line by line through the real proxy in front of the fake: its success endpoints
 // answer 200 (redirects followed, as its http.Client does), its no-kube-env
 // endpoints 403 without "kube-env" in the body, its failure endpoints 403, and every
 // success endpoint 403 with X-Forwarded-For (sent, as the check does, without
@@ -153,44 +153,13 @@ func TestKubernetesConcealmentE2EList(t *testing.T) {
 		xff            bool
 	}
 	var cases []check
-	success := []string{
-		"http://169.254.169.254",
-		"http://metadata.google.internal",
-		"http://169.254.169.254/",
-		"http://metadata.google.internal/",
-		"http://metadata.google.internal/computeMetadata",
-		"http://metadata.google.internal/computeMetadata/v1",
-		"http://metadata.google.internal/computeMetadata/v1/",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/token",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/?recursive=true",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?alt=text",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?wait_for_change=false",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?wait_for_change=true&timeout_sec=0",
-		"http://metadata.google.internal/computeMetadata/v1/instance/tags?wait_for_change=true&last_etag=d34db33f",
-	}
-	for _, u := range success {
+	for _, u := range k8scheck.Success {
 		cases = append(cases, check{url: u, status: 200}, check{url: u, status: 403, xff: true})
 	}
-	for _, u := range []string{
-		"http://metadata.google.internal/computeMetadata/v1/instance/?recursive%3Dtrue",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?re%08ecursive=true",
-	} {
+	for _, u := range k8scheck.NoKubeEnv {
 		cases = append(cases, check{url: u, status: 403, bodyMustNotHas: "kube-env"})
 	}
-	for _, u := range []string{
-		"http://metadata.google.internal/0.2/",
-		"http://metadata.google.internal/computeMetadata/v2/",
-		"http://metadata.google.internal/computeMetadata/v1/instance/attributes/kube-env",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/default/identity",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?recursive=true",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?%72%65%63%75%72%73%69%76%65=true",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?something=else",
-		"http://metadata.google.internal/computeMetadata/v1/instance/?unknown",
-		"http://metadata.google.internal/computeMetadata/v1/instance/attributes//kube-env",
-		"http://metadata.google.internal/computeMetadata/v1/instance/attributes/../attributes/kube-env",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts//default/identity",
-		"http://metadata.google.internal/computeMetadata/v1/instance/service-accounts/../service-accounts/default/identity",
-	} {
+	for _, u := range k8scheck.Failure {
 		cases = append(cases, check{url: u, status: 403})
 	}
 	// With the default limits on, as deployed: the check is one pod's burst.

@@ -47,3 +47,34 @@ func (n *Node) AddBridgedPod(prefix, bridge, hostIf, addr string, gw netip.Addr)
 	}
 	return name, path, nil
 }
+
+// AddRoutedPod creates a pod netns (NewPodNS) joined to the node by a veth of its own,
+// as the ptp CNI plugin (or Calico) does: hostIf in the node netns with gw (CIDR form,
+// e.g. 10.252.1.1/24), eth0 in the pod with addr (CIDR form) and a default route via
+// gw's address. It returns the pod netns's name and path; Close deletes it.
+func (n *Node) AddRoutedPod(prefix, hostIf, gw, addr string) (name, path string, err error) {
+	gwPrefix, err := netip.ParsePrefix(gw)
+	if err != nil {
+		return "", "", fmt.Errorf("simnode: gateway address %q: %w", gw, err)
+	}
+	if _, err := netip.ParsePrefix(addr); err != nil {
+		return "", "", fmt.Errorf("simnode: pod address %q: %w", addr, err)
+	}
+	name, path, err = n.NewPodNS(prefix)
+	if err != nil {
+		return "", "", err
+	}
+	for _, args := range [][]string{
+		{"-n", n.Name, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", name},
+		{"-n", n.Name, "addr", "add", gw, "dev", hostIf},
+		{"-n", n.Name, "link", "set", hostIf, "up"},
+		{"-n", name, "addr", "add", addr, "dev", "eth0"},
+		{"-n", name, "link", "set", "eth0", "up"},
+		{"-n", name, "route", "add", "default", "via", gwPrefix.Addr().String()},
+	} {
+		if _, err := Run(context.Background(), "ip", args...); err != nil {
+			return "", "", err
+		}
+	}
+	return name, path, nil
+}
