@@ -26,26 +26,7 @@ func (n *Node) AddBridge(name, gw string) error {
 // the pod with addr (CIDR form, e.g. 10.89.0.2/24) and a default route via gw (the
 // bridge's address). It returns the pod netns's name and path; Close deletes it.
 func (n *Node) AddBridgedPod(prefix, bridge, hostIf, addr string, gw netip.Addr) (name, path string, err error) {
-	if _, err := netip.ParsePrefix(addr); err != nil {
-		return "", "", fmt.Errorf("simnode: pod address %q: %w", addr, err)
-	}
-	name, path, err = n.NewPodNS(prefix)
-	if err != nil {
-		return "", "", err
-	}
-	for _, args := range [][]string{
-		{"-n", n.Name, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", name},
-		{"-n", n.Name, "link", "set", hostIf, "master", bridge},
-		{"-n", n.Name, "link", "set", hostIf, "up"},
-		{"-n", name, "addr", "add", addr, "dev", "eth0"},
-		{"-n", name, "link", "set", "eth0", "up"},
-		{"-n", name, "route", "add", "default", "via", gw.String()},
-	} {
-		if _, err := Run(context.Background(), "ip", args...); err != nil {
-			return "", "", err
-		}
-	}
-	return name, path, nil
+	return n.addVethPod(prefix, hostIf, addr, gw, []string{"link", "set", hostIf, "master", bridge})
 }
 
 // AddRoutedPod creates a pod netns (NewPodNS) joined to the node by a veth of its own,
@@ -57,6 +38,12 @@ func (n *Node) AddRoutedPod(prefix, hostIf, gw, addr string) (name, path string,
 	if err != nil {
 		return "", "", fmt.Errorf("simnode: gateway address %q: %w", gw, err)
 	}
+	return n.addVethPod(prefix, hostIf, addr, gwPrefix.Addr(), []string{"addr", "add", gw, "dev", hostIf})
+}
+
+// addVethPod makes the pod netns and its veth; hostSetup is the one `ip` command (in
+// the node netns) that joins hostIf to the node before it is brought up.
+func (n *Node) addVethPod(prefix, hostIf, addr string, gw netip.Addr, hostSetup []string) (name, path string, err error) {
 	if _, err := netip.ParsePrefix(addr); err != nil {
 		return "", "", fmt.Errorf("simnode: pod address %q: %w", addr, err)
 	}
@@ -66,11 +53,11 @@ func (n *Node) AddRoutedPod(prefix, hostIf, gw, addr string) (name, path string,
 	}
 	for _, args := range [][]string{
 		{"-n", n.Name, "link", "add", hostIf, "type", "veth", "peer", "name", "eth0", "netns", name},
-		{"-n", n.Name, "addr", "add", gw, "dev", hostIf},
+		append([]string{"-n", n.Name}, hostSetup...),
 		{"-n", n.Name, "link", "set", hostIf, "up"},
 		{"-n", name, "addr", "add", addr, "dev", "eth0"},
 		{"-n", name, "link", "set", "eth0", "up"},
-		{"-n", name, "route", "add", "default", "via", gwPrefix.Addr().String()},
+		{"-n", name, "route", "add", "default", "via", gw.String()},
 	} {
 		if _, err := Run(context.Background(), "ip", args...); err != nil {
 			return "", "", err
