@@ -78,24 +78,28 @@ func CrictlConfig(socket string) string {
 	return fmt.Sprintf("runtime-endpoint: unix://%s\nimage-endpoint: unix://%s\ntimeout: 60\n", socket, socket)
 }
 
+// cgroupRoot is where the cgroup hierarchies are mounted (a variable for the tests).
+var cgroupRoot = "/sys/fs/cgroup"
+
 // CgroupDirs lists the mounted cgroup hierarchies (v1 controllers, the unified one) and
-// /sys/fs/cgroup itself (a v2-only machine).
+// the cgroup root itself (a v2-only machine).
 func CgroupDirs() []string {
-	entries, err := os.ReadDir("/sys/fs/cgroup")
+	entries, err := os.ReadDir(cgroupRoot)
 	if err != nil {
 		return nil
 	}
 	var dirs []string
 	for _, e := range entries {
-		if e.IsDir() {
-			dirs = append(dirs, filepath.Join("/sys/fs/cgroup", e.Name()))
+		// On a v2-only machine the root holds the k8s.io parent itself, no hierarchy.
+		if e.IsDir() && e.Name() != "k8s.io" {
+			dirs = append(dirs, filepath.Join(cgroupRoot, e.Name()))
 		}
 	}
-	return append(dirs, "/sys/fs/cgroup")
+	return append(dirs, cgroupRoot)
 }
 
-// MissingK8sCgroups lists the k8s.io cgroup parents that do not exist yet: call it
-// before starting containerd, which creates them, so that cleanup removes only those.
+// MissingK8sCgroups lists the k8s.io cgroup parents that do not exist yet (AcquireLease
+// records them as created by test runtimes).
 func MissingK8sCgroups() []string {
 	var missing []string
 	for _, dir := range CgroupDirs() {
@@ -111,8 +115,8 @@ func MissingK8sCgroups() []string {
 // directories for the sandboxes and containers ids, and only that: libcni's result
 // cache for network and for the loopback network containerd adds to each sandbox, the
 // shims' sockets (containerd names them sha256(<address>/<namespace>/<id>)), runc
-// state under the default root (in case a runc ran without our Root option), the
-// shared parent directories when empty, and the per-id k8s.io cgroups.
+// state under the default root (in case a runc ran without our Root option) and the
+// per-id k8s.io cgroups. The shared parents are the last Lease's to remove.
 func RemoveOutside(socket, network string, ids []string) []error {
 	ids = slices.Compact(slices.Sorted(slices.Values(ids)))
 	var errs []error
@@ -131,9 +135,6 @@ func RemoveOutside(socket, network string, ids []string) []error {
 		if err := os.RemoveAll(p); err != nil {
 			errs = append(errs, err)
 		}
-	}
-	for _, d := range []string{"/run/containerd/runc/k8s.io", "/run/containerd/runc", "/run/containerd/s", "/run/containerd", "/var/lib/cni/results", "/var/lib/cni"} {
-		_ = syscall.Rmdir(d) // only when empty: another containerd may use them
 	}
 	for _, dir := range CgroupDirs() {
 		for _, id := range ids {

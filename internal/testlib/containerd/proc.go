@@ -1,9 +1,13 @@
 package containerd
 
 import (
+	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -98,4 +102,78 @@ func Tail(path string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// KillShims kills any containerd-shim-runc-v2 still serving the containerd at socket,
+// told apart from anything else on the machine by the -address of that socket, and
+// first the sandbox and container processes they started: killed alone, a shim leaves
+// them running. It waits (briefly) until they are gone, so their cgroups can be removed.
+func KillShims(socket string) error {
+	type proc struct {
+		pid, ppid int
+		shim      bool
+	}
+	entries, err := os.ReadDir("/proc")
+	if err != nil {
+		return fmt.Errorf("list processes: %w", err)
+	}
+	var procs []proc
+	ours := map[int]bool{}
+	for _, e := range entries {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		p := proc{pid: pid, ppid: parentPID(pid)}
+		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+		if err == nil {
+			args := strings.Split(string(cmdline), "\x00")
+			p.shim = strings.Contains(filepath.Base(args[0]), "containerd-shim") && bytes.Contains(cmdline, []byte(socket))
+		}
+		if p.shim {
+			ours[pid] = true
+		}
+		procs = append(procs, p)
+	}
+	var errs []error
+	var killed []int
+	kill := func(pid int) {
+		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+			errs = append(errs, fmt.Errorf("kill %d: %w", pid, err))
+			return
+		}
+		killed = append(killed, pid)
+	}
+	for _, p := range procs {
+		if !p.shim && ours[p.ppid] {
+			kill(p.pid)
+		}
+	}
+	for pid := range ours {
+		kill(pid)
+	}
+	// Wait (briefly) until they are gone, so their cgroups can be removed next.
+	deadline := time.Now().Add(5 * time.Second)
+	for _, pid := range killed {
+		for time.Now().Before(deadline) && parentPID(pid) != 0 {
+			time.Sleep(20 * time.Millisecond)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// parentPID is pid's parent from /proc/<pid>/stat; 0 once the process is gone (or a
+// zombie, which holds no cgroup).
+func parentPID(pid int) int {
+	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
+	if err != nil {
+		return 0
+	}
+	// "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+	fields := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
+	if len(fields) < 2 || fields[0] == "Z" {
+		return 0
+	}
+	ppid, _ := strconv.Atoi(fields[1])
+	return ppid
 }

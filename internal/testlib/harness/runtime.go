@@ -22,7 +22,6 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -60,7 +59,7 @@ type Runtime struct {
 	sandboxes map[string]bool   // every sandbox id created through this runtime
 	netns     map[string]string // sandbox id -> its netns bind mount, from inspectp
 
-	k8sCgroups []string // k8s.io cgroup dirs this runtime created
+	lease *containerd.Lease // this runtime's claim on what test runtimes share
 }
 
 // Start writes the config, starts containerd inside the node netns, waits for its CRI
@@ -102,10 +101,12 @@ func Start(ctx context.Context, cfg Config) (*Runtime, error) {
 	if err := os.WriteFile(r.crictlCfg, []byte(containerd.CrictlConfig(r.Socket)), 0o644); err != nil {
 		return nil, fmt.Errorf("write crictl config: %w", err)
 	}
-	r.k8sCgroups = containerd.MissingK8sCgroups()
 	var err error
-	if r.proc, err = containerd.StartProc(cfg.Node.Path, r.LogPath, "containerd", "containerd", "--config", configPath); err != nil {
+	if r.lease, err = containerd.AcquireLease(r.Socket); err != nil {
 		return nil, err
+	}
+	if r.proc, err = containerd.StartProc(cfg.Node.Path, r.LogPath, "containerd", "containerd", "--config", configPath); err != nil {
+		return nil, errors.Join(err, r.Close())
 	}
 
 	if err := r.waitReady(ctx, 60*time.Second); err != nil {
@@ -360,86 +361,13 @@ func (r *Runtime) Close() error {
 		}
 		errs = append(errs, r.proc.Stop(15*time.Second))
 	}
-	errs = append(errs, r.killShims())
+	errs = append(errs, containerd.KillShims(r.Socket))
 	errs = append(errs, r.removeLeftovers()...)
 	return errors.Join(errs...)
 }
 
 func isNotFound(err error) bool {
 	return strings.Contains(err.Error(), "code = NotFound")
-}
-
-// killShims kills any containerd-shim-runc-v2 still serving this runtime, told apart
-// from anything else on the machine by the -address of our socket, and first the
-// sandbox processes (pause) they started: killed alone, a shim leaves them running.
-func (r *Runtime) killShims() error {
-	type proc struct {
-		pid, ppid int
-		shim      bool
-	}
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return fmt.Errorf("list processes: %w", err)
-	}
-	var procs []proc
-	ours := map[int]bool{}
-	for _, e := range entries {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		p := proc{pid: pid, ppid: parentPID(pid)}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err == nil {
-			args := strings.Split(string(cmdline), "\x00")
-			p.shim = strings.Contains(filepath.Base(args[0]), "containerd-shim") && bytes.Contains(cmdline, []byte(r.Socket))
-		}
-		if p.shim {
-			ours[pid] = true
-		}
-		procs = append(procs, p)
-	}
-	var errs []error
-	var killed []int
-	kill := func(pid int) {
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, fmt.Errorf("kill %d: %w", pid, err))
-			return
-		}
-		killed = append(killed, pid)
-	}
-	for _, p := range procs {
-		if !p.shim && ours[p.ppid] {
-			kill(p.pid)
-		}
-	}
-	for pid := range ours {
-		kill(pid)
-	}
-	// Wait (briefly) until they are gone, so their cgroups can be removed next.
-	deadline := time.Now().Add(5 * time.Second)
-	for _, pid := range killed {
-		for time.Now().Before(deadline) && parentPID(pid) != 0 {
-			time.Sleep(20 * time.Millisecond)
-		}
-	}
-	return errors.Join(errs...)
-}
-
-// parentPID is pid's parent from /proc/<pid>/stat; 0 once the process is gone (or a
-// zombie, which holds no cgroup).
-func parentPID(pid int) int {
-	data, err := os.ReadFile(filepath.Join("/proc", strconv.Itoa(pid), "stat"))
-	if err != nil {
-		return 0
-	}
-	// "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-	fields := strings.Fields(string(data[bytes.LastIndexByte(data, ')')+1:]))
-	if len(fields) < 2 || fields[0] == "Z" {
-		return 0
-	}
-	ppid, _ := strconv.Atoi(fields[1])
-	return ppid
 }
 
 func (r *Runtime) removeLeftovers() []error {
@@ -485,15 +413,10 @@ func (r *Runtime) removeLeftovers() []error {
 		}
 	}
 	errs = append(errs, containerd.RemoveOutside(r.Socket, r.network, ids)...)
-	// The k8s.io parents this run created.
-	for _, p := range r.k8sCgroups {
-		if err := syscall.Rmdir(p); err != nil && !errors.Is(err, syscall.ENOENT) {
-			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", p, err))
-		}
-	}
 	// containerd's root holds overlay mounts of the sandboxes' rootfs; unmount any left.
 	errs = append(errs, containerd.UnmountUnder(r.Dir)...)
-	return errs
+	// Last: the shared k8s.io parents and directories go only with the last runtime.
+	return append(errs, r.lease.Release()...)
 }
 
 // isOwnNetnsPath reports whether p is a sandbox netns this runtime pinned: a cni-*

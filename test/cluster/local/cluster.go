@@ -86,7 +86,7 @@ type Cluster struct {
 
 	// What Close must remove outside Dir.
 	createdDirs  []string          // created by this run; removed when empty
-	k8sCgroups   []string          // k8s.io cgroup parents this run created
+	lease        *containerd.Lease // this run's claim on what test runtimes share
 	kernelBefore map[string]string // /proc/sys values the kubelet may change
 }
 
@@ -390,7 +390,11 @@ func (c *Cluster) containerdConfig() string {
 }
 
 func (c *Cluster) startContainerd(ctx context.Context) error {
-	c.k8sCgroups = containerd.MissingK8sCgroups()
+	lease, err := containerd.AcquireLease(c.socket)
+	if err != nil {
+		return err
+	}
+	c.lease = lease
 	cfgPath := filepath.Join(c.Dir, "containerd", "config.toml")
 	if err := os.WriteFile(cfgPath, []byte(c.containerdConfig()), 0o644); err != nil {
 		return err
@@ -738,7 +742,7 @@ func (c *Cluster) Close() error {
 		errs = append(errs, c.procs[i].Stop(15*time.Second))
 	}
 	if c.socket != "" {
-		errs = append(errs, killShims(c.socket))
+		errs = append(errs, containerd.KillShims(c.socket))
 	}
 	if c.Dir != "" {
 		errs = append(errs, containerd.UnmountUnder(c.Dir)...)
@@ -803,70 +807,12 @@ func (c *Cluster) removeOutside(ids []string) []error {
 			errs = append(errs, os.RemoveAll(d))
 		}
 	}
-	// The k8s.io parents this run created (their children of this run's ids are gone by
-	// now; if another containerd started meanwhile, its cgroups keep the parent busy).
-	for _, p := range c.k8sCgroups {
-		var err error
-		for try := 0; try < 10; try++ {
-			if err = syscall.Rmdir(p); err == nil || errors.Is(err, syscall.ENOENT) {
-				break
-			}
-			time.Sleep(100 * time.Millisecond)
-		}
-		switch {
-		case errors.Is(err, syscall.EBUSY):
-			// This run's processes are gone: another containerd (a concurrent run)
-			// uses it now, and removes it when done.
-			c.logf("cgroup %s kept: in use by another runtime", p)
-		case err != nil && !errors.Is(err, syscall.ENOENT):
-			errs = append(errs, fmt.Errorf("remove cgroup %s: %w", p, err))
-		}
-	}
+	// The shared k8s.io parents and directories go only with the last test runtime.
+	errs = append(errs, c.lease.Release()...)
 	for _, d := range c.createdDirs {
 		_ = syscall.Rmdir(d) // only when empty
 	}
 	return errs
-}
-
-// killShims kills containerd-shim processes serving our socket, and their children.
-func killShims(socket string) error {
-	entries, err := os.ReadDir("/proc")
-	if err != nil {
-		return err
-	}
-	var shims []int
-	for _, e := range entries {
-		var pid int
-		if _, err := fmt.Sscanf(e.Name(), "%d", &pid); err != nil {
-			continue
-		}
-		cmdline, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-		if err != nil {
-			continue
-		}
-		args := strings.Split(string(cmdline), "\x00")
-		if strings.Contains(filepath.Base(args[0]), "containerd-shim") && bytes.Contains(cmdline, []byte(socket)) {
-			shims = append(shims, pid)
-		}
-	}
-	var errs []error
-	for _, pid := range shims {
-		// The shim's children (sandbox and container processes) first.
-		if kids, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)); err == nil {
-			for _, k := range strings.Fields(string(kids)) {
-				var kid int
-				fmt.Sscanf(k, "%d", &kid)
-				_ = syscall.Kill(kid, syscall.SIGKILL)
-			}
-		}
-		if err := syscall.Kill(pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
-			errs = append(errs, err)
-		}
-	}
-	if len(shims) > 0 {
-		time.Sleep(500 * time.Millisecond)
-	}
-	return errors.Join(errs...)
 }
 
 // kernelKeys are the settings the kubelet sets at start (its setupKernelTunables).
