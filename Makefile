@@ -20,6 +20,7 @@ PROGRAMS := metaconceal:./plugins/metaconceal \
 TOOLS := github.com/containernetworking/plugins/plugins/main/bridge \
          github.com/containernetworking/plugins/plugins/ipam/host-local \
          github.com/containernetworking/plugins/plugins/main/loopback \
+         github.com/containernetworking/plugins/plugins/main/ptp \
          github.com/containernetworking/plugins/plugins/meta/portmap \
          github.com/containernetworking/cni/cnitool \
          sigs.k8s.io/cri-tools/cmd/crictl

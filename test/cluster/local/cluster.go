@@ -65,8 +65,15 @@ type Config struct {
 	// RegisterWithTaints is passed to the kubelet (--register-with-taints), for
 	// scenarios of a readiness gate.
 	RegisterWithTaints []string
-	Log                io.Writer
+	// CNI is the node's main CNI datapath: "bridge" (pods on a Linux bridge, the
+	// default) or "ptp" (routed: a veth per pod with a /32 route on the node, as GKE's
+	// classic datapath).
+	CNI string
+	Log io.Writer
 }
+
+// CNIs are the main CNI datapaths the local provider runs.
+var CNIs = []string{"bridge", "ptp"}
 
 // Cluster is a running local cluster; it implements scenario.Cluster.
 type Cluster struct {
@@ -92,6 +99,12 @@ type Cluster struct {
 
 // Up starts the cluster. On error everything started is torn down.
 func Up(ctx context.Context, cfg Config) (c *Cluster, err error) {
+	if cfg.CNI == "" {
+		cfg.CNI = "bridge"
+	}
+	if !slices.Contains(CNIs, cfg.CNI) {
+		return nil, fmt.Errorf("local cluster: CNI %q: want one of %s", cfg.CNI, strings.Join(CNIs, ", "))
+	}
 	c = &Cluster{cfg: cfg, network: "mc-e2e-" + simnode.RandomSuffix()}
 	defer func() {
 		if err != nil {
@@ -317,18 +330,25 @@ func (c *Cluster) makePKI(context.Context) error {
 }
 
 // mainCNIConflist is the node's main CNI (the config metaconceal chains onto): bridge
-// with host-local, then portmap, as containerd's own template; its name is unique
-// per run so that libcni's cache entries of this run can be told apart.
+// (or ptp, Config.CNI) with host-local, then portmap, as containerd's own template; its
+// name is unique per run so that libcni's cache entries of this run can be told apart.
 func (c *Cluster) mainCNIConflist() string {
+	main := fmt.Sprintf(`"type": "bridge",
+      "bridge": %q,
+      "isGateway": true,
+      "ipMasq": false,`, podBridge)
+	if c.cfg.CNI == "ptp" {
+		// A veth per pod; the node side holds the gateway address and a /32 route
+		// to each pod, GKE's routed datapath.
+		main = `"type": "ptp",
+      "ipMasq": false,`
+	}
 	return fmt.Sprintf(`{
   "cniVersion": "1.0.0",
   "name": %q,
   "plugins": [
     {
-      "type": "bridge",
-      "bridge": %q,
-      "isGateway": true,
-      "ipMasq": false,
+      %s
       "ipam": {
         "type": "host-local",
         "dataDir": %q,
@@ -342,11 +362,11 @@ func (c *Cluster) mainCNIConflist() string {
     }
   ]
 }
-`, c.network, podBridge, filepath.Join(c.nodeRoot, "var/lib/cni/networks"), podSubnet)
+`, c.network, main, filepath.Join(c.nodeRoot, "var/lib/cni/networks"), podSubnet)
 }
 
 func (c *Cluster) writeMainCNI(context.Context) error {
-	for _, name := range []string{"bridge", "host-local", "loopback", "portmap"} {
+	for _, name := range []string{c.cfg.CNI, "host-local", "loopback", "portmap"} {
 		data, err := os.ReadFile(filepath.Join(c.cfg.BinDir, name))
 		if err != nil {
 			return fmt.Errorf("CNI plugin %s (make tools): %w", name, err)

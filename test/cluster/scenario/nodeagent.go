@@ -417,12 +417,17 @@ func waitEvent(ctx context.Context, env *Env, ns, pod, reason, substr string, ti
 	return found, err
 }
 
-// agentMetricValues reads the node agent's metrics (in the node's netns, its
-// loopback) and returns the metaconceal series by name{labels}.
+// agentMetricValues reads the node agent's metrics.
 func agentMetricValues(ctx context.Context, env *Env, node string) (map[string]float64, error) {
-	out, err := env.Cluster.NodeExec(ctx, node, "curl", "-sS", "--max-time", "5", agentMetrics)
+	return metricValues(ctx, env, node, agentMetrics)
+}
+
+// metricValues reads a metrics endpoint on node (in the node's netns, its loopback)
+// and returns the metaconceal series by name{labels}.
+func metricValues(ctx context.Context, env *Env, node, url string) (map[string]float64, error) {
+	out, err := env.Cluster.NodeExec(ctx, node, "curl", "-sS", "--max-time", "5", url)
 	if err != nil {
-		return nil, fmt.Errorf("node %s: %s: %w", node, agentMetrics, err)
+		return nil, fmt.Errorf("node %s: %s: %w", node, url, err)
 	}
 	m := map[string]float64{}
 	sc := bufio.NewScanner(bytes.NewReader(out))

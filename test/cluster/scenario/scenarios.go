@@ -22,6 +22,8 @@ func List() []Scenario {
 		{Name: "pod-events", Run: podEvents},
 		{Name: "hostnetwork-direct", Run: hostNetworkDirect},
 		{Name: "excluded-namespace-exposed", Run: excludedNamespaceExposed},
+		// guard.go (issue 16): the host guard on a live node.
+		{Name: "guard-reconcile", Run: guardReconcile},
 		{Name: "rolling-update", Run: rollingUpdate, Timeout: 5 * time.Minute},
 		{Name: "unprotected-zero", Run: unprotectedZero},
 		{Name: "uninstall", Run: uninstall, Timeout: 5 * time.Minute},

@@ -47,6 +47,7 @@ func run(args []string, stdout io.Writer) int {
 	binDir := fs.String("bin-dir", "bin", "where make build put the programs and CNI plugins")
 	clusterBin := fs.String("cluster-bin-dir", "bin/cluster", "where make cluster-tools put etcd, kube-*, kubectl, ociarchive, probe, pause")
 	debCache := fs.String("deb-cache", "bin/cluster/debs", "where downloaded Debian packages are kept between runs")
+	cni := fs.String("cni", envOr("CLUSTER_CNI", "bridge"), "local provider: the node's main CNI datapath, "+strings.Join(local.CNIs, " or ")+" (default from $CLUSTER_CNI)")
 	var only cliflag.List
 	fs.Var(&only, "scenarios", "run only these scenarios (comma-separated); default all: "+strings.Join(scenario.Names(scenario.List()), ","))
 	if err := fs.Parse(args); err != nil {
@@ -112,7 +113,7 @@ func run(args []string, stdout io.Writer) int {
 	phase("images", start)
 
 	// Phase: cluster up.
-	fmt.Fprintf(stdout, "==> cluster up (%s)\n", *providerName)
+	fmt.Fprintf(stdout, "==> cluster up (%s, cni %s)\n", *providerName, *cni)
 	start = time.Now()
 	var p provider
 	switch *providerName {
@@ -122,6 +123,7 @@ func run(args []string, stdout io.Writer) int {
 			RepoRoot: *repo, BinDir: *binDir, ClusterBinDir: *clusterBin,
 			Images: archives, PauseArchive: pauseArchive, PauseRef: harness.PauseImageRef, Log: stdout,
 			RegisterWithTaints: scenario.RegisterWithTaints, // the readiness gate's (issue 12)
+			CNI:                *cni,
 		})
 		if c != nil {
 			p = c
@@ -158,6 +160,9 @@ func run(args []string, stdout io.Writer) int {
 	}
 
 	fmt.Fprintln(stdout, "==> summary")
+	if *providerName == "local" {
+		fmt.Fprintf(stdout, "cni %s\n", *cni)
+	}
 	for _, l := range phases {
 		fmt.Fprintln(stdout, l)
 	}
@@ -186,4 +191,12 @@ func diagnose(p provider, w io.Writer) {
 			fmt.Fprintln(w, err)
 		}
 	}
+}
+
+// envOr is the environment variable key, or def when it is unset or empty.
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
 }

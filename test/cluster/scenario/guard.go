@@ -1,0 +1,212 @@
+package scenario
+
+// The host guard on a live node (issue 16): what other software does to the node's
+// tables is undone by the proxy's reconciler, and the node agent's datapath self-test
+// says whether the guard stands between a pod and the metadata server.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+)
+
+const (
+	proxyMetrics = "http://127.0.0.1:989/metrics" // the proxy's --metrics-listen, node netns
+	guardChain   = "METACONCEAL-GUARD"            // prefix of every chain of the host guard
+)
+
+var guardPodManifest = namespaceDoc("{{.WorkloadNamespace}}") + probePod("guard-check", "{{.WorkloadNamespace}}", probeSpec{})
+
+// bareGuardPod starts a concealed pod and flushes its own rules from the node (as a
+// pod holding CAP_NET_ADMIN can do to itself), so that only the host guard stands
+// between it and the metadata server; it checks that the guard alone conceals
+// kube-env, and returns the pod's node.
+func bareGuardPod(ctx context.Context, env *Env) (node string, err error) {
+	if err := apply(ctx, env, guardPodManifest, nil); err != nil {
+		return "", err
+	}
+	if _, err := waitPodsReady(ctx, env, WorkloadNamespace, "app=guard-check", 2*time.Minute); err != nil {
+		return "", err
+	}
+	node, err = podNode(ctx, env, WorkloadNamespace, "guard-check")
+	if err != nil {
+		return "", err
+	}
+	rec, err := podRecord(ctx, env, node, WorkloadNamespace, "guard-check")
+	if err != nil {
+		return "", err
+	}
+	// Both backends: the plugin used one of them.
+	flush := "for t in iptables iptables-legacy; do command -v $t >/dev/null || continue; $t -t nat -F OUTPUT; $t -t filter -F OUTPUT; done; (iptables-save; iptables-legacy-save) 2>/dev/null | grep -c '^-A OUTPUT' || true"
+	out, err := env.Cluster.NodeExec(ctx, node, "nsenter", "--net="+rec.Netns, "sh", "-c", flush)
+	if err != nil {
+		return "", fmt.Errorf("flush the pod's own rules in %s: %w (%s)", rec.Netns, err, out)
+	}
+	if n := strings.TrimSpace(string(out)); n != "0" {
+		return "", errf("the pod's OUTPUT chains still hold %s rules after the flush", n)
+	}
+	if err := expectConcealed(ctx, env, "guard-check", "the guard alone"); err != nil {
+		return "", err
+	}
+	return node, nil
+}
+
+// deleteBareGuardPod removes the pod whose own rules are gone (no later scenario
+// may meet it), joining a failure to *err.
+func deleteBareGuardPod(ctx context.Context, env *Env, err *error) {
+	if _, derr := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "delete", "pod", "guard-check", "--ignore-not-found", "--wait=true", "--timeout=60s"); derr != nil && *err == nil {
+		*err = fmt.Errorf("delete pod guard-check: %w", derr)
+	}
+}
+
+// expectConcealed asks kube-env from pod and wants the concealed answer.
+func expectConcealed(ctx context.Context, env *Env, pod, when string) error {
+	l, err := probeGet(ctx, env, WorkloadNamespace, pod, kubeEnvURL)
+	if err != nil {
+		return err
+	}
+	if l.Leak || !l.concealed() {
+		return errf("pod %s, %s: kube-env got %s, want 403 %q", pod, when, l, ConcealedBody)
+	}
+	return nil
+}
+
+// guardReconcile: with the pod's own rules gone, the node's guard chains are flushed
+// by hand (a firewall reload, an administrator's iptables -F); the proxy restores them
+// within its reconcile interval (5 s), counts the repair, and the pod is concealed
+// again.
+func guardReconcile(ctx context.Context, env *Env) (_ string, err error) {
+	defer deleteBareGuardPod(ctx, env, &err)
+	node, err := bareGuardPod(ctx, env)
+	if err != nil {
+		return "", err
+	}
+	before, err := guardRules(ctx, env, node)
+	if err != nil {
+		return "", err
+	}
+	if before == 0 {
+		return "", errf("no %s rule on node %s before the flush: nothing to test", guardChain, node)
+	}
+	repairsBefore, err := guardRepairs(ctx, env, node)
+	if err != nil {
+		return "", err
+	}
+	flush := `for s in iptables ip6tables iptables-legacy ip6tables-legacy; do
+  command -v $s-save >/dev/null || continue
+  $s-save 2>/dev/null | awk -v p='` + guardChain + `' '/^\*/{t=substr($0,2)} /^:/{c=substr($1,2); if (index(c,p)==1) print t, c}' |
+  while read t c; do $s -t $t -F $c; done
+done`
+	if out, err := env.Cluster.NodeExec(ctx, node, "sh", "-c", flush); err != nil {
+		return "", fmt.Errorf("flush the guard on %s: %w (%s)", node, err, out)
+	}
+	flushed := time.Now()
+	if n, err := guardRules(ctx, env, node); err != nil {
+		return "", err
+	} else if n >= before {
+		return "", errf("the flush left %d of %d guard rules: nothing was taken away", n, before)
+	}
+	if err := poll(ctx, 20*time.Second, func() error {
+		n, err := guardRules(ctx, env, node)
+		if err != nil {
+			return err
+		}
+		if n < before {
+			return errf("%d of %d guard rules back", n, before)
+		}
+		return nil
+	}); err != nil {
+		return "", err
+	}
+	restored := time.Since(flushed)
+	if err := expectConcealed(ctx, env, "guard-check", "after the guard was flushed and restored"); err != nil {
+		return "", err
+	}
+	repairs, err := guardRepairs(ctx, env, node)
+	if err != nil {
+		return "", err
+	}
+	if repairs <= repairsBefore {
+		return "", errf("metaconceal_guard_repairs_total %v after the repair, %v before: the repair was not counted", repairs, repairsBefore)
+	}
+	if restored > 10*time.Second {
+		return "", errf("guard restored %.1fs after the flush, want within the 5 s interval (and a margin)", restored.Seconds())
+	}
+	return fmt.Sprintf("%d guard rules flushed on %s, all back after %.1fs (polled every 0.5s), repairs %v -> %v; pod without its own rules concealed before and after",
+		before, node, restored.Seconds(), repairsBefore, repairs), nil
+}
+
+// guardRules counts the rules in the guard's chains on node, every backend and family.
+func guardRules(ctx context.Context, env *Env, node string) (int, error) {
+	out, err := env.Cluster.NodeExec(ctx, node, "sh", "-c",
+		"(iptables-save; ip6tables-save; iptables-legacy-save; ip6tables-legacy-save) 2>/dev/null | grep -c '^-A "+guardChain+"' || true")
+	if err != nil {
+		return 0, fmt.Errorf("count guard rules on %s: %w", node, err)
+	}
+	var n int
+	_, err = fmt.Sscan(strings.TrimSpace(string(out)), &n)
+	return n, err
+}
+
+// guardRepairs sums metaconceal_guard_repairs_total over its labels on node.
+func guardRepairs(ctx context.Context, env *Env, node string) (float64, error) {
+	m, err := metricValues(ctx, env, node, proxyMetrics)
+	if err != nil {
+		return 0, err
+	}
+	sum, seen := 0.0, false
+	for k, v := range m {
+		if k == "metaconceal_guard_repairs_total" || strings.HasPrefix(k, "metaconceal_guard_repairs_total{") {
+			sum += v
+			seen = true
+		}
+	}
+	if !seen {
+		return 0, errf("the proxy on %s exports no metaconceal_guard_repairs_total", node)
+	}
+	return sum, nil
+}
+
+// podNode is the node a pod runs on.
+func podNode(ctx context.Context, env *Env, ns, pod string) (string, error) {
+	out, err := kubectl(ctx, env, nil, "-n", ns, "get", "pod", pod, "-o", "jsonpath={.spec.nodeName}")
+	if err != nil {
+		return "", err
+	}
+	if len(out) == 0 {
+		return "", errf("pod %s/%s has no node", ns, pod)
+	}
+	return string(out), nil
+}
+
+// stateRecord is what the scenarios read of a plugin state record.
+type stateRecord struct {
+	Netns  string   `json:"netns"`
+	IPs    []string `json:"ips"`
+	HostIf string   `json:"hostIf"`
+}
+
+// podRecord reads the plugin's state record of pod ns/name on node.
+func podRecord(ctx context.Context, env *Env, node, ns, name string) (stateRecord, error) {
+	path, ok, err := findRecord(ctx, env, node, ns, name)
+	if err != nil {
+		return stateRecord{}, err
+	}
+	if !ok {
+		return stateRecord{}, errf("no state record for %s/%s on %s", ns, name, node)
+	}
+	data, err := env.Cluster.NodeReadFile(ctx, node, path)
+	if err != nil {
+		return stateRecord{}, err
+	}
+	var rec stateRecord
+	if err := json.Unmarshal(data, &rec); err != nil {
+		return stateRecord{}, fmt.Errorf("%s: %w", path, err)
+	}
+	if rec.Netns == "" {
+		return stateRecord{}, errf("%s names no netns", path)
+	}
+	return rec, nil
+}
