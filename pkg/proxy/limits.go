@@ -69,9 +69,13 @@ const (
 	reasonPodLongPolls      = "pod_long_polls"
 	reasonUpstreamLongPolls = "upstream_long_polls"
 	reasonUpstreamConns     = "upstream_conns"
+	// Over the pod's fair share of a node-wide cap (fairCap): 429.
+	reasonShareLongPolls = "share_upstream_long_polls"
+	reasonShareConns     = "share_upstream_conns"
 )
 
-var refusalReasons = []string{reasonRate, reasonPodConns, reasonPodLongPolls, reasonUpstreamLongPolls, reasonUpstreamConns}
+var refusalReasons = []string{reasonRate, reasonPodConns, reasonPodLongPolls, reasonUpstreamLongPolls, reasonUpstreamConns,
+	reasonShareLongPolls, reasonShareConns}
 
 // Audit lines: at most auditRate per second per client after a burst of auditBurst;
 // the rest are counted and summarised.
@@ -84,15 +88,27 @@ const (
 	sweepEvery = 10 * time.Second
 )
 
-// clientKey identifies a client: its pod when the state records name one, else its IP.
-type clientKey struct {
+// podKey names one pod for every per-pod budget: the limits here, the fair shares of
+// the node-wide caps (fairCap) and the entries it may add to the cache. Today it is
+// built from the source address (podKeyOf): the pod its state record names, else the
+// IP. Attested identity (issue 17, part 1) changes only how it is built; nothing
+// that uses it needs to change.
+type podKey struct {
 	namespace, name string
 	ip              netip.Addr // zero for a pod
 }
 
+// podKeyOf is the pod key of a source.
+func podKeyOf(src source) podKey {
+	if src.pod.Name == "" {
+		return podKey{ip: src.addr}
+	}
+	return podKey{namespace: src.pod.Namespace, name: src.pod.Name}
+}
+
 // client is what the proxy keeps per pod (or source IP).
 type client struct {
-	key clientKey
+	key podKey
 	src source // the pod and one of its IPs, for the audit log
 	ns  string // metric label: the pod's namespace, "unknown" without a record
 
@@ -123,28 +139,25 @@ type clients struct {
 	log     *slog.Logger
 
 	mu       sync.Mutex
-	byKey    map[clientKey]*client
+	byKey    map[podKey]*client
 	overflow *client
 }
 
 func newClients(l Limits, m *Metrics, log *slog.Logger) *clients {
-	return &clients{limits: l, metrics: m, log: log, byKey: make(map[clientKey]*client)}
+	return &clients{limits: l, metrics: m, log: log, byKey: make(map[podKey]*client)}
 }
 
 // acquire returns the client for src with a reference the caller gives back with
 // release.
 func (cs *clients) acquire(src source) *client {
-	key := clientKey{namespace: src.pod.Namespace, name: src.pod.Name}
-	if key.name == "" {
-		key = clientKey{ip: src.addr}
-	}
+	key := podKeyOf(src)
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	c := cs.byKey[key]
 	if c == nil {
 		if len(cs.byKey) >= maxClients {
 			if cs.overflow == nil {
-				cs.overflow = cs.newClient(clientKey{namespace: "overflow"}, source{ip: "overflow"})
+				cs.overflow = cs.newClient(podKey{namespace: "overflow"}, source{ip: "overflow"})
 			}
 			c = cs.overflow
 		} else {
@@ -156,7 +169,7 @@ func (cs *clients) acquire(src source) *client {
 	return c
 }
 
-func (cs *clients) newClient(key clientKey, src source) *client {
+func (cs *clients) newClient(key podKey, src source) *client {
 	ns := src.pod.Namespace
 	if ns == "" {
 		ns = "unknown"
@@ -521,5 +534,93 @@ func (l *podListener) Accept() (net.Conn, error) {
 			continue
 		}
 		return &trackedConn{Conn: c, ci: ci, h: h}, nil
+	}
+}
+
+// Fair shares of the node-wide caps (--max-upstream-long-polls, --max-upstream-conns).
+// A cap is first come, first served only up to a point: no pod holds more than its
+// share of it, and the last part of it, the reserve, goes only to pods that hold
+// little of it. So a pod (or a few) taking all they can leaves room for the others:
+//
+//	share   = max(1, cap/capShareDiv)        a pod over it is answered 429
+//	reserve = cap/capReserveDiv              the last units of the cap...
+//	small   = max(1, reserve/capReserveFor)  ...go only to pods holding fewer than this
+//
+// With the defaults: long polls (1,024) share 128, reserve 256 for pods holding
+// under 8; upstream requests (512) share 64, reserve 128 for pods holding under 4.
+// The reserve serves at least capReserveFor pods each taking up to small of it.
+const (
+	capShareDiv   = 8
+	capReserveDiv = 4
+	capReserveFor = 32
+)
+
+// fairCap is one node-wide cap shared fairly between pods (see above). A nil
+// *fairCap is no cap.
+type fairCap struct {
+	max, share, reserve, small int
+
+	mu   sync.Mutex
+	used int
+	held map[podKey]int // pods holding at least one unit
+}
+
+// newFairCap returns the fair cap for max units; nil (no cap) when max is 0.
+func newFairCap(n int) *fairCap {
+	if n <= 0 {
+		return nil
+	}
+	reserve := n / capReserveDiv
+	return &fairCap{
+		max:     n,
+		share:   max(1, n/capShareDiv),
+		reserve: reserve,
+		small:   max(1, reserve/capReserveFor),
+		held:    make(map[podKey]int),
+	}
+}
+
+// capVerdict is fairCap.take's answer.
+type capVerdict uint8
+
+const (
+	capTaken     capVerdict = iota
+	capOverShare            // the pod holds its share, or the rest is the reserve and it holds more than a little: 429
+	capFull                 // every unit is taken: 503
+)
+
+// take takes one unit for pod k.
+func (c *fairCap) take(k podKey) capVerdict {
+	if c == nil {
+		return capTaken
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	h := c.held[k]
+	switch {
+	case h >= c.share:
+		return capOverShare
+	case c.used >= c.max:
+		return capFull
+	case c.used >= c.max-c.reserve && h >= c.small:
+		return capOverShare
+	}
+	c.held[k] = h + 1
+	c.used++
+	return capTaken
+}
+
+// give gives back one unit pod k took.
+func (c *fairCap) give(k podKey) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.used--
+	if h := c.held[k] - 1; h > 0 {
+		c.held[k] = h
+	} else {
+		delete(c.held, k)
 	}
 }

@@ -177,8 +177,8 @@ func New(cfg Config) (*Handler, error) {
 	}
 	h.cache = cache
 	h.baseCtx, h.cancelBase = context.WithCancel(context.Background())
-	h.gets = newFlightGroup(h.baseCtx, 0, false)
-	h.polls = newFlightGroup(h.baseCtx, cfg.Limits.MaxUpstreamLongPolls, true)
+	h.gets = newFlightGroup(h.baseCtx, nil, false)
+	h.polls = newFlightGroup(h.baseCtx, newFairCap(cfg.Limits.MaxUpstreamLongPolls), true)
 	go h.clients.sweeper(h.baseCtx)
 	h.log.Info("policy in effect", "patterns", cfg.Policy.Effective())
 	h.log.Info("limits in effect (0 = off)", "pod_rate", h.limits.PodRate, "pod_burst", h.limits.PodBurst,
@@ -258,7 +258,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case d.WaitForChange:
 		h.longPoll(w, r, d, cl, ci)
 	default:
-		h.forward(w, r, d)
+		h.forward(w, r, d, cl)
 	}
 }
 
@@ -391,13 +391,14 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, key reqKey) *http.Requ
 	return out
 }
 
-// forward serves a request that is not a long poll, on the lean connection pool.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+// forward serves a request from pod cl that is not a long poll, on the lean
+// connection pool.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) {
 	if d.FilterListing {
 		h.forwardFiltered(w, r, d)
 		return
 	}
-	if h.serveGET(w, r, d) {
+	if h.serveGET(w, r, d, cl) {
 		return // answered from the cache or through a coalesced upstream GET (cache.go)
 	}
 	req := upstreamRequest{method: r.Method, host: r.Host, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
