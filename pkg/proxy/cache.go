@@ -205,7 +205,7 @@ func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Deci
 			return true
 		}
 	}
-	h.coalescedGET(w, r, key, kind, cl.key)
+	h.coalescedGET(w, r, key, kind, cl)
 	return true
 }
 

@@ -15,10 +15,15 @@ import (
 // cache table says so, kept.
 
 // coalescedGET serves r, from pod who, through the flight for key, starting one if
-// none is open; an answer the flight caches is charged to who.
-func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKey, kind cacheKind, who podKey) {
+// none is open and who is within its share of the upstream requests (a flight it
+// starts is charged to it until it ends, and so is an answer it caches).
+func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKey, kind cacheKind, who *client) {
 	c := h.cache
-	f, started, _ := h.gets.join(key, h.upstreamTimeout, who) // the gets group is never closed nor capped
+	f, started, err := h.gets.join(key, h.upstreamTimeout, who.key) // never closed; never full (its cap queues)
+	if err != nil {
+		h.refuse(w, who, reasonShareConns, 1, false) // errFlightsShare
+		return
+	}
 	if !started {
 		c.stats.coalesced.Add(1)
 		select {
@@ -45,7 +50,7 @@ func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKe
 		// The leader runs the flight itself; its client leaving only gives back its
 		// reference, and cancels the upstream request if nobody else waits.
 		stop := context.AfterFunc(r.Context(), func() { h.gets.leave(key, f) })
-		h.runGetFlight(key, f, kind, who)
+		h.runGetFlight(key, f, kind, who.key)
 		if !stop() {
 			return // the client went away
 		}

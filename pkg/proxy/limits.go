@@ -548,7 +548,10 @@ func (l *podListener) Accept() (net.Conn, error) {
 //
 // With the defaults: long polls (1,024) share 128, reserve 256 for pods holding
 // under 8; upstream requests (512) share 64, reserve 128 for pods holding under 4.
-// The reserve serves at least capReserveFor pods each taking up to small of it.
+// The reserve serves at least capReserveFor pods each taking up to small of it. A
+// pod over its share is told 429 at once (its own doing); when the whole cap is
+// taken, a long poll is refused 503 and an upstream request waits up to 1 s for a
+// slot (the pool's, upstream.go), then 503, as before.
 const (
 	capShareDiv   = 8
 	capReserveDiv = 4
@@ -559,6 +562,10 @@ const (
 // *fairCap is no cap.
 type fairCap struct {
 	max, share, reserve, small int
+	// queue: the cap itself is enforced elsewhere, with a wait (the upstream pool's
+	// slots); a unit is still taken over max, by a pod holding under small, and the
+	// request waits there.
+	queue bool
 
 	mu   sync.Mutex
 	used int
@@ -566,13 +573,14 @@ type fairCap struct {
 }
 
 // newFairCap returns the fair cap for max units; nil (no cap) when max is 0.
-func newFairCap(n int) *fairCap {
+func newFairCap(n int, queue bool) *fairCap {
 	if n <= 0 {
 		return nil
 	}
 	reserve := n / capReserveDiv
 	return &fairCap{
 		max:     n,
+		queue:   queue,
 		share:   max(1, n/capShareDiv),
 		reserve: reserve,
 		small:   max(1, reserve/capReserveFor),
@@ -586,7 +594,7 @@ type capVerdict uint8
 const (
 	capTaken     capVerdict = iota
 	capOverShare            // the pod holds its share, or the rest is the reserve and it holds more than a little: 429
-	capFull                 // every unit is taken: 503
+	capFull                 // every unit is taken (and the cap does not queue): 503
 )
 
 // take takes one unit for pod k.
@@ -598,12 +606,10 @@ func (c *fairCap) take(k podKey) capVerdict {
 	defer c.mu.Unlock()
 	h := c.held[k]
 	switch {
-	case h >= c.share:
+	case h >= c.share, c.used >= c.max-c.reserve && h >= c.small:
 		return capOverShare
-	case c.used >= c.max:
+	case c.used >= c.max && !c.queue:
 		return capFull
-	case c.used >= c.max-c.reserve && h >= c.small:
-		return capOverShare
 	}
 	c.held[k] = h + 1
 	c.used++
@@ -623,4 +629,15 @@ func (c *fairCap) give(k podKey) {
 	} else {
 		delete(c.held, k)
 	}
+}
+
+// takeUpstream takes a unit of pod cl's share of the upstream requests for a request
+// sent on its own (not a coalesced GET, whose flight is charged instead), or answers
+// 429 and reports false. The caller gives it back with h.upShare.give(cl.key).
+func (h *Handler) takeUpstream(w http.ResponseWriter, cl *client) bool {
+	if h.upShare.take(cl.key) != capTaken {
+		h.refuse(w, cl, reasonShareConns, 1, false)
+		return false
+	}
+	return true
 }

@@ -266,7 +266,7 @@ func TestFairCap(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			c := newFairCap(tc.max)
+			c := newFairCap(tc.max, false)
 			var got strings.Builder
 			for _, step := range strings.Fields(tc.steps) {
 				name, give := strings.CutPrefix(step, "-")
@@ -282,7 +282,17 @@ func TestFairCap(t *testing.T) {
 			}
 		})
 	}
-	if c := newFairCap(0); c != nil || c.take(podKey{}) != capTaken {
+	// A cap that queues (upstream requests): over max, pods holding under small still
+	// take a unit (and wait for a slot); the others are over their share.
+	c := newFairCap(16, true)
+	var got strings.Builder
+	for _, step := range strings.Fields("A A B B C C D D E E F F G H I J K L L") {
+		got.WriteByte("+sf"[c.take(podKey{name: step})])
+	}
+	if want := strings.Repeat("+", 18) + "s"; got.String() != want { // G..L past 16: they queue
+		t.Errorf("queueing cap: verdicts %q, want %q", got.String(), want)
+	}
+	if c := newFairCap(0, false); c != nil || c.take(podKey{}) != capTaken {
 		t.Error("a cap of 0 is not off")
 	}
 }
@@ -338,6 +348,53 @@ func TestLongPollFairShare(t *testing.T) {
 	}
 }
 
+// Issue 17 part 3, upstream requests: one pod keeping as many slow requests in flight
+// upstream as it can cannot stop another pod's request from being served. Before the
+// fair share, the first pod took every upstream slot and the other waited 1 s for
+// one, then was refused 503.
+func TestUpstreamRequestFairShare(t *testing.T) {
+	t.Parallel()
+	gate := make(chan struct{})
+	var slow atomic.Int32
+	u := scriptedUpstream(t, func(r *http.Request) string {
+		if strings.Contains(r.URL.Path, "slow") {
+			slow.Add(1)
+			<-gate
+		}
+		return okAnswer("v")
+	})
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
+		twoPods(c)
+		c.Upstream = u
+		c.Limits = Limits{MaxUpstreamConns: 16} // no per-pod connection limit: a share of 2
+	})
+	t.Cleanup(func() { close(gate) })
+	const flood = 20
+	var answered, refused atomic.Int32 // answered before the gate opens; of them, 429 with Retry-After
+	for i := range flood {
+		k := dialFrom(t, "127.0.0.1", f.proxy.URL)
+		k.send(fmt.Sprintf("%sinstance/attributes/slow-%d", v1, i))
+		go func() {
+			_ = k.conn.SetReadDeadline(time.Now().Add(time.Minute))
+			resp, err := http.ReadResponse(k.br, &http.Request{Method: "GET"})
+			if err == nil && resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") != "" {
+				refused.Add(1)
+			}
+			answered.Add(1)
+		}()
+	}
+	waitFor(t, "every flood request upstream or answered", func() bool { return int(answered.Load()+slow.Load()) == flood })
+	if n := refused.Load(); n != flood-2 {
+		t.Errorf("%d of the flooding pod's %d requests refused 429, want all but its share of 2", n, flood)
+	}
+	if r := dialFrom(t, "127.0.0.2", f.proxy.URL).get(v1 + "instance/zone"); r.status != 200 {
+		t.Errorf("the other pod's request: %d %q, want 200", r.status, r.body)
+	}
+	if m := scrape(t, f); !strings.Contains(m, fmt.Sprintf(`metaconceal_proxy_refused_requests_total{namespace="team-a",reason="share_upstream_conns"} %d`, flood-2)) {
+		t.Errorf("refusals not counted:\n%s", grepLines(m, "refused"))
+	}
+}
+
 func TestMaxUpstreamConns(t *testing.T) {
 	t.Parallel()
 	var inFlight atomic.Int32
@@ -357,7 +414,7 @@ func TestMaxUpstreamConns(t *testing.T) {
 	go func() { first <- raw(t, f.proxy.URL, "GET", v1+"project/project-id", flavor) }()
 	waitFor(t, "the first request upstream", func() bool { return inFlight.Load() == 1 })
 	start := time.Now()
-	a := raw(t, f.proxy.URL, "GET", v1+"instance/zone", flavor)
+	a := dialFrom(t, "127.0.0.2", f.proxy.URL).get(v1 + "instance/zone") // another pod: within its share
 	wantRefused(t, "second request with the only slot busy", a, http.StatusServiceUnavailable)
 	if d := time.Since(start); d < upstreamSlotWait || d > 3*time.Second {
 		t.Errorf("busy answer after %s", d)

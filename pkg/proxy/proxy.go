@@ -105,6 +105,7 @@ type Handler struct {
 	cache      *answerCache    // cached answers (cache.go)
 	gets       *flightGroup    // ordinary GETs in flight, coalesced (coalesce.go)
 	polls      *flightGroup    // long polls in flight, coalesced (longpoll.go)
+	upShare    *fairCap        // pods' fair shares of --max-upstream-conns (limits.go)
 	baseCtx    context.Context // parent of every coalesced upstream request
 	cancelBase context.CancelFunc
 }
@@ -177,8 +178,9 @@ func New(cfg Config) (*Handler, error) {
 	}
 	h.cache = cache
 	h.baseCtx, h.cancelBase = context.WithCancel(context.Background())
-	h.gets = newFlightGroup(h.baseCtx, nil, false)
-	h.polls = newFlightGroup(h.baseCtx, newFairCap(cfg.Limits.MaxUpstreamLongPolls), true)
+	h.upShare = newFairCap(cfg.Limits.MaxUpstreamConns, true)
+	h.gets = newFlightGroup(h.baseCtx, h.upShare, false) // a new flight is one more upstream request
+	h.polls = newFlightGroup(h.baseCtx, newFairCap(cfg.Limits.MaxUpstreamLongPolls, false), true)
 	go h.clients.sweeper(h.baseCtx)
 	h.log.Info("policy in effect", "patterns", cfg.Policy.Effective())
 	h.log.Info("limits in effect (0 = off)", "pod_rate", h.limits.PodRate, "pod_burst", h.limits.PodBurst,
@@ -395,12 +397,16 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, key reqKey) *http.Requ
 // connection pool.
 func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) {
 	if d.FilterListing {
-		h.forwardFiltered(w, r, d)
+		h.forwardFiltered(w, r, d, cl)
 		return
 	}
 	if h.serveGET(w, r, d, cl) {
 		return // answered from the cache or through a coalesced upstream GET (cache.go)
 	}
+	if !h.takeUpstream(w, cl) {
+		return
+	}
+	defer h.upShare.give(cl.key)
 	req := upstreamRequest{method: r.Method, host: r.Host, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
 	if req.host == "" {
 		req.host = h.upstreamHost
