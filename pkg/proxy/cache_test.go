@@ -1085,3 +1085,54 @@ func scrapeHandler(t *testing.T, h *Handler) string {
 	}
 	return rec.Body.String()
 }
+
+// BenchmarkCacheGet is the cache's cost on a hit: the lookup and, since the cache
+// evicts the least recently served, recording the hit (go test -bench CacheGet).
+func BenchmarkCacheGet(b *testing.B) {
+	c, err := newAnswerCache(CacheConfig{}, NewMetrics())
+	if err != nil {
+		b.Fatal(err)
+	}
+	k := reqKey{path: tokenPath}
+	body := []byte(`{"access_token":"ya29.x","expires_in":3599,"token_type":"Bearer"}`)
+	if !c.store(k, cacheToken, http.Header{}, body, time.Now(), podKey{name: "a"}) {
+		b.Fatal("not stored")
+	}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			now := c.now()
+			e := c.get(k)
+			if e == nil {
+				b.Fatal("miss")
+			}
+			e.touch(now)
+		}
+	})
+}
+
+// BenchmarkCacheStore is the cost of keeping a new answer when the cache is full
+// (every store makes room): one pod storing distinct keys, as in a flood.
+func BenchmarkCacheStore(b *testing.B) {
+	c, err := newAnswerCache(CacheConfig{}, NewMetrics())
+	if err != nil {
+		b.Fatal(err)
+	}
+	other, flooder := podKey{name: "b"}, podKey{name: "a"}
+	for i := range DefaultMaxCacheEntries {
+		who := other
+		if i%8 == 0 {
+			who = flooder
+		}
+		c.store(reqKey{path: fmt.Sprintf("/computeMetadata/v1/project/k%d", i)}, cacheFact, http.Header{}, []byte("v"), time.Now(), who)
+	}
+	keys := make([]reqKey, 4096)
+	for i := range keys {
+		keys[i] = reqKey{path: fmt.Sprintf("/computeMetadata/v1/project/flood-%d", i)}
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		c.store(keys[i%len(keys)], cacheFact, http.Header{}, []byte("v"), time.Now(), flooder)
+	}
+}

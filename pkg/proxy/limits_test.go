@@ -524,3 +524,21 @@ func TestConnectionFloodReset(t *testing.T) {
 		t.Errorf("every refusal counted:\n%s", grepLines(m, "refused"))
 	}
 }
+
+// BenchmarkFairCap is what a fair share adds to each upstream request (a new long
+// poll, a coalesced GET that starts a flight, a request sent on its own): one take
+// and one give, from pods sending in parallel (go test -bench FairCap).
+func BenchmarkFairCap(b *testing.B) {
+	c := newFairCap(DefaultLimits.MaxUpstreamConns, true)
+	var next atomic.Int32
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		k := podKey{namespace: "ns", name: fmt.Sprint("pod-", next.Add(1))}
+		for pb.Next() {
+			if c.take(k) != capTaken {
+				b.Fatal("refused")
+			}
+			c.give(k)
+		}
+	})
+}
