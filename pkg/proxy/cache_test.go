@@ -1049,11 +1049,10 @@ func TestCacheFloodByOnePod(t *testing.T) {
 			}
 		}
 	}
-	victim := dialFrom(t, "127.0.0.2", f.proxy.URL)
 	victimToken := tokenPath + "?scopes=" + scopeCloud
 	var tokens []string
-	ask := func() {
-		tokens = append(tokens, parseTokenAnswer(t, victim.get(victimToken)).token)
+	ask := func() { // a new connection each time: an idle one may have been closed
+		tokens = append(tokens, parseTokenAnswer(t, dialFrom(t, "127.0.0.2", f.proxy.URL).get(victimToken)).token)
 	}
 	flood(0, 5000)
 	ask() // the cache already holds the flood's entries
