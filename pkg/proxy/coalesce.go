@@ -39,6 +39,7 @@ func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKe
 			now := c.now()
 			if e := c.get(key); e != nil && now.Before(e.staleAt) {
 				c.stats.hits[kind].Add(1)
+				e.touch(now)
 				hdr, body := e.answer(now)
 				h.settle(h.gets, key, f, http.StatusOK, hdr, body, nil)
 				h.gets.answered()

@@ -21,7 +21,8 @@ import (
 // One pod cannot starve another: every limit below is kept per client (the source
 // pod, from its state record via the pod index; the source IP where there is none),
 // so a pod's share does not depend on what other pods do, and the global caps on what
-// goes upstream are sized so that every pod at its own cap still fits.
+// goes upstream are sized so that every pod at its own cap still fits and are shared
+// fairly when they fill (fairCap, at the end of this file).
 //
 // A client is identified once per connection (http.Server.ConnContext), so the pod
 // index is consulted per connection, not per request.
@@ -572,7 +573,8 @@ type fairCap struct {
 	held map[podKey]int // pods holding at least one unit
 }
 
-// newFairCap returns the fair cap for max units; nil (no cap) when max is 0.
+// newFairCap returns the fair cap for n units; nil (no cap) when n is 0. queue: see
+// fairCap.queue.
 func newFairCap(n int, queue bool) *fairCap {
 	if n <= 0 {
 		return nil

@@ -5,7 +5,7 @@
 // Where things are:
 //
 //	proxy.go       Handler: per-request flow, audit, forwarding, error answers
-//	limits.go      per-pod limits and connection accounting
+//	limits.go      per-pod limits, fair shares of the node-wide caps, connection accounting
 //	upstream.go    the lean keep-alive pool ordinary requests use (no http.Transport)
 //	cache.go       the answer cache (what it keeps: cachetable.go; metrics: cachestats.go)
 //	flight.go      coalescing: identical requests share one upstream request (a flight)
