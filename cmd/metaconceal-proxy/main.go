@@ -122,8 +122,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.limits.PodBurst, "pod-burst", d.PodBurst, "requests a pod may send at once before --pod-rate applies (at least 1 with a rate)")
 	fs.IntVar(&o.limits.PodMaxConns, "pod-max-conns", d.PodMaxConns, "open connections per pod, held long polls included (429 and close over it); 0 turns it off")
 	fs.IntVar(&o.limits.PodMaxLongPolls, "pod-max-long-polls", d.PodMaxLongPolls, "held long polls (wait_for_change=true) per pod (429 over it); 0 turns it off")
-	fs.IntVar(&o.limits.MaxUpstreamLongPolls, "max-upstream-long-polls", d.MaxUpstreamLongPolls, "distinct long polls open upstream at once, all pods together (identical polls share one; 503 over it); 0 turns it off")
-	fs.IntVar(&o.limits.MaxUpstreamConns, "max-upstream-conns", d.MaxUpstreamConns, "ordinary requests in flight upstream at once, all pods together (a request waits up to 1 s for a slot, then 503); 0 turns it off")
+	fs.IntVar(&o.limits.MaxUpstreamLongPolls, "max-upstream-long-polls", d.MaxUpstreamLongPolls, "distinct long polls open upstream at once, all pods together (identical polls share one; 503 over it); a pod holds at most 1/8 of it, and the last 1/4 goes to pods holding little (429 over its share); 0 turns it off")
+	fs.IntVar(&o.limits.MaxUpstreamConns, "max-upstream-conns", d.MaxUpstreamConns, "ordinary requests in flight upstream at once, all pods together (a request waits up to 1 s for a slot, then 503); a pod holds at most 1/8 of it, and the last 1/4 goes to pods holding little (429 over its share); 0 turns it off")
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}

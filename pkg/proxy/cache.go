@@ -32,25 +32,46 @@ type CacheConfig struct {
 	FactTTL time.Duration
 	// MaxEntries bounds the number of entries; 0 means DefaultMaxCacheEntries.
 	MaxEntries int
+	// MaxEntriesPerPod bounds the entries one pod adds (see store); 0 means
+	// MaxEntries/DefaultCachePodShareDiv, at least 1.
+	MaxEntriesPerPod int
 	// Now is the cache's clock; nil means time.Now. Tests inject a fake one.
 	Now func() time.Time
 }
 
-// DefaultMaxCacheEntries bounds the cache. Keys carry the client's Host and
-// Metadata-Flavor values and the account and scopes it asked for, so a pod could
-// otherwise grow it without limit; a full cache serves uncached (coalesced).
+// DefaultMaxCacheEntries bounds the cache. Keys carry the client's Metadata-Flavor
+// values and the account, scopes and alt it asked for, so a pod could otherwise grow
+// it without limit.
 const DefaultMaxCacheEntries = 1024
+
+// DefaultCachePodShareDiv: by default one pod adds at most 1/8 of the entries.
+const DefaultCachePodShareDiv = 8
+
+// Fairness. Each entry is charged to the pod whose request added it (its owner) and
+// the cache keeps, per pod, the entries it added. A pod at its bound
+// (MaxEntriesPerPod) makes room among its own entries; when the table is full, room
+// is made among the entries of the pod holding the most (the storing pod's own when
+// it holds as many). Within one pod's entries, one past its lifetime (never served
+// again) goes first, else the least recently served. So a pod spelling keys as many
+// ways as it can churns through its own share only: the entries of a pod holding
+// fewer are never evicted for it.
+
+// touchEvery is the granularity of an entry's last-served time: a hit writes it at
+// most this often, so that hits on a popular entry stay reads.
+const touchEvery = 100 * time.Millisecond
 
 // answerCache holds cached answers and the GETs in flight.
 type answerCache struct {
 	disabled   bool
 	factTTL    time.Duration
 	maxEntries int
+	maxPerPod  int
 	now        func() time.Time
 	stats      *cacheStats
 
 	mu      sync.RWMutex
 	entries map[reqKey]*cacheEntry
+	byPod   map[podKey]map[reqKey]*cacheEntry // the entries each pod added
 
 	bg sync.WaitGroup // background refreshes running
 }
@@ -60,8 +81,10 @@ func newAnswerCache(cfg CacheConfig, m *Metrics) (*answerCache, error) {
 		disabled:   cfg.Disabled,
 		factTTL:    cfg.FactTTL,
 		maxEntries: cfg.MaxEntries,
+		maxPerPod:  cfg.MaxEntriesPerPod,
 		now:        cfg.Now,
 		entries:    make(map[reqKey]*cacheEntry),
+		byPod:      make(map[podKey]map[reqKey]*cacheEntry),
 	}
 	switch {
 	case c.factTTL < 0 || c.factTTL > MaxFactTTL:
@@ -69,11 +92,17 @@ func newAnswerCache(cfg CacheConfig, m *Metrics) (*answerCache, error) {
 	case c.factTTL == 0:
 		c.factTTL = DefaultFactTTL
 	}
-	if c.maxEntries < 0 {
-		return nil, fmt.Errorf("proxy: cache max entries %d is negative", c.maxEntries)
+	if c.maxEntries < 0 || c.maxPerPod < 0 {
+		return nil, fmt.Errorf("proxy: cache max entries %d (per pod %d): want numbers >= 0 (0: the default)", c.maxEntries, c.maxPerPod)
 	}
 	if c.maxEntries == 0 {
 		c.maxEntries = DefaultMaxCacheEntries
+	}
+	if c.maxPerPod == 0 {
+		c.maxPerPod = max(1, c.maxEntries/DefaultCachePodShareDiv)
+	}
+	if c.maxPerPod > c.maxEntries {
+		return nil, fmt.Errorf("proxy: cache max entries per pod %d is more than the cache's %d", c.maxPerPod, c.maxEntries)
 	}
 	if c.now == nil {
 		c.now = time.Now
@@ -154,10 +183,10 @@ func (c *answerCache) cacheKindOf(d policy.Decision) cacheKind {
 	return kind
 }
 
-// serveGET answers an allowed, ordinary GET from the cache or through a coalesced
-// upstream request. It reports false for anything else (HEAD), which the caller
-// forwards itself.
-func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Decision) bool {
+// serveGET answers an allowed, ordinary GET from pod cl, from the cache or through a
+// coalesced upstream request. It reports false for anything else (HEAD), which the
+// caller forwards itself.
+func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) bool {
 	c := h.cache
 	if c == nil || r.Method != http.MethodGet || d.WaitForChange {
 		return false
@@ -168,6 +197,7 @@ func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Deci
 		now := c.now()
 		if e := c.get(key); e != nil && now.Before(e.staleAt) {
 			c.stats.hits[kind].Add(1)
+			e.touch(now)
 			if kind == cacheToken && !now.Before(e.refreshAt) {
 				h.startRefresh(key, e, now)
 			}
@@ -175,7 +205,7 @@ func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Deci
 			return true
 		}
 	}
-	h.coalescedGET(w, r, key, kind)
+	h.coalescedGET(w, r, key, kind, cl)
 	return true
 }
 
@@ -185,6 +215,9 @@ type cacheEntry struct {
 	kind    cacheKind
 	header  http.Header // the upstream's headers, without Date (and for tokens Content-Length)
 	staleAt time.Time   // not served from then on
+
+	owner podKey       // the pod charged for it; set before it is stored
+	used  atomic.Int64 // unix nanos it was last stored or served, to touchEvery
 
 	// Facts: header also holds their Content-Length.
 	body []byte
@@ -203,6 +236,13 @@ func (c *answerCache) get(k reqKey) *cacheEntry {
 	e := c.entries[k]
 	c.mu.RUnlock()
 	return e
+}
+
+// touch records that e was served at now.
+func (e *cacheEntry) touch(now time.Time) {
+	if n := now.UnixNano(); n-e.used.Load() >= int64(touchEvery) {
+		e.used.Store(n)
+	}
 }
 
 // write serves e to a client at now.
@@ -243,10 +283,12 @@ func (e *cacheEntry) answer(now time.Time) (http.Header, []byte) {
 	return hdr, body
 }
 
-// store keeps a 200 answer when the table says so. sent is when the upstream
-// request was sent: every lifetime counts from then, so the cache errs early.
-func (c *answerCache) store(k reqKey, kind cacheKind, hdr http.Header, body []byte, sent time.Time) bool {
-	e := &cacheEntry{kind: kind, header: make(http.Header, len(hdr))}
+// store keeps a 200 answer for pod owner when the table says so, making room as
+// the fairness rules above say. sent is when the upstream request was sent: every
+// lifetime counts from then, so the cache errs early. An entry that replaces one
+// (a token refresh) keeps its owner.
+func (c *answerCache) store(k reqKey, kind cacheKind, hdr http.Header, body []byte, sent time.Time, owner podKey) bool {
+	e := &cacheEntry{kind: kind, header: make(http.Header, len(hdr)), owner: owner}
 	for name, v := range hdr {
 		if name == "Date" || name == "Content-Length" {
 			continue // the server dates each answer; the length is set per answer
@@ -279,21 +321,60 @@ func (c *answerCache) store(k reqKey, kind cacheKind, hdr http.Header, body []by
 	if !now.Before(e.staleAt) {
 		return false // already past its margin: passed on, never kept
 	}
+	e.used.Store(now.UnixNano())
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, replacing := c.entries[k]; !replacing && len(c.entries) >= c.maxEntries {
-		for ok, old := range c.entries {
-			if !now.Before(old.staleAt) {
-				delete(c.entries, ok)
+	if old, replacing := c.entries[k]; replacing {
+		e.owner = old.owner
+		c.byPod[e.owner][k] = e
+		c.entries[k] = e
+		return true
+	}
+	switch own := c.byPod[owner]; {
+	case len(own) >= c.maxPerPod:
+		c.evictFrom(own, now)
+		c.stats.evicted[evictPodBound].Add(1)
+	case len(c.entries) >= c.maxEntries:
+		biggest := own
+		for _, other := range c.byPod {
+			if len(other) > len(biggest) {
+				biggest = other
 			}
 		}
-		if len(c.entries) >= c.maxEntries {
-			c.stats.full.Add(1)
-			return false
-		}
+		c.evictFrom(biggest, now)
+		c.stats.evicted[evictFull].Add(1)
 	}
+	own := c.byPod[owner]
+	if own == nil {
+		own = make(map[reqKey]*cacheEntry)
+		c.byPod[owner] = own
+	}
+	own[k] = e
 	c.entries[k] = e
 	return true
+}
+
+// evictFrom removes one of a pod's entries: one past its lifetime, else the least
+// recently served. It is called with c.mu held and own not empty.
+func (c *answerCache) evictFrom(own map[reqKey]*cacheEntry, now time.Time) {
+	var victim reqKey
+	var oldest int64
+	first := true
+	for k, e := range own {
+		if !now.Before(e.staleAt) {
+			victim = k
+			break
+		}
+		if u := e.used.Load(); first || u < oldest {
+			victim, oldest, first = k, u, false
+		}
+	}
+	e := c.entries[victim]
+	delete(c.entries, victim)
+	delete(own, victim)
+	if len(own) == 0 {
+		delete(c.byPod, e.owner)
+	}
 }
 
 // startRefresh starts one background refresh of a token entry, unless one is
@@ -312,7 +393,7 @@ func (h *Handler) startRefresh(k reqKey, e *cacheEntry, now time.Time) {
 	c.bg.Add(1)
 	go func() {
 		defer c.bg.Done()
-		stored := h.runGetFlight(k, f, cacheToken)
+		stored := h.runGetFlight(k, f, cacheToken, e.owner)
 		switch {
 		case stored:
 			c.stats.refreshes[refreshRenewed].Add(1)

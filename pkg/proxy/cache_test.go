@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -898,5 +899,239 @@ func TestCacheTableMirroredInDocs(t *testing.T) {
 	}
 	if !strings.Contains(string(doc), NotCachedReason) {
 		t.Error("docs/proxy.md lacks the table's last row (everything else)")
+	}
+}
+
+// Fairness, on the cache directly: which entries stay after a sequence of stores
+// by pods A, B and C. Steps: "A+k" pod A stores the fact k, "A+k!" the token k,
+// "touch k" serves k, "wait 11s" moves the clock (facts live DefaultFactTTL, 10 s;
+// tokens an hour).
+func TestCacheFairEviction(t *testing.T) {
+	t.Parallel()
+	tokenBody := []byte(`{"access_token":"ya29.x","expires_in":3599,"token_type":"Bearer"}`)
+	for _, tc := range []struct {
+		name              string
+		maxEntries, bound int
+		steps             []string
+		want              string // the keys left, sorted, and the entries charged per pod
+	}{
+		{"a pod at its bound evicts its own least recently served entry", 8, 2,
+			[]string{"B+b1", "A+a1", "wait 1s", "A+a2", "wait 1s", "touch a1", "A+a3"},
+			"a1 a3 b1 | A=2 B=1"},
+		{"a full cache evicts from the pod holding the most", 4, 3,
+			[]string{"A+a1", "A+a2", "wait 1s", "touch a1", "A+a3", "B+b1", "C+c1"},
+			"a1 a3 b1 c1 | A=2 B=1 C=1"},
+		{"a pod holding as many as any other evicts its own", 4, 3,
+			[]string{"A+a1", "A+a2", "B+b1", "wait 1s", "B+b2", "B+b3"},
+			"a1 a2 b2 b3 | A=2 B=2"},
+		{"an entry past its lifetime goes before the least recently served", 8, 2,
+			[]string{"A+a1!", "wait 1s", "A+a2", "wait 10s", "A+a3"},
+			"a1 a3 | A=2"},
+		{"a replaced entry stays charged to the pod that added it", 8, 2,
+			[]string{"A+k1!", "B+k1!", "B+b1", "B+b2"},
+			"b1 b2 k1 | A=1 B=2"},
+		{"10,000 distinct keys from one pod leave the others' entries", 1024, 128,
+			append([]string{"B+b1!", "C+c1"}, manyStores("A", 10000)...),
+			"b1 c1 +128 of A | A=128 B=1 C=1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			clock := newFakeClock()
+			c, err := newAnswerCache(CacheConfig{Now: clock.Now, MaxEntries: tc.maxEntries, MaxEntriesPerPod: tc.bound}, NewMetrics())
+			if err != nil {
+				t.Fatal(err)
+			}
+			pods := map[string]podKey{}
+			for _, p := range []string{"A", "B", "C"} {
+				pods[p] = podKey{namespace: "ns", name: p}
+			}
+			key := func(name string) reqKey { return reqKey{path: "/computeMetadata/v1/" + name} }
+			for _, step := range tc.steps {
+				switch {
+				case strings.HasPrefix(step, "wait "):
+					d, err := time.ParseDuration(strings.TrimPrefix(step, "wait "))
+					if err != nil {
+						t.Fatal(err)
+					}
+					clock.Advance(d)
+				case strings.HasPrefix(step, "touch "):
+					c.get(key(strings.TrimPrefix(step, "touch "))).touch(clock.Now())
+				default:
+					pod, k, _ := strings.Cut(step, "+")
+					name, isToken := strings.CutSuffix(k, "!")
+					kind, body := cacheFact, []byte("v")
+					if isToken {
+						kind, body = cacheToken, tokenBody
+					}
+					if !c.store(key(name), kind, http.Header{}, body, clock.Now(), pods[pod]) {
+						t.Fatalf("%s: not stored", step)
+					}
+				}
+			}
+			var left []string
+			many := 0
+			for k := range c.entries {
+				name := strings.TrimPrefix(k.path, "/computeMetadata/v1/")
+				if strings.HasPrefix(name, "many-") {
+					many++
+					continue
+				}
+				left = append(left, name)
+			}
+			slices.Sort(left)
+			got := strings.Join(left, " ")
+			if many > 0 {
+				got += fmt.Sprintf(" +%d of A", many)
+			}
+			var charged []string
+			total := 0
+			for _, p := range []string{"A", "B", "C"} {
+				if n := len(c.byPod[pods[p]]); n > 0 {
+					charged = append(charged, fmt.Sprintf("%s=%d", p, n))
+					total += n
+				}
+			}
+			got += " | " + strings.Join(charged, " ")
+			if got != tc.want {
+				t.Errorf("left %q, want %q", got, tc.want)
+			}
+			if total != len(c.entries) || len(c.entries) > tc.maxEntries {
+				t.Errorf("%d entries, %d charged to pods, cache bound %d", len(c.entries), total, tc.maxEntries)
+			}
+		})
+	}
+}
+
+func manyStores(pod string, n int) []string {
+	steps := make([]string, n)
+	for i := range steps {
+		steps[i] = fmt.Sprintf("%s+many-%d", pod, i)
+	}
+	return steps
+}
+
+// countingUpstream counts the requests for each request target.
+type countingUpstream struct {
+	next http.Handler
+	mu   sync.Mutex
+	n    map[string]int
+}
+
+func (c *countingUpstream) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	c.mu.Lock()
+	c.n[r.URL.RequestURI()]++
+	c.mu.Unlock()
+	c.next.ServeHTTP(w, r)
+}
+
+func (c *countingUpstream) count(target string) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n[target]
+}
+
+// Issue 17 part 6: one pod spelling 10,000 distinct cacheable keys (the scopes of a
+// token) does not stop another pod's token requests from being answered from the
+// cache: its token goes upstream once, whether it was first asked before, amid or
+// after the flood. Before the cache had a bound per pod, the flood filled the shared
+// table and every later token request went upstream.
+func TestCacheFloodByOnePod(t *testing.T) {
+	t.Parallel()
+	clock := newFakeClock()
+	up := &countingUpstream{next: newScriptedGCE(clock), n: map[string]int{}}
+	f := newCacheFixture(t, up, clock, twoPods)
+	attacker := dialFrom(t, "127.0.0.1", f.proxy.URL)
+	flood := func(from, to int) {
+		for i := from; i < to; i++ {
+			target := fmt.Sprintf("%s?scopes=%s/flood-%d", tokenPath, "https://www.googleapis.com/auth", i)
+			if a := attacker.get(target); a.status != 200 {
+				t.Fatalf("flood request %d: %d %q", i, a.status, a.body)
+			}
+		}
+	}
+	victimToken := tokenPath + "?scopes=" + scopeCloud
+	var tokens []string
+	ask := func() { // a new connection each time: an idle one may have been closed
+		tokens = append(tokens, parseTokenAnswer(t, dialFrom(t, "127.0.0.2", f.proxy.URL).get(victimToken)).token)
+	}
+	flood(0, 5000)
+	ask() // the cache already holds the flood's entries
+	flood(5000, 10000)
+	for range 5 {
+		ask()
+	}
+	if n := up.count(victimToken); n != 1 {
+		t.Errorf("the other pod's token went upstream %d times, want 1", n)
+	}
+	for _, tok := range tokens[1:] {
+		if tok != tokens[0] {
+			t.Errorf("tokens %q: want the cached one each time", tokens)
+			break
+		}
+	}
+	m := scrapeHandler(t, f.handler)
+	if !strings.Contains(m, `metaconceal_proxy_cache_evictions_total{reason="pod_bound"} `+strconv.Itoa(10000-DefaultMaxCacheEntries/DefaultCachePodShareDiv)) {
+		t.Errorf("evictions not counted:\n%s", grepLines(m, "cache_evictions"))
+	}
+}
+
+func scrapeHandler(t *testing.T, h *Handler) string {
+	t.Helper()
+	rec := httptest.NewRecorder()
+	AdminMux(h).ServeHTTP(rec, httptest.NewRequest("GET", "/metrics", nil))
+	if rec.Code != 200 {
+		t.Fatalf("/metrics: %d", rec.Code)
+	}
+	return rec.Body.String()
+}
+
+// BenchmarkCacheGet is the cache's cost on a hit: the lookup and, since the cache
+// evicts the least recently served, recording the hit (go test -bench CacheGet).
+func BenchmarkCacheGet(b *testing.B) {
+	c, err := newAnswerCache(CacheConfig{}, NewMetrics())
+	if err != nil {
+		b.Fatal(err)
+	}
+	k := reqKey{path: tokenPath}
+	body := []byte(`{"access_token":"ya29.x","expires_in":3599,"token_type":"Bearer"}`)
+	if !c.store(k, cacheToken, http.Header{}, body, time.Now(), podKey{name: "a"}) {
+		b.Fatal("not stored")
+	}
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		for pb.Next() {
+			now := c.now()
+			e := c.get(k)
+			if e == nil {
+				b.Fatal("miss")
+			}
+			e.touch(now)
+		}
+	})
+}
+
+// BenchmarkCacheStore is the cost of keeping a new answer when the cache is full
+// (every store makes room): one pod storing distinct keys, as in a flood.
+func BenchmarkCacheStore(b *testing.B) {
+	c, err := newAnswerCache(CacheConfig{}, NewMetrics())
+	if err != nil {
+		b.Fatal(err)
+	}
+	other, flooder := podKey{name: "b"}, podKey{name: "a"}
+	for i := range DefaultMaxCacheEntries {
+		who := other
+		if i%8 == 0 {
+			who = flooder
+		}
+		c.store(reqKey{path: fmt.Sprintf("/computeMetadata/v1/project/k%d", i)}, cacheFact, http.Header{}, []byte("v"), time.Now(), who)
+	}
+	keys := make([]reqKey, 4096)
+	for i := range keys {
+		keys[i] = reqKey{path: fmt.Sprintf("/computeMetadata/v1/project/flood-%d", i)}
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := range b.N {
+		c.store(keys[i%len(keys)], cacheFact, http.Header{}, []byte("v"), time.Now(), flooder)
 	}
 }

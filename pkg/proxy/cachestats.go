@@ -18,6 +18,15 @@ const (
 
 var refreshResultNames = [numRefreshResults]string{"renewed", "failed", "not_cacheable"}
 
+// Eviction reasons, the reason label of metaconceal_proxy_cache_evictions_total.
+const (
+	evictPodBound = iota // the storing pod was at its bound: one of its own entries went
+	evictFull            // the cache was full: an entry of the pod holding the most went
+	numEvictReasons
+)
+
+var evictReasonNames = [numEvictReasons]string{"pod_bound", "full"}
+
 // cacheStats are the cache's counters: plain atomics on the hot path, exported by a
 // collector when scraped.
 type cacheStats struct {
@@ -26,9 +35,9 @@ type cacheStats struct {
 	misses    [3]atomic.Uint64
 	refreshes [numRefreshResults]atomic.Uint64
 	coalesced atomic.Uint64
-	full      atomic.Uint64
+	evicted   [numEvictReasons]atomic.Uint64
 
-	hitsDesc, missesDesc, refreshesDesc, coalescedDesc, savedDesc, entriesDesc, fullDesc *prometheus.Desc
+	hitsDesc, missesDesc, refreshesDesc, coalescedDesc, savedDesc, entriesDesc, evictedDesc *prometheus.Desc
 }
 
 func registerCacheStats(m *Metrics, c *answerCache) (*cacheStats, error) {
@@ -45,8 +54,8 @@ func registerCacheStats(m *Metrics, c *answerCache) (*cacheStats, error) {
 		"Upstream requests not sent thanks to the cache and coalescing: cache hits plus coalesced GETs (long polls count in metaconceal_proxy_long_polls_coalesced_total).", nil, nil)
 	s.entriesDesc = prometheus.NewDesc("metaconceal_proxy_cache_entries",
 		"Answers held in the cache.", nil, nil)
-	s.fullDesc = prometheus.NewDesc("metaconceal_proxy_cache_full_total",
-		"Cacheable answers not kept because the cache was full.", nil, nil)
+	s.evictedDesc = prometheus.NewDesc("metaconceal_proxy_cache_evictions_total",
+		"Entries evicted to make room for a new one, by reason: pod_bound (the storing pod was at its bound, one of its own went), full (an entry of the pod holding the most went).", []string{"reason"}, nil)
 	if err := m.Registry.Register(s); err != nil {
 		if are := (prometheus.AlreadyRegisteredError{}); errors.As(err, &are) {
 			return nil, fmt.Errorf("proxy: the metrics are already used by another handler: %w", err)
@@ -58,7 +67,7 @@ func registerCacheStats(m *Metrics, c *answerCache) (*cacheStats, error) {
 
 // Describe implements prometheus.Collector.
 func (s *cacheStats) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{s.hitsDesc, s.missesDesc, s.refreshesDesc, s.coalescedDesc, s.savedDesc, s.entriesDesc, s.fullDesc} {
+	for _, d := range []*prometheus.Desc{s.hitsDesc, s.missesDesc, s.refreshesDesc, s.coalescedDesc, s.savedDesc, s.entriesDesc, s.evictedDesc} {
 		ch <- d
 	}
 }
@@ -82,5 +91,7 @@ func (s *cacheStats) Collect(ch chan<- prometheus.Metric) {
 	n := len(s.c.entries)
 	s.c.mu.RUnlock()
 	ch <- prometheus.MustNewConstMetric(s.entriesDesc, prometheus.GaugeValue, float64(n))
-	ch <- prometheus.MustNewConstMetric(s.fullDesc, prometheus.CounterValue, float64(s.full.Load()))
+	for i, name := range evictReasonNames {
+		ch <- prometheus.MustNewConstMetric(s.evictedDesc, prometheus.CounterValue, float64(s.evicted[i].Load()), name)
+	}
 }

@@ -14,10 +14,16 @@ import (
 // whole (bounded like a listing), shared read-only by every waiter, and, when the
 // cache table says so, kept.
 
-// coalescedGET serves r through the flight for key, starting one if none is open.
-func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKey, kind cacheKind) {
+// coalescedGET serves r, from pod who, through the flight for key, starting one if
+// none is open and who is within its share of the upstream requests (a flight it
+// starts is charged to it until it ends, and so is an answer it caches).
+func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKey, kind cacheKind, who *client) {
 	c := h.cache
-	f, started, _ := h.gets.join(key, h.upstreamTimeout) // the gets group is never closed nor capped
+	f, started, err := h.gets.join(key, h.upstreamTimeout, who.key) // never closed; never full (its cap queues)
+	if err != nil {
+		h.refuse(w, who, reasonShareConns, 1, false) // errFlightsShare
+		return
+	}
 	if !started {
 		c.stats.coalesced.Add(1)
 		select {
@@ -33,6 +39,7 @@ func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKe
 			now := c.now()
 			if e := c.get(key); e != nil && now.Before(e.staleAt) {
 				c.stats.hits[kind].Add(1)
+				e.touch(now)
 				hdr, body := e.answer(now)
 				h.settle(h.gets, key, f, http.StatusOK, hdr, body, nil)
 				h.gets.answered()
@@ -44,7 +51,7 @@ func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKe
 		// The leader runs the flight itself; its client leaving only gives back its
 		// reference, and cancels the upstream request if nobody else waits.
 		stop := context.AfterFunc(r.Context(), func() { h.gets.leave(key, f) })
-		h.runGetFlight(key, f, kind)
+		h.runGetFlight(key, f, kind, who.key)
 		if !stop() {
 			return // the client went away
 		}
@@ -53,15 +60,15 @@ func (h *Handler) coalescedGET(w http.ResponseWriter, r *http.Request, key reqKe
 }
 
 // runGetFlight sends the flight's request, sets its result, stores a cacheable
-// answer, and reports whether it did.
-func (h *Handler) runGetFlight(key reqKey, f *flight, kind cacheKind) bool {
+// answer charged to pod owner, and reports whether it did.
+func (h *Handler) runGetFlight(key reqKey, f *flight, kind cacheKind, owner podKey) bool {
 	c := h.cache
 	sent := c.now()
 	req := key.upstreamRequest()
 	status, hdr, body, err := h.fetchGET(f.ctx, &req)
 	stored := false
 	if err == nil && kind != notCached && status == http.StatusOK {
-		stored = c.store(key, kind, hdr, body, sent)
+		stored = c.store(key, kind, hdr, body, sent, owner)
 	}
 	h.settle(h.gets, key, f, status, hdr, body, err)
 	h.gets.answered()

@@ -20,6 +20,10 @@ type flight struct {
 	cancel context.CancelFunc
 	done   chan struct{} // closed when the result is set
 	limit  time.Duration // how long the upstream may take (named in a 504)
+	// owner is the pod charged for the flight in its group's fair cap, from its start
+	// to its end, whoever waits on it meanwhile.
+	owner   podKey
+	charged bool // owner holds a unit of the group's cap
 
 	// Guarded by flightGroup.mu.
 	refs int // clients waiting, parked or not; a token refresh holds one of its own
@@ -40,7 +44,7 @@ type flight struct {
 // flightGroup holds the flights of one kind in progress, by key.
 type flightGroup struct {
 	base    context.Context // parent of every flight's context
-	max     int             // most flights open at once; 0: no cap
+	cap     *fairCap        // flights open at once, shared fairly between pods; nil: no cap
 	parking bool            // its flights hold hijacked clients (long polls)
 
 	mu      sync.Mutex
@@ -54,17 +58,22 @@ type flightGroup struct {
 // (--max-upstream-long-polls).
 var errFlightsFull = errors.New("upstream long polls at their cap")
 
+// errFlightsShare: a new distinct flight would take the pod past its fair share of
+// the group's cap.
+var errFlightsShare = errors.New("upstream long polls at this pod's share of their cap")
+
 // errClosing: the handler is shutting down.
 var errClosing = errors.New("shutting down")
 
-func newFlightGroup(base context.Context, max int, parking bool) *flightGroup {
-	return &flightGroup{base: base, max: max, parking: parking, flights: make(map[reqKey]*flight)}
+func newFlightGroup(base context.Context, cap *fairCap, parking bool) *flightGroup {
+	return &flightGroup{base: base, cap: cap, parking: parking, flights: make(map[reqKey]*flight)}
 }
 
 // join returns the flight open for key with a reference for the caller, or starts
-// one (started: the caller runs it, within limit, then calls Handler.settle). The
-// reference is given back through leave, or unpark for a parked client.
-func (g *flightGroup) join(key reqKey, limit time.Duration) (f *flight, started bool, err error) {
+// one for pod who (started: the caller runs it, within limit, then calls
+// Handler.settle). The reference is given back through leave, or unpark for a parked
+// client. Joining an open flight is always allowed: it costs the upstream nothing.
+func (g *flightGroup) join(key reqKey, limit time.Duration, who podKey) (f *flight, started bool, err error) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.closed {
@@ -74,10 +83,15 @@ func (g *flightGroup) join(key reqKey, limit time.Duration) (f *flight, started 
 		f.refs++
 		return f, false, nil
 	}
-	if g.max > 0 && g.open >= g.max {
+	switch g.cap.take(who) {
+	case capFull:
 		return nil, false, errFlightsFull
+	case capOverShare:
+		return nil, false, errFlightsShare
 	}
-	return g.startLocked(key, limit), true, nil
+	f = g.startLocked(key, limit)
+	f.owner, f.charged = who, g.cap != nil
+	return f, true, nil
 }
 
 // startIfNone starts a flight for key holding one reference that is never given back
@@ -152,6 +166,9 @@ func (g *flightGroup) end(key reqKey, f *flight) (parked []*parkedPoll, abandone
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	g.open--
+	if f.charged {
+		g.cap.give(f.owner)
+	}
 	if g.flights[key] == f {
 		delete(g.flights, key)
 	}

@@ -21,7 +21,8 @@ import (
 // One pod cannot starve another: every limit below is kept per client (the source
 // pod, from its state record via the pod index; the source IP where there is none),
 // so a pod's share does not depend on what other pods do, and the global caps on what
-// goes upstream are sized so that every pod at its own cap still fits.
+// goes upstream are sized so that every pod at its own cap still fits and are shared
+// fairly when they fill (fairCap, at the end of this file).
 //
 // A client is identified once per connection (http.Server.ConnContext), so the pod
 // index is consulted per connection, not per request.
@@ -69,9 +70,13 @@ const (
 	reasonPodLongPolls      = "pod_long_polls"
 	reasonUpstreamLongPolls = "upstream_long_polls"
 	reasonUpstreamConns     = "upstream_conns"
+	// Over the pod's fair share of a node-wide cap (fairCap): 429.
+	reasonShareLongPolls = "share_upstream_long_polls"
+	reasonShareConns     = "share_upstream_conns"
 )
 
-var refusalReasons = []string{reasonRate, reasonPodConns, reasonPodLongPolls, reasonUpstreamLongPolls, reasonUpstreamConns}
+var refusalReasons = []string{reasonRate, reasonPodConns, reasonPodLongPolls, reasonUpstreamLongPolls, reasonUpstreamConns,
+	reasonShareLongPolls, reasonShareConns}
 
 // Audit lines: at most auditRate per second per client after a burst of auditBurst;
 // the rest are counted and summarised.
@@ -84,15 +89,27 @@ const (
 	sweepEvery = 10 * time.Second
 )
 
-// clientKey identifies a client: its pod when the state records name one, else its IP.
-type clientKey struct {
+// podKey names one pod for every per-pod budget: the limits here, the fair shares of
+// the node-wide caps (fairCap) and the entries it may add to the cache. Today it is
+// built from the source address (podKeyOf): the pod its state record names, else the
+// IP. Attested identity (issue 17, part 1) changes only how it is built; nothing
+// that uses it needs to change.
+type podKey struct {
 	namespace, name string
 	ip              netip.Addr // zero for a pod
 }
 
+// podKeyOf is the pod key of a source.
+func podKeyOf(src source) podKey {
+	if src.pod.Name == "" {
+		return podKey{ip: src.addr}
+	}
+	return podKey{namespace: src.pod.Namespace, name: src.pod.Name}
+}
+
 // client is what the proxy keeps per pod (or source IP).
 type client struct {
-	key clientKey
+	key podKey
 	src source // the pod and one of its IPs, for the audit log
 	ns  string // metric label: the pod's namespace, "unknown" without a record
 
@@ -123,28 +140,25 @@ type clients struct {
 	log     *slog.Logger
 
 	mu       sync.Mutex
-	byKey    map[clientKey]*client
+	byKey    map[podKey]*client
 	overflow *client
 }
 
 func newClients(l Limits, m *Metrics, log *slog.Logger) *clients {
-	return &clients{limits: l, metrics: m, log: log, byKey: make(map[clientKey]*client)}
+	return &clients{limits: l, metrics: m, log: log, byKey: make(map[podKey]*client)}
 }
 
 // acquire returns the client for src with a reference the caller gives back with
 // release.
 func (cs *clients) acquire(src source) *client {
-	key := clientKey{namespace: src.pod.Namespace, name: src.pod.Name}
-	if key.name == "" {
-		key = clientKey{ip: src.addr}
-	}
+	key := podKeyOf(src)
 	cs.mu.Lock()
 	defer cs.mu.Unlock()
 	c := cs.byKey[key]
 	if c == nil {
 		if len(cs.byKey) >= maxClients {
 			if cs.overflow == nil {
-				cs.overflow = cs.newClient(clientKey{namespace: "overflow"}, source{ip: "overflow"})
+				cs.overflow = cs.newClient(podKey{namespace: "overflow"}, source{ip: "overflow"})
 			}
 			c = cs.overflow
 		} else {
@@ -156,7 +170,7 @@ func (cs *clients) acquire(src source) *client {
 	return c
 }
 
-func (cs *clients) newClient(key clientKey, src source) *client {
+func (cs *clients) newClient(key podKey, src source) *client {
 	ns := src.pod.Namespace
 	if ns == "" {
 		ns = "unknown"
@@ -522,4 +536,110 @@ func (l *podListener) Accept() (net.Conn, error) {
 		}
 		return &trackedConn{Conn: c, ci: ci, h: h}, nil
 	}
+}
+
+// Fair shares of the node-wide caps (--max-upstream-long-polls, --max-upstream-conns).
+// A cap is first come, first served only up to a point: no pod holds more than its
+// share of it, and the last part of it, the reserve, goes only to pods that hold
+// little of it. So a pod (or a few) taking all they can leaves room for the others:
+//
+//	share   = max(1, cap/capShareDiv)        a pod over it is answered 429
+//	reserve = cap/capReserveDiv              the last units of the cap...
+//	small   = max(1, reserve/capReserveFor)  ...go only to pods holding fewer than this
+//
+// With the defaults: long polls (1,024) share 128, reserve 256 for pods holding
+// under 8; upstream requests (512) share 64, reserve 128 for pods holding under 4.
+// The reserve serves at least capReserveFor pods each taking up to small of it. A
+// pod over its share is told 429 at once (its own doing); when the whole cap is
+// taken, a long poll is refused 503 and an upstream request waits up to 1 s for a
+// slot (the pool's, upstream.go), then 503, as before.
+const (
+	capShareDiv   = 8
+	capReserveDiv = 4
+	capReserveFor = 32
+)
+
+// fairCap is one node-wide cap shared fairly between pods (see above). A nil
+// *fairCap is no cap.
+type fairCap struct {
+	max, share, reserve, small int
+	// queue: the cap itself is enforced elsewhere, with a wait (the upstream pool's
+	// slots); a unit is still taken over max, by a pod holding under small, and the
+	// request waits there.
+	queue bool
+
+	mu   sync.Mutex
+	used int
+	held map[podKey]int // pods holding at least one unit
+}
+
+// newFairCap returns the fair cap for n units; nil (no cap) when n is 0. queue: see
+// fairCap.queue.
+func newFairCap(n int, queue bool) *fairCap {
+	if n <= 0 {
+		return nil
+	}
+	reserve := n / capReserveDiv
+	return &fairCap{
+		max:     n,
+		queue:   queue,
+		share:   max(1, n/capShareDiv),
+		reserve: reserve,
+		small:   max(1, reserve/capReserveFor),
+		held:    make(map[podKey]int),
+	}
+}
+
+// capVerdict is fairCap.take's answer.
+type capVerdict uint8
+
+const (
+	capTaken     capVerdict = iota
+	capOverShare            // the pod holds its share, or the rest is the reserve and it holds more than a little: 429
+	capFull                 // every unit is taken (and the cap does not queue): 503
+)
+
+// take takes one unit for pod k.
+func (c *fairCap) take(k podKey) capVerdict {
+	if c == nil {
+		return capTaken
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	h := c.held[k]
+	switch {
+	case h >= c.share, c.used >= c.max-c.reserve && h >= c.small:
+		return capOverShare
+	case c.used >= c.max && !c.queue:
+		return capFull
+	}
+	c.held[k] = h + 1
+	c.used++
+	return capTaken
+}
+
+// give gives back one unit pod k took.
+func (c *fairCap) give(k podKey) {
+	if c == nil {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.used--
+	if h := c.held[k] - 1; h > 0 {
+		c.held[k] = h
+	} else {
+		delete(c.held, k)
+	}
+}
+
+// takeUpstream takes a unit of pod cl's share of the upstream requests for a request
+// sent on its own (not a coalesced GET, whose flight is charged instead), or answers
+// 429 and reports false. The caller gives it back with h.upShare.give(cl.key).
+func (h *Handler) takeUpstream(w http.ResponseWriter, cl *client) bool {
+	if h.upShare.take(cl.key) != capTaken {
+		h.refuse(w, cl, reasonShareConns, 1, false)
+		return false
+	}
+	return true
 }

@@ -214,20 +214,19 @@ func TestMaxUpstreamLongPolls(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
 		twoPods(c)
-		c.Limits = Limits{MaxUpstreamLongPolls: 2}
+		c.Limits = Limits{MaxUpstreamLongPolls: 2} // a share of 1 each, no reserve
 	})
 	const attr = "instance/attributes/cluster-name"
 	etag := etagOf(t, f.proxy.URL, v1+attr)
 	poll := func(sec int) string {
 		return fmt.Sprintf("%s%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", v1, attr, etag, sec)
 	}
-	for i := range 2 {
-		dialFrom(t, "127.0.0.1", f.proxy.URL).send(poll(30 + i))
-	}
+	dialFrom(t, "127.0.0.1", f.proxy.URL).send(poll(30))
+	dialFrom(t, "127.0.0.2", f.proxy.URL).send(poll(31))
 	waitFor(t, "two upstream polls", func() bool { return f.fake.Waiting() == 2 })
-	wantRefused(t, "a third distinct poll", dialFrom(t, "127.0.0.2", f.proxy.URL).get(poll(50)), http.StatusServiceUnavailable)
+	wantRefused(t, "a third distinct poll", dialFrom(t, "127.0.0.3", f.proxy.URL).get(poll(50)), http.StatusServiceUnavailable)
 	// An identical poll joins the open one: no new upstream poll needed.
-	same := dialFrom(t, "127.0.0.2", f.proxy.URL)
+	same := dialFrom(t, "127.0.0.3", f.proxy.URL)
 	same.send(poll(30))
 	waitFor(t, "the identical poll joined", func() bool {
 		return strings.Contains(scrape(t, f), "metaconceal_proxy_long_polls_coalesced_total 1")
@@ -236,8 +235,163 @@ func TestMaxUpstreamLongPolls(t *testing.T) {
 	if r := same.read(); r.status != 200 || r.body != "v2" {
 		t.Errorf("coalesced poll: %d %q", r.status, r.body)
 	}
-	if m := scrape(t, f); !strings.Contains(m, `metaconceal_proxy_refused_requests_total{namespace="team-b",reason="upstream_long_polls"} 1`) {
+	if m := scrape(t, f); !strings.Contains(m, `metaconceal_proxy_refused_requests_total{namespace="unknown",reason="upstream_long_polls"} 1`) {
 		t.Errorf("refusal not counted:\n%s", grepLines(m, "refused"))
+	}
+}
+
+// The fair share of a node-wide cap, step by step: "A" pod A takes a unit, "-A"
+// gives one back; want is each take's verdict (+ taken, s over its share, f full).
+func TestFairCap(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name  string
+		max   int
+		steps string
+		want  string
+	}{
+		// 16: share 2, reserve 4 for pods holding none (small 1).
+		{"a pod is held to its share", 16, "A A A A", "++ss"},
+		{"a unit given back can be taken again", 16, "A A -A A A", "+++s"},
+		{"the reserve goes to pods holding none, one unit each", 16,
+			"A A B B C C D D E E F F G G H", "+++++++++++++s+"},
+		{"then the cap is full", 16,
+			"A A B B C C D D E E F F G G H H I J K", "+++++++++++++s+s++f"},
+		// 1,024 (the default): share 128, reserve 256 for pods holding under 8.
+		{"the default cap: reserve for pods holding under 8", 1024,
+			repeatSteps("A", 128) + " A " + repeatSteps("B", 128) + " " + repeatSteps("C", 128) + " " + repeatSteps("D", 128) + " " +
+				repeatSteps("E", 128) + " " + repeatSteps("F", 128) + " " + " X X X X X X X X X",
+			strings.Repeat("+", 128) + "s" + strings.Repeat("+", 5*128) + "++++++++s"},
+		{"a cap of 1: one unit, one pod", 1, "A B -A B", "+f+"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			c := newFairCap(tc.max, false)
+			var got strings.Builder
+			for _, step := range strings.Fields(tc.steps) {
+				name, give := strings.CutPrefix(step, "-")
+				k := podKey{namespace: "ns", name: name}
+				if give {
+					c.give(k)
+					continue
+				}
+				got.WriteByte("+sf"[c.take(k)])
+			}
+			if got.String() != tc.want {
+				t.Errorf("verdicts %q, want %q", got.String(), tc.want)
+			}
+		})
+	}
+	// A cap that queues (upstream requests): over max, pods holding under small still
+	// take a unit (and wait for a slot); the others are over their share.
+	c := newFairCap(16, true)
+	var got strings.Builder
+	for _, step := range strings.Fields("A A B B C C D D E E F F G H I J K L L") {
+		got.WriteByte("+sf"[c.take(podKey{name: step})])
+	}
+	if want := strings.Repeat("+", 18) + "s"; got.String() != want { // G..L past 16: they queue
+		t.Errorf("queueing cap: verdicts %q, want %q", got.String(), want)
+	}
+	if c := newFairCap(0, false); c != nil || c.take(podKey{}) != capTaken {
+		t.Error("a cap of 0 is not off")
+	}
+}
+
+func repeatSteps(step string, n int) string {
+	return strings.TrimSpace(strings.Repeat(step+" ", n))
+}
+
+// Issue 17 part 3: one pod holding as many distinct long polls as it can (from two
+// addresses of its own, counted as one pod) cannot stop another pod's distinct long
+// poll from being held to its timeout and answered 200. Before the fair share, the
+// first pod took every upstream slot and the other was refused 503 at once.
+func TestLongPollFairShare(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
+		c.Pods = fixedPods{
+			netip.MustParseAddr("127.0.0.1"): {Namespace: "team-a", Name: "web-0"},
+			netip.MustParseAddr("127.0.0.3"): {Namespace: "team-a", Name: "web-0"},
+			netip.MustParseAddr("127.0.0.2"): {Namespace: "team-b", Name: "api-0"},
+		}
+		c.Limits = Limits{MaxUpstreamLongPolls: 16} // no per-pod poll limit: a share of 2
+	})
+	const attr = "instance/attributes/cluster-name"
+	etag := etagOf(t, f.proxy.URL, v1+attr)
+	poll := func(sec int) string {
+		return fmt.Sprintf("%s%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", v1, attr, etag, sec)
+	}
+	const flood = 20
+	var answered, refused atomic.Int32 // answered at once; of them, 429 with Retry-After
+	for i := range flood {
+		k := dialFrom(t, []string{"127.0.0.1", "127.0.0.3"}[i%2], f.proxy.URL)
+		k.send(poll(100 + i))
+		go func() {
+			_ = k.conn.SetReadDeadline(time.Now().Add(time.Minute))
+			resp, err := http.ReadResponse(k.br, &http.Request{Method: "GET"})
+			if err == nil && resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") != "" {
+				refused.Add(1)
+			}
+			answered.Add(1)
+		}()
+	}
+	waitFor(t, "every flood poll held or refused", func() bool { return int(answered.Load())+f.fake.Waiting() == flood })
+	if n := refused.Load(); n != flood-2 {
+		t.Errorf("%d of the flooding pod's %d polls refused 429, want all but its share of 2", n, flood)
+	}
+	other := dialFrom(t, "127.0.0.2", f.proxy.URL)
+	other.send(poll(2))
+	if r := other.read(); r.status != 200 || r.body == "" {
+		t.Errorf("the other pod's poll: %d %q, want 200 at its timeout", r.status, r.body)
+	}
+	if m := scrape(t, f); !strings.Contains(m, fmt.Sprintf(`metaconceal_proxy_refused_requests_total{namespace="team-a",reason="share_upstream_long_polls"} %d`, flood-2)) {
+		t.Errorf("refusals not counted:\n%s", grepLines(m, "refused"))
+	}
+}
+
+// Issue 17 part 3, upstream requests: one pod keeping as many slow requests in flight
+// upstream as it can cannot stop another pod's request from being served. Before the
+// fair share, the first pod took every upstream slot and the other waited 1 s for
+// one, then was refused 503.
+func TestUpstreamRequestFairShare(t *testing.T) {
+	t.Parallel()
+	gate := make(chan struct{})
+	var slow atomic.Int32
+	u := scriptedUpstream(t, func(r *http.Request) string {
+		if strings.Contains(r.URL.Path, "slow") {
+			slow.Add(1)
+			<-gate
+		}
+		return okAnswer("v")
+	})
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
+		twoPods(c)
+		c.Upstream = u
+		c.Limits = Limits{MaxUpstreamConns: 16} // no per-pod connection limit: a share of 2
+	})
+	t.Cleanup(func() { close(gate) })
+	const flood = 20
+	var answered, refused atomic.Int32 // answered before the gate opens; of them, 429 with Retry-After
+	for i := range flood {
+		k := dialFrom(t, "127.0.0.1", f.proxy.URL)
+		k.send(fmt.Sprintf("%sinstance/attributes/slow-%d", v1, i))
+		go func() {
+			_ = k.conn.SetReadDeadline(time.Now().Add(time.Minute))
+			resp, err := http.ReadResponse(k.br, &http.Request{Method: "GET"})
+			if err == nil && resp.StatusCode == http.StatusTooManyRequests && resp.Header.Get("Retry-After") != "" {
+				refused.Add(1)
+			}
+			answered.Add(1)
+		}()
+	}
+	waitFor(t, "every flood request upstream or answered", func() bool { return int(answered.Load()+slow.Load()) == flood })
+	if n := refused.Load(); n != flood-2 {
+		t.Errorf("%d of the flooding pod's %d requests refused 429, want all but its share of 2", n, flood)
+	}
+	if r := dialFrom(t, "127.0.0.2", f.proxy.URL).get(v1 + "instance/zone"); r.status != 200 {
+		t.Errorf("the other pod's request: %d %q, want 200", r.status, r.body)
+	}
+	if m := scrape(t, f); !strings.Contains(m, fmt.Sprintf(`metaconceal_proxy_refused_requests_total{namespace="team-a",reason="share_upstream_conns"} %d`, flood-2)) {
+		t.Errorf("refusals not counted:\n%s", grepLines(m, "refused"))
 	}
 }
 
@@ -260,7 +414,7 @@ func TestMaxUpstreamConns(t *testing.T) {
 	go func() { first <- raw(t, f.proxy.URL, "GET", v1+"project/project-id", flavor) }()
 	waitFor(t, "the first request upstream", func() bool { return inFlight.Load() == 1 })
 	start := time.Now()
-	a := raw(t, f.proxy.URL, "GET", v1+"instance/zone", flavor)
+	a := dialFrom(t, "127.0.0.2", f.proxy.URL).get(v1 + "instance/zone") // another pod: within its share
 	wantRefused(t, "second request with the only slot busy", a, http.StatusServiceUnavailable)
 	if d := time.Since(start); d < upstreamSlotWait || d > 3*time.Second {
 		t.Errorf("busy answer after %s", d)
@@ -369,4 +523,22 @@ func TestConnectionFloodReset(t *testing.T) {
 	if m := scrape(t, f); !strings.Contains(m, fmt.Sprintf(`metaconceal_proxy_refused_requests_total{namespace="team-a",reason="pod_conns"} %d`, 3*connRefusalsPerSecond)) {
 		t.Errorf("every refusal counted:\n%s", grepLines(m, "refused"))
 	}
+}
+
+// BenchmarkFairCap is what a fair share adds to each upstream request (a new long
+// poll, a coalesced GET that starts a flight, a request sent on its own): one take
+// and one give, from pods sending in parallel (go test -bench FairCap).
+func BenchmarkFairCap(b *testing.B) {
+	c := newFairCap(DefaultLimits.MaxUpstreamConns, true)
+	var next atomic.Int32
+	b.ReportAllocs()
+	b.RunParallel(func(pb *testing.PB) {
+		k := podKey{namespace: "ns", name: fmt.Sprint("pod-", next.Add(1))}
+		for pb.Next() {
+			if c.take(k) != capTaken {
+				b.Fatal("refused")
+			}
+			c.give(k)
+		}
+	})
 }

@@ -46,8 +46,13 @@ func isHexString(s string) bool {
 	return true
 }
 
-// forwardFiltered serves an ordinary request whose answer must be filtered.
-func (h *Handler) forwardFiltered(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+// forwardFiltered serves an ordinary request from pod cl whose answer must be
+// filtered.
+func (h *Handler) forwardFiltered(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) {
+	if !h.takeUpstream(w, cl) {
+		return
+	}
+	defer h.upShare.give(cl.key)
 	req := upstreamRequest{method: http.MethodGet, host: h.upstreamHost, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
 	resp, release, err := h.send(r.Context(), &req)
 	if err != nil {

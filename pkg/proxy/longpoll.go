@@ -36,7 +36,7 @@ type parkedPoll struct {
 // joinPoll returns the open flight for a poll, starting one (and its upstream
 // request) if there is none, or errClosing or errFlightsFull. The caller then holds
 // a reference (see flightGroup).
-func (h *Handler) joinPoll(d policy.Decision, key reqKey) (*flight, error) {
+func (h *Handler) joinPoll(d policy.Decision, key reqKey, who podKey) (*flight, error) {
 	timeoutSec := d.TimeoutSec
 	if timeoutSec <= 0 {
 		// No timeout (or 0) asks the upstream to wait for a change without limit;
@@ -44,7 +44,7 @@ func (h *Handler) joinPoll(d policy.Decision, key reqKey) (*flight, error) {
 		timeoutSec = policy.MaxTimeoutSec
 	}
 	limit := time.Duration(timeoutSec)*time.Second + h.longPollSlack
-	f, started, err := h.polls.join(key, limit)
+	f, started, err := h.polls.join(key, limit, who)
 	switch {
 	case err != nil:
 		return nil, err
@@ -78,12 +78,16 @@ func (h *Handler) longPoll(w http.ResponseWriter, r *http.Request, d policy.Deci
 	}
 	h.metrics.longPollsOpen.Inc()
 	key := h.requestKey(r, d)
-	f, err := h.joinPoll(d, key)
+	f, err := h.joinPoll(d, key, cl.key)
 	if err != nil {
 		h.metrics.longPollsOpen.Dec()
 		done()
-		if errors.Is(err, errFlightsFull) {
+		switch {
+		case errors.Is(err, errFlightsFull):
 			h.refuse(w, cl, reasonUpstreamLongPolls, 5, false)
+			return
+		case errors.Is(err, errFlightsShare):
+			h.refuse(w, cl, reasonShareLongPolls, 5, false)
 			return
 		}
 		writeError(w, http.StatusServiceUnavailable, "metaconceal: the proxy is shutting down; retry.\n")

@@ -5,7 +5,7 @@
 // Where things are:
 //
 //	proxy.go       Handler: per-request flow, audit, forwarding, error answers
-//	limits.go      per-pod limits and connection accounting
+//	limits.go      per-pod limits, fair shares of the node-wide caps, connection accounting
 //	upstream.go    the lean keep-alive pool ordinary requests use (no http.Transport)
 //	cache.go       the answer cache (what it keeps: cachetable.go; metrics: cachestats.go)
 //	flight.go      coalescing: identical requests share one upstream request (a flight)
@@ -105,6 +105,7 @@ type Handler struct {
 	cache      *answerCache    // cached answers (cache.go)
 	gets       *flightGroup    // ordinary GETs in flight, coalesced (coalesce.go)
 	polls      *flightGroup    // long polls in flight, coalesced (longpoll.go)
+	upShare    *fairCap        // pods' fair shares of --max-upstream-conns (limits.go)
 	baseCtx    context.Context // parent of every coalesced upstream request
 	cancelBase context.CancelFunc
 }
@@ -177,8 +178,9 @@ func New(cfg Config) (*Handler, error) {
 	}
 	h.cache = cache
 	h.baseCtx, h.cancelBase = context.WithCancel(context.Background())
-	h.gets = newFlightGroup(h.baseCtx, 0, false)
-	h.polls = newFlightGroup(h.baseCtx, cfg.Limits.MaxUpstreamLongPolls, true)
+	h.upShare = newFairCap(cfg.Limits.MaxUpstreamConns, true)
+	h.gets = newFlightGroup(h.baseCtx, h.upShare, false) // a new flight is one more upstream request
+	h.polls = newFlightGroup(h.baseCtx, newFairCap(cfg.Limits.MaxUpstreamLongPolls, false), true)
 	go h.clients.sweeper(h.baseCtx)
 	h.log.Info("policy in effect", "patterns", cfg.Policy.Effective())
 	h.log.Info("limits in effect (0 = off)", "pod_rate", h.limits.PodRate, "pod_burst", h.limits.PodBurst,
@@ -258,7 +260,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case d.WaitForChange:
 		h.longPoll(w, r, d, cl, ci)
 	default:
-		h.forward(w, r, d)
+		h.forward(w, r, d, cl)
 	}
 }
 
@@ -391,15 +393,20 @@ func (h *Handler) newUpstreamRequest(ctx context.Context, key reqKey) *http.Requ
 	return out
 }
 
-// forward serves a request that is not a long poll, on the lean connection pool.
-func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision) {
+// forward serves a request from pod cl that is not a long poll, on the lean
+// connection pool.
+func (h *Handler) forward(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) {
 	if d.FilterListing {
-		h.forwardFiltered(w, r, d)
+		h.forwardFiltered(w, r, d, cl)
 		return
 	}
-	if h.serveGET(w, r, d) {
+	if h.serveGET(w, r, d, cl) {
 		return // answered from the cache or through a coalesced upstream GET (cache.go)
 	}
+	if !h.takeUpstream(w, cl) {
+		return
+	}
+	defer h.upShare.give(cl.key)
 	req := upstreamRequest{method: r.Method, host: r.Host, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
 	if req.host == "" {
 		req.host = h.upstreamHost
