@@ -7,6 +7,7 @@ package scenario
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"time"
@@ -209,4 +210,199 @@ func podRecord(ctx context.Context, env *Env, node, ns, name string) (stateRecor
 		return stateRecord{}, errf("%s names no netns", path)
 	}
 	return rec, nil
+}
+
+const (
+	guardCondition     = "MetadataConcealmentGuard"         // the node agent's node condition
+	guardBypassedEvent = "MetadataConcealmentGuardBypassed" // its Warning Event on the node
+	// selftestPeriod is the overlay's --selftest-interval (test/cluster/deploy).
+	selftestPeriod = 5 * time.Second
+)
+
+// inertGuard makes the host guard inert on a node the way datapaths that skip
+// netfilter's usual path do in effect (docs/datapath.md): connection tracking is
+// switched off for traffic to and from the metadata address, so the guard's nat
+// rules never see it. The rules are not the guard's, so its reconciler leaves them.
+var inertGuard = [][]string{
+	{"-t", "raw", "PREROUTING", "-d", "169.254.169.254/32", "-j", "NOTRACK"},
+	{"-t", "raw", "OUTPUT", "-s", "169.254.169.254/32", "-j", "NOTRACK"},
+}
+
+// guardSelftest: the node agent's datapath self-test, run from a concealed pod's
+// netns, reports the guard effective: condition True / Effective, gauge 1.
+func guardSelftest(ctx context.Context, env *Env) (string, error) {
+	var details []string
+	for _, node := range env.Cluster.Nodes() {
+		var c nodeCondition
+		start := time.Now()
+		if err := poll(ctx, 12*selftestPeriod+30*time.Second, func() error {
+			var err error
+			if c, err = guardConditionOf(ctx, env, node); err != nil {
+				return err
+			}
+			if c.Status != "True" || c.Reason != "Effective" {
+				return errf("node %s: %s=%s (%s): %s", node, guardCondition, c.Status, c.Reason, c.Message)
+			}
+			return nil
+		}); err != nil {
+			return "", err
+		}
+		g, err := guardGauge(ctx, env, node)
+		if err != nil {
+			return "", err
+		}
+		if g != 1 {
+			return "", errf("node %s: condition True but metaconceal_guard_effective %v", node, g)
+		}
+		details = append(details, fmt.Sprintf("%s: %s=True (Effective) after %.1fs, metaconceal_guard_effective 1 (%s)", node, guardCondition, time.Since(start).Seconds(), c.Message))
+	}
+	return strings.Join(details, "; "), nil
+}
+
+// guardBypassDetected: the guard is made inert on the node; within two self-test
+// periods (and the time of one probe) the condition turns False with reason Bypassed,
+// the gauge 0, and a Warning Event is on the node; once the rules are gone again the
+// condition is True again.
+func guardBypassDetected(ctx context.Context, env *Env) (_ string, err error) {
+	var details []string
+	for _, node := range env.Cluster.Nodes() {
+		if c, err := guardConditionOf(ctx, env, node); err != nil {
+			return "", err
+		} else if c.Status != "True" {
+			return "", errf("node %s: %s=%s before the guard is made inert, want True (guard-selftest runs first)", node, guardCondition, c.Status)
+		}
+		tool, err := guardTool(ctx, env, node)
+		if err != nil {
+			return "", err
+		}
+		undo := func() error {
+			var errs []string
+			for _, r := range inertGuard {
+				if out, err := env.Cluster.NodeExec(ctx, node, append([]string{tool, r[0], r[1], "-D"}, r[2:]...)...); err != nil {
+					errs = append(errs, fmt.Sprintf("%v (%s)", err, out))
+				}
+			}
+			if len(errs) > 0 {
+				return errf("node %s: remove the inert rules: %s", node, strings.Join(errs, "; "))
+			}
+			return nil
+		}
+		for _, r := range inertGuard {
+			if out, err := env.Cluster.NodeExec(ctx, node, append([]string{tool, r[0], r[1], "-I"}, append([]string{r[2], "1"}, r[3:]...)...)...); err != nil {
+				return "", errors.Join(fmt.Errorf("node %s: %s %v: %w (%s)", node, tool, r, err, out), undo())
+			}
+		}
+		inert := time.Now()
+		var c nodeCondition
+		err = poll(ctx, 2*selftestPeriod+20*time.Second, func() error {
+			var err error
+			if c, err = guardConditionOf(ctx, env, node); err != nil {
+				return err
+			}
+			if c.Status != "False" || c.Reason != "Bypassed" {
+				return errf("node %s: %s=%s (%s) with the guard inert, want False/Bypassed", node, guardCondition, c.Status, c.Reason)
+			}
+			return nil
+		})
+		detected := time.Since(inert)
+		if err != nil {
+			return "", errors.Join(err, undo())
+		}
+		g, gerr := guardGauge(ctx, env, node)
+		ev, everr := nodeEvent(ctx, env, node, guardBypassedEvent)
+		if err := errors.Join(gerr, everr, undo()); err != nil {
+			return "", err
+		}
+		if g != 0 {
+			return "", errf("node %s: condition Bypassed but metaconceal_guard_effective %v", node, g)
+		}
+		if ev.Type != "Warning" {
+			return "", errf("node %s: %s Event of type %q, want Warning", node, guardBypassedEvent, ev.Type)
+		}
+		restored := time.Now()
+		if err := poll(ctx, 2*selftestPeriod+20*time.Second, func() error {
+			c, err := guardConditionOf(ctx, env, node)
+			if err != nil {
+				return err
+			}
+			if c.Status != "True" {
+				return errf("node %s: %s=%s (%s) after the inert rules went", node, guardCondition, c.Status, c.Reason)
+			}
+			return nil
+		}); err != nil {
+			return "", err
+		}
+		details = append(details, fmt.Sprintf("%s: False/Bypassed %.1fs after the guard was made inert (period %s), gauge 0, Warning Event %q; True again %.1fs after",
+			node, detected.Seconds(), selftestPeriod, ev.Message, time.Since(restored).Seconds()))
+	}
+	return strings.Join(details, "; "), nil
+}
+
+type nodeCondition struct {
+	Type    string `json:"type"`
+	Status  string `json:"status"`
+	Reason  string `json:"reason"`
+	Message string `json:"message"`
+}
+
+// guardConditionOf reads the node's MetadataConcealmentGuard condition.
+func guardConditionOf(ctx context.Context, env *Env, node string) (nodeCondition, error) {
+	out, err := kubectl(ctx, env, nil, "get", "node", node, "-o", "jsonpath={.status.conditions}")
+	if err != nil {
+		return nodeCondition{}, err
+	}
+	var conds []nodeCondition
+	if err := json.Unmarshal(out, &conds); err != nil {
+		return nodeCondition{}, fmt.Errorf("node %s conditions %q: %w", node, out, err)
+	}
+	for _, c := range conds {
+		if c.Type == guardCondition {
+			return c, nil
+		}
+	}
+	return nodeCondition{}, errf("node %s has no %s condition", node, guardCondition)
+}
+
+// guardGauge reads metaconceal_guard_effective from the node agent (any labels).
+func guardGauge(ctx context.Context, env *Env, node string) (float64, error) {
+	m, err := agentMetricValues(ctx, env, node)
+	if err != nil {
+		return 0, err
+	}
+	for k, v := range m {
+		if k == "metaconceal_guard_effective" || strings.HasPrefix(k, "metaconceal_guard_effective{") {
+			return v, nil
+		}
+	}
+	return 0, errf("the node agent on %s exports no metaconceal_guard_effective", node)
+}
+
+// guardTool is the iptables of the backend that holds the guard on node.
+func guardTool(ctx context.Context, env *Env, node string) (string, error) {
+	for _, tool := range []string{"iptables", "iptables-legacy"} {
+		out, err := env.Cluster.NodeExec(ctx, node, "sh", "-c", tool+"-save 2>/dev/null | grep -c '^:"+guardChain+"' || true")
+		if err == nil && strings.TrimSpace(string(out)) != "0" {
+			return tool, nil
+		}
+	}
+	return "", errf("no backend on node %s holds a %s chain", node, guardChain)
+}
+
+// nodeEvent is the latest Event with reason on node.
+func nodeEvent(ctx context.Context, env *Env, node, reason string) (eventInfo, error) {
+	out, err := kubectl(ctx, env, nil, "get", "events", "-A", "--field-selector",
+		"involvedObject.kind=Node,involvedObject.name="+node+",reason="+reason, "-o", "json")
+	if err != nil {
+		return eventInfo{}, err
+	}
+	var list struct {
+		Items []eventInfo `json:"items"`
+	}
+	if err := json.Unmarshal(out, &list); err != nil {
+		return eventInfo{}, err
+	}
+	if len(list.Items) == 0 {
+		return eventInfo{}, errf("no %s Event on node %s", reason, node)
+	}
+	return list.Items[len(list.Items)-1], nil
 }

@@ -24,6 +24,8 @@ func List() []Scenario {
 		{Name: "excluded-namespace-exposed", Run: excludedNamespaceExposed},
 		// guard.go (issue 16): the host guard on a live node.
 		{Name: "guard-reconcile", Run: guardReconcile},
+		{Name: "guard-selftest", Run: guardSelftest},
+		{Name: "guard-bypass-detected", Run: guardBypassDetected},
 		{Name: "rolling-update", Run: rollingUpdate, Timeout: 5 * time.Minute},
 		{Name: "unprotected-zero", Run: unprotectedZero},
 		{Name: "uninstall", Run: uninstall, Timeout: 5 * time.Minute},
