@@ -311,16 +311,7 @@ func TestRawSocketBypassNeedsHostGuard(t *testing.T) {
 	w := newWorld(t)
 	atk := w.addPod("raw", "10.251.0.3")
 	w.record(atk, "")
-	// The pod's own rules, as the plugin renders them for port 80: DNAT to the proxy,
-	// REJECT everything else to the metadata address.
-	for _, args := range [][]string{
-		{"-t", "nat", "-A", "OUTPUT", "-d", "169.254.169.254/32", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", proxyAddr.String()},
-		{"-A", "OUTPUT", "-d", "169.254.169.254/32", "-j", "REJECT"},
-	} {
-		if _, err := simnode.Run(context.Background(), "ip", append([]string{"netns", "exec", atk.name, "iptables"}, args...)...); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w.podRules(atk) // the pod's own rules, as the plugin renders them for port 80
 	// An ordinary socket goes through those rules: concealed.
 	if code, body := w.get(atk, kubeEnv); code != http.StatusForbidden || strings.Contains(body, fakegce.KubeEnvMarker) {
 		t.Fatalf("ordinary GET of kube-env from the pod: %d %q; want 403 from the proxy", code, body)
