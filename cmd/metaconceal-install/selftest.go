@@ -77,7 +77,7 @@ func runSelftest(ctx context.Context, args []string, stdout, stderr io.Writer) i
 		fmt.Fprintf(stdout, "selftest: guard effective: a raw-socket request %s reached the metaconceal proxy (took %s)\n", where, took)
 		return selftestEffective
 	case selftest.Blocked:
-		fmt.Fprintf(stdout, "selftest: guard effective: a raw-socket request %s was dropped before any server answered (%s; took %s)\n", where, res.Detail, took)
+		fmt.Fprintf(stdout, "selftest: guard effective: a raw-socket request %s was dropped or reset before reaching any server (%s; took %s)\n", where, res.Detail, took)
 		return selftestEffective
 	default:
 		fmt.Fprintf(stdout, "selftest: guard BYPASSED: a raw-socket request %s was answered %q by a server that is not the proxy: this datapath goes around the host guard (docs/datapath.md; took %s)\n", where, res.Status, took)

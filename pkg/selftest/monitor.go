@@ -53,7 +53,7 @@ func (o Outcome) Message() string {
 	switch o.State {
 	case StateEffective:
 		if o.Verdict == Blocked {
-			return fmt.Sprintf("a raw-socket request from pod %s to the metadata server was dropped before any server (%s)", o.Pod, o.Detail)
+			return fmt.Sprintf("a raw-socket request from pod %s to the metadata server was dropped or reset before reaching any server (%s)", o.Pod, o.Detail)
 		}
 		return fmt.Sprintf("a raw-socket request from pod %s to the metadata server reached the metaconceal proxy", o.Pod)
 	case StateBypassed:
