@@ -53,10 +53,14 @@ type Config struct {
 	IfName string
 	// Backend runs the transient rule in the pod netns (BackendAuto when empty).
 	Backend xtables.Backend
-	// Proxy, when valid, is asked for the self-test path first, from the netns the
-	// caller runs in (the node's): a proxy that does not answer it (not running, or a
-	// release without the self-test) would make every probe look bypassed.
+	// Proxy, when valid, is asked for the self-test path first: a proxy that does not
+	// answer it (not running, or a release without the self-test) would make every
+	// probe look bypassed. The connection is made in ProxyNetns.
 	Proxy netip.AddrPort
+	// ProxyNetns is the netns (a path) the proxy is asked from: the node's. Empty
+	// means the process's own netns (the node agent is hostNetwork); not the calling
+	// thread's, whatever it is: net/http dials on goroutines of its own.
+	ProxyNetns string
 	// Target is what the probe connects to (the metadata address, port 80, when zero).
 	Target netip.AddrPort
 	// Timeout bounds the probe (DefaultTimeout when zero); a dropped probe takes it all.
@@ -108,7 +112,7 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 		return Result{}, err
 	}
 	if cfg.Proxy.IsValid() {
-		if err := ProxyAnswers(ctx, cfg.Proxy, nonce, cfg.Timeout); err != nil {
+		if err := ProxyAnswers(ctx, cfg.ProxyNetns, cfg.Proxy, nonce, cfg.Timeout); err != nil {
 			return Result{}, err
 		}
 	}
@@ -209,16 +213,29 @@ func dropResets(backend xtables.Backend, c *rawtcp.Client) (func() error, error)
 	}, nil
 }
 
-// ProxyAnswers asks the proxy at addr, from the current netns, for the self-test path
-// and wants the nonce echoed.
-func ProxyAnswers(ctx context.Context, addr netip.AddrPort, nonce string, timeout time.Duration) error {
+// ProxyAnswers asks the proxy at addr, from the netns at netnsPath (empty: the
+// process's own), for the self-test path and wants the nonce echoed.
+func ProxyAnswers(ctx context.Context, netnsPath string, addr netip.AddrPort, nonce string, timeout time.Duration) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr.String()+PathPrefix+nonce, nil)
 	if err != nil {
 		return err
 	}
-	client := &http.Client{Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true}}
+	dial := (&net.Dialer{}).DialContext
+	if netnsPath != "" {
+		dial = func(ctx context.Context, network, address string) (net.Conn, error) {
+			var conn net.Conn
+			// The socket is made on this locked thread, in the netns; it stays there.
+			err := ns.WithNetNSPath(netnsPath, func(ns.NetNS) error {
+				var err error
+				conn, err = (&net.Dialer{}).DialContext(ctx, network, address)
+				return err
+			})
+			return conn, err
+		}
+	}
+	client := &http.Client{Transport: &http.Transport{Proxy: nil, DisableKeepAlives: true, DialContext: dial}}
 	resp, err := client.Do(req)
 	if err != nil {
 		return fmt.Errorf("the proxy at %s does not answer the self-test: %w", addr, err)

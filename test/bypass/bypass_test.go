@@ -64,7 +64,7 @@ type podSwap struct {
 func (s *podSwap) Lookup(ip netip.Addr) (podindex.Pod, bool) { return s.x.Load().Lookup(ip) }
 
 type world struct {
-	t        *testing.T
+	t        testing.TB
 	node     *simnode.Node
 	stateDir string
 	pods     podSwap
@@ -73,7 +73,7 @@ type world struct {
 	log      *slog.Logger
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
@@ -82,7 +82,7 @@ func (w tWriter) Write(p []byte) (int, error) {
 
 // newWorld builds a node netns with a bridge, the fake metadata server on
 // 169.254.169.254:80 and metaconceal's proxy on 169.254.169.252:988.
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	t.Helper()
 	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save")
 	node, err := simnode.New("mc-byp")
@@ -254,7 +254,7 @@ func (w *world) raw(p pod, src string) string {
 
 // copyTestBinary copies the running test binary where the unprivileged helper user
 // can execute it (go test builds it under a directory only root can enter).
-func copyTestBinary(t *testing.T) string {
+func copyTestBinary(t testing.TB) string {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {

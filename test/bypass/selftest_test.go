@@ -13,6 +13,7 @@ import (
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/selftest"
 	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
@@ -181,11 +182,29 @@ func TestSelftestSeesGuardAndBypass(t *testing.T) {
 	}
 }
 
-func mustAddr(t *testing.T, s string) netip.Addr {
+func mustAddr(t testing.TB, s string) netip.Addr {
 	t.Helper()
 	a, err := netip.ParseAddr(s)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return a
+}
+
+// BenchmarkSelftest prints the cost of one probe (pkg/selftest.Run, as the node agent
+// runs it each period): the proxy's control answer, entering the pod netns, the
+// transient rule in and out (two iptables processes) and the raw exchange.
+func BenchmarkSelftest(b *testing.B) {
+	w := newWorld(b)
+	p := w.addPtpPod("stx", "10.252.9.5", "10.252.9.1")
+	w.installGuard()
+	// The proxy is asked from the node netns, as the (hostNetwork) agent asks it.
+	cfg := selftest.Config{Netns: p.path, Proxy: proxyAddr, ProxyNetns: w.node.Path}
+	b.ResetTimer()
+	for b.Loop() {
+		res, err := selftest.Run(context.Background(), cfg)
+		if err != nil || res.Verdict != selftest.Effective {
+			b.Fatalf("probe: %+v %v", res, err)
+		}
+	}
 }
