@@ -57,7 +57,7 @@ func (o Outcome) Message() string {
 		}
 		return fmt.Sprintf("a raw-socket request from pod %s to the metadata server reached the metaconceal proxy", o.Pod)
 	case StateBypassed:
-		return fmt.Sprintf("a raw-socket request from pod %s to the metadata server went around the host guard (answer %q, not the proxy's): the datapath bypasses netfilter; see docs/datapath.md", o.Pod, o.Status)
+		return fmt.Sprintf("a raw-socket request from pod %s to the metadata server went around the host guard (answer %q, not the proxy's); see docs/datapath.md", o.Pod, o.Status)
 	default:
 		return "not tested: " + o.Detail
 	}

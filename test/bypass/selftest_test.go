@@ -7,12 +7,20 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes/fake"
+
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
-	"github.com/metaconceal/metaconceal/internal/testutil"
+	mctestutil "github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/nodegate"
 	"github.com/metaconceal/metaconceal/pkg/selftest"
 	"github.com/metaconceal/metaconceal/pkg/state"
 )
@@ -65,7 +73,7 @@ func (w *world) addPtpPod(short, ip, gw string) pod {
 // output and exit code. The output must never carry a concealed value.
 func (w *world) selftest(podNetns string) (string, int) {
 	w.t.Helper()
-	bin, err := testutil.BinDir()
+	bin, err := mctestutil.BinDir()
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -207,4 +215,72 @@ func BenchmarkSelftest(b *testing.B) {
 			b.Fatalf("probe: %+v %v", res, err)
 		}
 	}
+}
+
+// TestSelftestAgentReportsBypass: the node agent's parts as it wires them (the
+// monitor probing from the node's concealed pods, the reporter on a node object of
+// client-go's fake clientset): condition True and gauge 1 with the guard; after the
+// guard is made inert, condition False with reason Bypassed, gauge 0, one Warning
+// Event on the node; the gate check holds a gate that never opened.
+func TestSelftestAgentReportsBypass(t *testing.T) {
+	t.Cleanup(func() { assertHostUntouched(t) })
+	t.Parallel()
+	w := newWorld(t)
+	p := w.addPtpPod("sta", "10.252.8.5", "10.252.8.1")
+	w.record(p, "")
+	w.installGuard()
+
+	client := fake.NewClientset(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "sim"}})
+	reg := prometheus.NewRegistry()
+	rep := &nodegate.GuardReporter{Client: client, Node: "sim", Effective: nodegate.NewGuardGauge(reg), Log: w.log}
+	m, err := selftest.NewMonitor(selftest.MonitorConfig{StateDir: w.stateDir, Interval: time.Minute,
+		Probe: selftest.Config{Proxy: proxyAddr, ProxyNetns: w.node.Path}, Log: w.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var opened atomic.Bool
+	check := nodegate.GuardCheck(m, &opened)
+
+	round := func(want corev1.ConditionStatus, reason string, gauge float64, events int) {
+		t.Helper()
+		o := m.Step(context.Background())
+		rep.Report(context.Background(), o)
+		node, err := client.CoreV1().Nodes().Get(context.Background(), "sim", metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var cond *corev1.NodeCondition
+		for i, c := range node.Status.Conditions {
+			if c.Type == nodegate.GuardCondition {
+				cond = &node.Status.Conditions[i]
+			}
+		}
+		if cond == nil || cond.Status != want || cond.Reason != reason {
+			t.Fatalf("condition %+v; want %s %s (outcome %+v)", cond, want, reason, o)
+		}
+		if strings.Contains(cond.Message, fakegce.KubeEnvMarker) {
+			t.Fatal("the condition carries a concealed value")
+		}
+		if got := testutil.ToFloat64(rep.Effective.WithLabelValues("team/" + p.name)); got != gauge {
+			t.Errorf("metaconceal_guard_effective = %v, want %v", got, gauge)
+		}
+		evs, err := client.CoreV1().Events(metav1.NamespaceDefault).List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(evs.Items) != events {
+			t.Errorf("%d node Events, want %d", len(evs.Items), events)
+		}
+		t.Logf("round: %s %s: %s", cond.Status, cond.Reason, cond.Message)
+	}
+	round(corev1.ConditionTrue, "Effective", 1, 0)
+	if err := check.Probe(context.Background()); err != nil {
+		t.Errorf("gate check with the guard effective: %v", err)
+	}
+	w.makeGuardInert()
+	round(corev1.ConditionFalse, "Bypassed", 0, 1)
+	if err := check.Probe(context.Background()); err == nil {
+		t.Error("gate check with the guard bypassed, gate never opened: passes; want it holding the gate")
+	}
+	round(corev1.ConditionFalse, "Bypassed", 0, 1) // still False: no second Event
 }
