@@ -24,7 +24,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"runtime"
 	"strconv"
 	"time"
 
@@ -118,10 +117,8 @@ func Run(ctx context.Context, cfg Config) (Result, error) {
 	}
 	res := Result{IfName: cfg.IfName}
 	err = ns.WithNetNSPath(cfg.Netns, func(ns.NetNS) error {
-		// The iptables processes and the AF_PACKET socket must be made on this thread,
-		// which is in the pod netns; nothing here may move to another goroutine.
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
+		// ns runs this on a locked thread in the pod netns: the iptables processes and
+		// the AF_PACKET socket are made here; nothing here may move to another goroutine.
 		client, err := route(cfg.IfName, cfg.Target)
 		if err != nil {
 			return err
