@@ -2,7 +2,8 @@ package main
 
 // The node agent: in watch mode, beside keeping the entry, metaconceal-install can run
 // the readiness gate (pkg/nodegate), the repair of pods without rules (pkg/repair) and
-// their Events (pkg/podevents), and serve their metrics. Wiring only.
+// their Events (pkg/podevents), the datapath self-test (pkg/selftest, reported by
+// pkg/nodegate), and serve their metrics. Wiring only.
 
 import (
 	"context"
@@ -12,7 +13,9 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,6 +27,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/nodegate"
 	"github.com/metaconceal/metaconceal/pkg/podevents"
 	"github.com/metaconceal/metaconceal/pkg/repair"
+	"github.com/metaconceal/metaconceal/pkg/selftest"
 	"github.com/metaconceal/metaconceal/pkg/state"
 	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
@@ -42,6 +46,9 @@ type agentOptions struct {
 	criSocket       string
 	stateDir        string
 	metricsListen   string
+	selftestEvery   time.Duration
+	selftestReport  bool
+	proxy           string // the entry's proxy address (--proxy), asked before each self-test
 }
 
 func (a *agentOptions) register(fs *flag.FlagSet) {
@@ -55,7 +62,9 @@ func (a *agentOptions) register(fs *flag.FlagSet) {
 	fs.StringVar(&a.repair, "repair", string(repair.ModeOff), "watch mode: pods running without metadata rules: repair (install them as ADD would), report (metric, log, Event) or off")
 	fs.DurationVar(&a.repairInterval, "repair-interval", repair.DefaultInterval, "repair: how often the node's pod sandboxes are compared with the state records")
 	fs.StringVar(&a.criSocket, "cri-socket", "/run/containerd/containerd.sock", "repair: the container runtime's CRI socket")
-	fs.StringVar(&a.stateDir, "state-dir", state.DefaultDir, "repair: the plugin's state dir, when the CNI config holds no entry to name it")
+	fs.StringVar(&a.stateDir, "state-dir", state.DefaultDir, "repair and self-test: the plugin's state dir (repair: when the CNI config holds no entry to name it)")
+	fs.DurationVar(&a.selftestEvery, "selftest-interval", selftest.DefaultInterval, "watch mode, with any agent part on: how often the datapath self-test probes the host guard from a concealed pod (condition "+string(nodegate.GuardCondition)+", metaconceal_guard_effective); 0 disables")
+	fs.BoolVar(&a.selftestReport, "selftest-report-only", false, "readiness gate: a bypassed guard only reports (condition, Event, metric), even before the gate first opens")
 	fs.StringVar(&a.metricsListen, "metrics-listen", "", "watch mode: address:port for the agent's /metrics (metaconceal_unprotected_pods, ...) and /healthz; empty disables")
 }
 
@@ -76,6 +85,14 @@ func (a *agentOptions) validate(watch bool) error {
 	}
 	if (a.gate || a.kube.Events) && a.kube.NodeName == "" {
 		return errors.New("--readiness-gate and --pod-events need --node-name (or $" + kubeflags.NodeNameEnv + ")")
+	}
+	if a.selftestEvery < 0 {
+		return errors.New("--selftest-interval must not be negative")
+	}
+	if a.enabled() && a.selftestEvery > 0 && a.proxy != "" {
+		if _, err := netip.ParseAddrPort(a.proxy); err != nil {
+			return fmt.Errorf("--proxy: %w", err)
+		}
 	}
 	if mode != repair.ModeOff && a.repairInterval <= 0 {
 		return errors.New("--repair-interval must be positive")
@@ -131,8 +148,16 @@ func (a *agentOptions) runBeside(ctx context.Context, confDir string, log *slog.
 		}
 		goRun("metrics", srv)
 	}
+	var monitor *selftest.Monitor
+	if a.selftestEvery > 0 {
+		var err error
+		if monitor, err = a.newSelftest(client, reg, log); err != nil {
+			return err
+		}
+		goRun("guard self-test", monitor.Run)
+	}
 	if a.gate {
-		gate, err := a.newGate(client, confDir, reg, log)
+		gate, err := a.newGate(client, confDir, reg, log, monitor)
 		if err != nil {
 			return err
 		}
@@ -153,7 +178,22 @@ func (a *agentOptions) runBeside(ctx context.Context, confDir string, log *slog.
 	return err
 }
 
-func (a *agentOptions) newGate(client kubernetes.Interface, confDir string, reg prometheus.Registerer, log *slog.Logger) (*nodegate.Gate, error) {
+// newSelftest wires the self-test's monitor to its reporter: the node condition and
+// Event need the API client (made for --readiness-gate or --pod-events).
+func (a *agentOptions) newSelftest(client kubernetes.Interface, reg prometheus.Registerer, log *slog.Logger) (*selftest.Monitor, error) {
+	log = log.With("part", "selftest")
+	probe := selftest.Config{Backend: xtables.Backend(a.iptablesBackend)}
+	if a.proxy != "" {
+		probe.Proxy = netip.MustParseAddrPort(a.proxy) // validated
+	}
+	rep := &nodegate.GuardReporter{Client: client, Node: a.kube.NodeName, Effective: nodegate.NewGuardGauge(reg), Log: log}
+	if client == nil {
+		log.Info("no API client (--readiness-gate or --pod-events): the self-test reports in the metric, the log and doctor only")
+	}
+	return selftest.NewMonitor(selftest.MonitorConfig{StateDir: a.stateDir, Interval: a.selftestEvery, Probe: probe, Report: rep.Report, Log: log})
+}
+
+func (a *agentOptions) newGate(client kubernetes.Interface, confDir string, reg prometheus.Registerer, log *slog.Logger, monitor *selftest.Monitor) (*nodegate.Gate, error) {
 	open := prometheus.NewGauge(prometheus.GaugeOpts{
 		Name: "metaconceal_readiness_gate_open",
 		Help: "1 when the readiness gate removed the " + nodegate.TaintKey + " taint from this node, 0 while it is closed.",
@@ -169,11 +209,16 @@ func (a *agentOptions) newGate(client kubernetes.Interface, confDir string, reg 
 	if a.guardCheck {
 		checks = append(checks, nodegate.Check{Name: "host-guard", Probe: nodegate.HostGuardInstalled(xtables.Backend(a.iptablesBackend))})
 	}
+	var opened atomic.Bool // the gate opened once: from then on a bypass only reports
+	if monitor != nil && !a.selftestReport {
+		checks = append(checks, nodegate.GuardCheck(monitor, &opened))
+	}
 	return nodegate.New(nodegate.Config{
 		Client: client, Node: a.kube.NodeName, Checks: checks,
 		Interval: a.gateInterval, Grace: a.gateGrace, Log: log.With("part", "readiness-gate"),
 		OnChange: func(isOpen bool) {
 			if isOpen {
+				opened.Store(true)
 				open.Set(1)
 			} else {
 				open.Set(0)

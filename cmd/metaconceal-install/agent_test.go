@@ -26,6 +26,10 @@ func TestAgentFlags(t *testing.T) {
 		{"backend auto", []string{"--readiness-gate", "--node-name=n", "--iptables-backend=auto"}, true, ""},
 		{"backend empty (auto)", []string{"--readiness-gate", "--node-name=n", "--iptables-backend="}, true, ""},
 		{"backend legacy", []string{"--readiness-gate", "--node-name=n", "--iptables-backend=legacy"}, true, ""},
+		{"selftest interval negative", []string{"--repair=report", "--selftest-interval=-1s"}, true, "--selftest-interval"},
+		{"selftest off", []string{"--repair=report", "--selftest-interval=0"}, true, ""},
+		{"selftest report only", []string{"--readiness-gate", "--node-name=n", "--selftest-report-only"}, true, ""},
+		{"selftest with a bad proxy", []string{"--repair=report", "--proxy=proxy.local"}, true, "--proxy"},
 		{"agent with --once", []string{"--once", "--repair=repair"}, true, "watch mode only"},
 		{"agent with --uninstall", []string{"--uninstall", "--metrics-listen=127.0.0.1:990"}, true, "watch mode only"},
 	}

@@ -1,7 +1,8 @@
 // Command metaconceal-install puts the metaconceal CNI plugin on a node: it copies the
 // plugin binary into the CNI bin dir and its entry into the node's primary CNI config,
 // keeps the entry there while the main CNI rewrites its file, and removes both on
-// uninstall. It is what the DaemonSet runs; see docs/install.md.
+// uninstall. It is what the DaemonSet runs; see docs/install.md. The subcommand
+// `metaconceal-install selftest` runs the datapath self-test on one pod (docs/datapath.md).
 package main
 
 import (
@@ -26,7 +27,12 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stderr)
+	var code int
+	if len(os.Args) > 1 && os.Args[1] == "selftest" {
+		code = runSelftest(ctx, os.Args[2:], os.Stdout, os.Stderr) // selftest.go
+	} else {
+		code = run(ctx, os.Args[1:], os.Stderr)
+	}
 	stop()
 	os.Exit(code)
 }
@@ -70,6 +76,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 		fmt.Fprintf(stderr, "metaconceal-install: unexpected arguments %q\n", fs.Args())
 		return nil, errors.New("unexpected arguments")
 	}
+	o.agent.proxy = o.proxy // the self-test asks it first
 	return &o, nil
 }
 

@@ -186,8 +186,9 @@ func checkMountsHaveVolumes(t *testing.T, spec corev1.PodSpec, c corev1.Containe
 	}
 }
 
-// TestRBACIsMinimal pins what the service account may do: nodes get/patch (the gate)
-// and events create/patch (Events), nothing else.
+// TestRBACIsMinimal pins what the service account may do: nodes get/patch (the gate),
+// nodes/status patch (the self-test's condition) and events create/patch (Events),
+// nothing else.
 func TestRBACIsMinimal(t *testing.T) {
 	t.Parallel()
 	docs := manifest.ReadDocs(t, "rbac.yaml")
@@ -196,7 +197,7 @@ func TestRBACIsMinimal(t *testing.T) {
 	}
 	var role rbacv1.ClusterRole
 	manifest.Decode(t, "rbac.yaml", docs[0], &role)
-	want := map[string][]string{"nodes": {"get", "patch"}, "events": {"create", "patch"}}
+	want := map[string][]string{"nodes": {"get", "patch"}, "nodes/status": {"patch"}, "events": {"create", "patch"}}
 	got := map[string][]string{}
 	for _, r := range role.Rules {
 		if !slices.Equal(r.APIGroups, []string{""}) || len(r.ResourceNames) > 0 || len(r.NonResourceURLs) > 0 {

@@ -1,4 +1,5 @@
-// Package doctor is the node preflight check (`metaconceal-proxy doctor`): it reads,
+// Package doctor is the node preflight check (`metaconceal-proxy doctor`): it prints the
+// node agent's last datapath self-test of the host guard (warning when bypassed), and reads,
 // from the node's metadata server, which service accounts the node carries and with
 // which scopes, and warns when a scope lets the token reach the Compute Engine API.
 // Concealment hides kube-env from the metadata server, but any pod can still take
@@ -23,6 +24,8 @@ import (
 	"time"
 
 	"github.com/metaconceal/metaconceal/pkg/gce"
+	"github.com/metaconceal/metaconceal/pkg/selftest"
+	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
 // Exit codes of Main.
@@ -64,7 +67,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("doctor", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: metaconceal-proxy doctor [--upstream URL] [--timeout D] [--sa-name NAME]")
+		fmt.Fprintln(stderr, "usage: metaconceal-proxy doctor [--upstream URL] [--timeout D] [--sa-name NAME] [--state-dir DIR]")
 		fmt.Fprintln(stderr, "Run on a node: checks the node service account's scopes against concealment bypass.")
 		fmt.Fprintln(stderr, "Exit codes: 0 ok, 1 warnings found, 2 metadata server unreachable or unreadable.")
 		fs.PrintDefaults()
@@ -72,6 +75,7 @@ func Main(args []string, stdout, stderr io.Writer) int {
 	upstream := fs.String("upstream", "http://"+gce.MetadataIPv4.String(), "metadata server to read (from the node)")
 	timeout := fs.Duration("timeout", 5*time.Second, "time allowed for all reads together")
 	saName := fs.String("sa-name", "", "name to suggest for the new node service account (default <cluster>-node-sa)")
+	stateDir := fs.String("state-dir", state.DefaultDir, "the plugin's state dir, where the node agent keeps its last datapath self-test")
 	if err := fs.Parse(args); err != nil {
 		return ExitUnreachable
 	}
@@ -103,7 +107,29 @@ func Main(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "doctor: run it on a GCE node (hostNetwork), or point --upstream at the metadata server.")
 		return ExitUnreachable
 	}
-	return report(stdout, f, *saName)
+	code := report(stdout, f, *saName)
+	if !guardLine(stdout, *stateDir) && code == ExitOK {
+		code = ExitWarnings
+	}
+	return code
+}
+
+// guardLine prints the node agent's last datapath self-test (docs/datapath.md) and
+// reports false when it found the host guard bypassed.
+func guardLine(w io.Writer, stateDir string) bool {
+	o, ok, err := selftest.ReadOutcome(stateDir)
+	switch {
+	case err != nil:
+		fmt.Fprintf(w, "guard self-test: unreadable: %v\n", err)
+	case !ok:
+		fmt.Fprintf(w, "guard self-test: none in %s (the node agent runs it with --selftest-interval; or run metaconceal-install selftest)\n", stateDir)
+	case o.State == selftest.StateBypassed:
+		fmt.Fprintf(w, "WARNING: guard self-test at %s: BYPASSED: %s\n", o.At.UTC().Format(time.RFC3339), o.Message())
+		return false
+	default:
+		fmt.Fprintf(w, "guard self-test at %s: %s: %s\n", o.At.UTC().Format(time.RFC3339), o.State, o.Message())
+	}
+	return true
 }
 
 type reader struct {

@@ -5,16 +5,22 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
+	"github.com/metaconceal/metaconceal/pkg/selftest"
 )
 
 func run(t *testing.T, args ...string) (code int, stdout, stderr string) {
 	t.Helper()
 	var out, errb bytes.Buffer
+	if !slices.ContainsFunc(args, func(a string) bool { return strings.HasPrefix(a, "--state-dir") }) {
+		args = append([]string{"--state-dir=" + t.TempDir()}, args...) // never the machine's own
+	}
 	code = Main(args, &out, &errb)
 	return code, out.String(), errb.String()
 }
@@ -184,6 +190,38 @@ func TestSuggestSAName(t *testing.T) {
 		}
 		if len(got) < 6 || len(got) > 30 {
 			t.Errorf("suggestSAName(%q) = %q: length %d outside 6-30", in, got, len(got))
+		}
+	}
+}
+
+// TestDoctorGuardLine: the doctor prints the node agent's last self-test, and a
+// bypassed guard is a warning (exit 1) even when the scopes are safe.
+func TestDoctorGuardLine(t *testing.T) {
+	t.Parallel()
+	up := httptest.NewServer(fakegce.New())
+	t.Cleanup(up.Close)
+	at := time.Date(2026, 12, 5, 15, 0, 0, 0, time.UTC)
+	for _, c := range []struct {
+		name    string
+		outcome *selftest.Outcome
+		code    int
+		want    string
+	}{
+		{"none", nil, ExitOK, "guard self-test: none in"},
+		{"effective", &selftest.Outcome{State: selftest.StateEffective, Pod: "team/web", Verdict: selftest.Effective, At: at}, ExitOK,
+			"guard self-test at 2026-12-05T15:00:00Z: Effective: a raw-socket request from pod team/web to the metadata server reached the metaconceal proxy"},
+		{"bypassed", &selftest.Outcome{State: selftest.StateBypassed, Pod: "team/web", Verdict: selftest.Bypassed, Status: "HTTP/1.1 404 Not Found", At: at}, ExitWarnings,
+			"WARNING: guard self-test at 2026-12-05T15:00:00Z: BYPASSED: a raw-socket request from pod team/web"},
+	} {
+		dir := t.TempDir()
+		if c.outcome != nil {
+			if err := selftest.WriteOutcome(dir, *c.outcome); err != nil {
+				t.Fatal(err)
+			}
+		}
+		code, out, stderr := run(t, "--upstream", up.URL, "--state-dir", dir)
+		if code != c.code || !strings.Contains(out, c.want) {
+			t.Errorf("%s: exit %d, want %d; output lacks %q:\n%s%s", c.name, code, c.code, c.want, out, stderr)
 		}
 	}
 }

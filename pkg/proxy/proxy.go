@@ -246,6 +246,9 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 
+	if serveSelftest(w, r) { // the node agent's datapath self-test: selftest.go
+		return
+	}
 	_, forwardedFor := r.Header["X-Forwarded-For"]
 	d := h.policy.Evaluate(r.Method, r.RequestURI, forwardedFor)
 	if (d.Verdict != policy.Allow || d.FilterListing) && src.pod.Exposed {

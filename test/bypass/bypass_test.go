@@ -64,7 +64,7 @@ type podSwap struct {
 func (s *podSwap) Lookup(ip netip.Addr) (podindex.Pod, bool) { return s.x.Load().Lookup(ip) }
 
 type world struct {
-	t        *testing.T
+	t        testing.TB
 	node     *simnode.Node
 	stateDir string
 	pods     podSwap
@@ -73,7 +73,7 @@ type world struct {
 	log      *slog.Logger
 }
 
-type tWriter struct{ t *testing.T }
+type tWriter struct{ t testing.TB }
 
 func (w tWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimSpace(string(p)))
@@ -82,7 +82,7 @@ func (w tWriter) Write(p []byte) (int, error) {
 
 // newWorld builds a node netns with a bridge, the fake metadata server on
 // 169.254.169.254:80 and metaconceal's proxy on 169.254.169.252:988.
-func newWorld(t *testing.T) *world {
+func newWorld(t testing.TB) *world {
 	t.Helper()
 	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save")
 	node, err := simnode.New("mc-byp")
@@ -254,7 +254,7 @@ func (w *world) raw(p pod, src string) string {
 
 // copyTestBinary copies the running test binary where the unprivileged helper user
 // can execute it (go test builds it under a directory only root can enter).
-func copyTestBinary(t *testing.T) string {
+func copyTestBinary(t testing.TB) string {
 	t.Helper()
 	self, err := os.Executable()
 	if err != nil {
@@ -311,16 +311,7 @@ func TestRawSocketBypassNeedsHostGuard(t *testing.T) {
 	w := newWorld(t)
 	atk := w.addPod("raw", "10.251.0.3")
 	w.record(atk, "")
-	// The pod's own rules, as the plugin renders them for port 80: DNAT to the proxy,
-	// REJECT everything else to the metadata address.
-	for _, args := range [][]string{
-		{"-t", "nat", "-A", "OUTPUT", "-d", "169.254.169.254/32", "-p", "tcp", "--dport", "80", "-j", "DNAT", "--to-destination", proxyAddr.String()},
-		{"-A", "OUTPUT", "-d", "169.254.169.254/32", "-j", "REJECT"},
-	} {
-		if _, err := simnode.Run(context.Background(), "ip", append([]string{"netns", "exec", atk.name, "iptables"}, args...)...); err != nil {
-			t.Fatal(err)
-		}
-	}
+	w.podRules(atk) // the pod's own rules, as the plugin renders them for port 80
 	// An ordinary socket goes through those rules: concealed.
 	if code, body := w.get(atk, kubeEnv); code != http.StatusForbidden || strings.Contains(body, fakegce.KubeEnvMarker) {
 		t.Fatalf("ordinary GET of kube-env from the pod: %d %q; want 403 from the proxy", code, body)
