@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"time"
 
 	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
@@ -113,31 +114,30 @@ func (f family) sourceRules() []string {
 }
 
 // Bounds of the limit's hash tables (one per listen address and family), explicit so
-// that they do not depend on the node's memory (the kernel's default is up to 8,192
-// buckets and 65,536 entries) and so that a full table is a documented state. A node
-// runs at most a few hundred pods (GKE: 256), each one source per family; the table
-// holds LimitTableMax sources, 64 times that, in about 2 MB. When it is full the
-// kernel drops the SYN of every source without an entry, until entries expire: what
-// ChainSource keeps forged sources away from.
+// that they no longer depend on the node's memory (the kernel sizes an unbounded table
+// from it: up to 8,192 buckets and 65,536 entries, far less on a small node). A node
+// runs at most a few hundred pods (GKE: 256), one source each per family, so the
+// table has room for 256 times that, in at most about 8 MB (kernel memory, allocated
+// as sources appear). When it is full the kernel drops the SYN of every source that
+// has no entry until entries expire: the state ChainSource keeps forged sources from
+// causing. Sources routed through a pod's interface (its bridge's subnet, a loose
+// route, IPv6 prefixes) still pass ChainSource; to fill the table with those a pod
+// must send LimitTableMax distinct sources within LimitTableExpire, 65,536 SYNs a
+// second, and keep doing so.
 const (
 	// LimitTableSize is --hashlimit-htable-size: hash buckets per table.
-	LimitTableSize = 4096
+	LimitTableSize = 8192
 	// LimitTableMax is --hashlimit-htable-max: entries (sources) per table.
-	LimitTableMax = 16384
+	LimitTableMax = 65536
+	// LimitTableExpire is --hashlimit-htable-expire: how long a source's entry
+	// outlives its last SYN. A second, the unit of the rate: iptables passes exactly
+	// that to the kernel when the option is absent from a per-second rule, and
+	// iptables-save leaves the option out when it has that value, so the rules are
+	// written without it to read back as written (the reconciliation compares them).
+	// An idle second loses a source at most half its burst (burst 200 refills in 2 s
+	// at 100/s), and entries of sources that stopped leave the table within a second.
+	LimitTableExpire = time.Second
 )
-
-// limitExpireMS is --hashlimit-htable-expire: how long, in milliseconds, a source's
-// entry outlives its last SYN. The time the source's bucket takes to refill (burst /
-// rate, at least a second): an entry that went idle that long is a full bucket, so
-// dropping it loses nothing, and a source cannot win a fresh burst by pausing. Short,
-// so that the sources that got past ChainSource leave the table within seconds.
-func (f family) limitExpireMS() uint64 {
-	if f.connRate == 0 {
-		return 1000
-	}
-	refill := (uint64(f.connBurst)*1000 + uint64(f.connRate) - 1) / uint64(f.connRate)
-	return max(refill, 1000)
-}
 
 // hashlimitName names the kernel's hash table of one target (at most 15 characters;
 // the namespace's tables of one family share one name space). "mcgb" (bounded): a table
@@ -156,8 +156,7 @@ func (f family) limitRules() []string {
 		spec := []string{"-d", xtables.HostPrefix(t.Addr()), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(t.Port()),
 			"-m", "hashlimit", "--hashlimit-above", fmt.Sprintf("%d/sec", f.connRate), "--hashlimit-burst", fmt.Sprint(f.connBurst),
 			"--hashlimit-mode", "srcip", "--hashlimit-name", hashlimitName(i, t),
-			"--hashlimit-htable-size", fmt.Sprint(LimitTableSize), "--hashlimit-htable-max", fmt.Sprint(LimitTableMax),
-			"--hashlimit-htable-expire", fmt.Sprint(f.limitExpireMS()),
+			"--hashlimit-htable-size", fmt.Sprint(LimitTableSize), "--hashlimit-htable-max", fmt.Sprint(LimitTableMax), // expiry: LimitTableExpire
 			"-m", "comment", "--comment", ruleComment, "-j", "DROP"}
 		rules = append(rules, xtables.Line("-A", ChainLimit, spec))
 	}

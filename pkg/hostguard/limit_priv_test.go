@@ -109,7 +109,7 @@ func TestConnLimitInNode(t *testing.T) {
 				t.Fatalf("Install: %v", err)
 			}
 			lines := guardLines(t, node, b.save)
-			if n := countContaining(lines, "-A "+ChainLimit+" -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 4096 --hashlimit-htable-max 16384 --hashlimit-htable-expire 2000"); n != 1 {
+			if n := countContaining(lines, "-A "+ChainLimit+" -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536"); n != 1 {
 				t.Errorf("%d limit rules for 169.254.169.252:988, want 1:\n%s", n, strings.Join(lines, "\n"))
 			}
 			if n := countContaining(lines, "-A INPUT ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment \"metaconceal host guard\" -j "+ChainLimit); n != 1 {

@@ -24,8 +24,8 @@ func TestLimitPayload(t *testing.T) {
 	}{
 		{"on", 100, 200, false, map[string]int{
 			":" + ChainLimit + " - [0:0]": 1,
-			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 4096 --hashlimit-htable-max 16384 --hashlimit-htable-expire 2000": 1,
-			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb1-987 --hashlimit-htable-size 4096 --hashlimit-htable-max 16384 --hashlimit-htable-expire 2000": 1,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb1-987 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
 			"-I INPUT 1 ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN": 1,
 			"*raw\n:" + ChainSource + " - [0:0]\n-F " + ChainSource + "\n" +
 				"-A " + ChainSource + " -d 169.254.169.254/32 -p tcp -m multiport --dports 80,8080 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +

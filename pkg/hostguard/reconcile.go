@@ -218,10 +218,9 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 				tables = append(tables, table)
 			}
 		}
-		g.log.Warn("host guard incomplete: putting back what is missing", "iptables", f.names.Iptables, "missing", missing)
 		rep.Restores++
 		if err := f.restore(ctx, payload.String()); err != nil {
-			errs = append(errs, err)
+			errs = append(errs, fmt.Errorf("putting back %s: %w", strings.Join(missing, ", "), err))
 			continue
 		}
 		for _, t := range tables {
@@ -230,7 +229,7 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 		for _, m := range missing {
 			rep.Missing = append(rep.Missing, f.fam.String()+" "+m)
 		}
-		g.log.Warn("host guard repaired", "iptables", f.names.Iptables, "tables", tables, "missing", len(missing))
+		g.log.Warn("host guard repaired: missing parts put back", "iptables", f.names.Iptables, "tables", tables, "missing", missing)
 	}
 	return rep, errors.Join(errs...)
 }
