@@ -34,6 +34,14 @@
 // with the same backend names; it waits for the xtables lock as long as the context
 // allows. The guard stays when the proxy stops, so a
 // restart opens no window; only Remove takes it away.
+//
+// With the connection limit on (limit.go) the guard also has ChainLimit in filter and,
+// ahead of it, ChainSource in raw (a reverse-path check, so that forged sources cannot
+// fill the limit's hash table).
+//
+// Guard (reconcile.go) is the guard as desired state with one lifecycle: Install, the
+// anti-spoofing chain (spoof.go) and a pass every few seconds that puts back whatever
+// someone removed.
 package hostguard
 
 import (
@@ -453,9 +461,9 @@ func jumpsToAny(rule string, chains []string) bool {
 }
 
 // staleHooks returns, from one iptables-save of the family, every rule of a built-in
-// chain that jumps into the guard (duplicates and older spellings included) as "-D"
-// lines per table, the anti-spoofing jumps among them as hooks to keep, top to
-// bottom, and whether each guard chain exists.
+// chain that jumps into the guard or its anti-spoofing chain (duplicates and older
+// spellings included) as "-D" lines per table, and the anti-spoofing jumps among them
+// as hooks to put back, top to bottom.
 func staleHooks(snap xtables.Snapshot) (stale map[string][]string, spoof []hookSpec) {
 	stale = map[string][]string{}
 	for _, table := range tableOrder {
