@@ -154,13 +154,25 @@ func (f family) limitRules() []string {
 	var rules []string
 	for i, t := range f.limitTargets {
 		spec := []string{"-d", xtables.HostPrefix(t.Addr()), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(t.Port()),
-			"-m", "hashlimit", "--hashlimit-above", fmt.Sprintf("%d/sec", f.connRate), "--hashlimit-burst", fmt.Sprint(f.connBurst),
+			"-m", "hashlimit", "--hashlimit-above", fmt.Sprintf("%d/sec", savedRate(f.connRate)), "--hashlimit-burst", fmt.Sprint(f.connBurst),
 			"--hashlimit-mode", "srcip", "--hashlimit-name", hashlimitName(i, t),
 			"--hashlimit-htable-size", fmt.Sprint(LimitTableSize), "--hashlimit-htable-max", fmt.Sprint(LimitTableMax), // expiry: LimitTableExpire
 			"-m", "comment", "--comment", ruleComment, "-j", "DROP"}
 		rules = append(rules, xtables.Line("-A", ChainLimit, spec))
 	}
 	return rules
+}
+
+// savedRate is the per-second rate iptables-save prints for a hashlimit rule given
+// rate: iptables turns it into a whole number of microseconds between packets
+// (1,000,000 / rate) and prints it back as 1,000,000 / that, so 3000 becomes 3003. The
+// kernel enforces the printed rate; the guard writes it so that its rules read back as
+// written (the reconciliation compares them).
+func savedRate(rate uint32) uint32 {
+	if rate == 0 {
+		return 0
+	}
+	return 1_000_000 / (1_000_000 / rate)
 }
 
 // limitOn says whether the family gets ChainLimit (and ChainSource).

@@ -83,3 +83,14 @@ func TestValidateConnLimit(t *testing.T) {
 		}
 	}
 }
+
+// Rates are written as iptables-save prints them back (measured with iptables 1.8.9,
+// nf_tables and legacy).
+func TestSavedRate(t *testing.T) {
+	t.Parallel()
+	for rate, want := range map[uint32]uint32{1: 1, 3: 3, 100: 100, 333: 333, 3000: 3003, 7777: 7812, 50_000: 50_000, 123_456: 125_000, 999_999: 1_000_000, 1_000_000: 1_000_000} {
+		if got := savedRate(rate); got != want {
+			t.Errorf("savedRate(%d) = %d, want %d", rate, got, want)
+		}
+	}
+}
