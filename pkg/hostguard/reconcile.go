@@ -65,7 +65,9 @@ type Guard struct {
 	repairs  *prometheus.CounterVec
 	failures prometheus.Counter
 
-	mu sync.Mutex // one pass at a time
+	mu         sync.Mutex        // one pass at a time
+	lastRepair map[bool][]string // per family (v6): what the previous pass put back
+	warnedLoop map[bool]bool     // per family: the repeated-repair error was logged
 }
 
 // New validates cfg and opts and returns the Guard; nothing is changed before Install.
@@ -90,6 +92,7 @@ func New(cfg Config, opts Options) (*Guard, error) {
 	}
 	spoof.NetnsPath = opts.NetnsPath
 	g := &Guard{cfg: cfg, fams: families(cfg), spoof: spoof, interval: opts.Interval, log: log, netns: opts.NetnsPath,
+		lastRepair: map[bool][]string{}, warnedLoop: map[bool]bool{},
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "metaconceal_guard_repairs_total",
 			Help: "Repairs of the host guard by its reconciliation, by family (ipv4, ipv6) and table (raw, nat, filter; lo: a listen address put back on lo).",
@@ -207,8 +210,18 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 		}
 		chains, hooks, ours := g.desired(f, sf)
 		missing, blocks := check(snap, chains, hooks, ours, true)
+		last := g.lastRepair[f.v6]
+		g.lastRepair[f.v6] = missing
 		if len(missing) == 0 {
 			continue
+		}
+		if slices.Equal(missing, last) && !g.warnedLoop[f.v6] {
+			// The same parts missing right after they were put back: something
+			// removes them at once, or this iptables prints them differently from
+			// how the guard writes them. Said once; the repairs go on.
+			g.warnedLoop[f.v6] = true
+			g.log.Error("host guard: the same parts are missing again right after being put back (removed at once by someone else, or printed differently by this iptables version)",
+				"iptables", f.names.Iptables, "missing", missing)
 		}
 		var payload strings.Builder
 		var tables []string

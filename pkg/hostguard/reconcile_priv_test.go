@@ -455,3 +455,50 @@ func BenchmarkReconcile(b *testing.B) {
 		}
 	}
 }
+
+// TestReconcileDualStack: with IPv6 metadata and listen addresses, what the guard writes
+// reads back as written in both families (a pass over the fresh guard writes nothing),
+// and a flushed ip6tables chain is put back by the IPv6 pass alone.
+func TestReconcileDualStack(t *testing.T) {
+	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save", "ip6tables", "ip6tables-restore", "ip6tables-save")
+	t.Cleanup(func() { assertHostUntouched(t) })
+	t.Parallel()
+	ctx := context.Background()
+	node := newNode(t)
+	if _, err := node.Exec(ctx, "ip", "addr", "add", "fd20:ce::252/128", "dev", "lo"); err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{
+		ListenAddrs:     []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988"), netip.MustParseAddrPort("[fd20:ce::252]:988")},
+		ALTSListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:987"), netip.MustParseAddrPort("[fd20:ce::252]:987")},
+		MetadataAddrs:   []netip.Addr{netip.MustParseAddr("169.254.169.254"), netip.MustParseAddr("fd20:ce::254")},
+		ConnRate:        3000, ConnBurst: DefaultConnBurst, // a rate iptables prints back as 3003
+	}
+	reg := prometheus.NewRegistry()
+	g, err := New(cfg, Options{Log: testLogger(t), Registerer: reg, NetnsPath: node.Path})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := g.Install(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Spoof().Protect(ctx, Claims{netip.MustParseAddr("fd00:1::2"): {"lo"}, netip.MustParseAddr("10.0.0.2"): {"lo"}}); err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := g.Reconcile(ctx); err != nil || rep.Restores != 0 {
+		t.Fatalf("pass over a fresh dual-stack guard: %+v, %v; want nothing to repair", rep, err)
+	}
+	if _, err := node.Exec(ctx, "ip6tables", "-F", Chain); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := g.Reconcile(ctx)
+	if err != nil || rep.Restores != 1 || !slices.Equal(rep.Missing, []string{"IPv6 filter chain " + Chain + " rules"}) {
+		t.Errorf("after flushing the IPv6 filter chain: %+v, %v", rep, err)
+	}
+	if n := counterSum(t, reg, "metaconceal_guard_repairs_total", map[string]string{"family": "ipv6", "table": "filter"}); n != 1 {
+		t.Errorf("repairs{ipv6,filter} = %v, want 1", n)
+	}
+	if rep, err := g.Reconcile(ctx); err != nil || rep.Restores != 0 {
+		t.Errorf("pass after the repair: %+v, %v", rep, err)
+	}
+}
