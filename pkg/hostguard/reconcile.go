@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"runtime"
 	"slices"
 	"strings"
 	"sync"
@@ -37,8 +38,10 @@ type Options struct {
 	// Registerer, when set, gets the Guard's metrics (metaconceal_guard_repairs_total,
 	// metaconceal_guard_reconcile_failures_total).
 	Registerer prometheus.Registerer
-	// NetnsPath, when set, is the network namespace the Guard works in; empty means
-	// the caller's (the proxy runs in the node's). Tests set it to a simulated node.
+	// NetnsPath, when set, is the network namespace the Guard works in (tests set it
+	// to a simulated node). Empty means the one of the thread that calls New (the
+	// proxy runs wholly in the node's): every later call checks that it runs there,
+	// and changes nothing otherwise.
 	NetnsPath string
 }
 
@@ -65,6 +68,7 @@ type Guard struct {
 	repairs  *prometheus.CounterVec
 	failures prometheus.Counter
 
+	home       netnsID           // with netns empty: the namespace New was called in
 	mu         sync.Mutex        // one pass at a time
 	lastRepair map[bool][]string // per family (v6): what the previous pass put back
 	warnedLoop map[bool]bool     // per family: the repeated-repair error was logged
@@ -91,8 +95,18 @@ func New(cfg Config, opts Options) (*Guard, error) {
 		return nil, err
 	}
 	spoof.NetnsPath = opts.NetnsPath
+	var home netnsID
+	if opts.NetnsPath == "" {
+		runtime.LockOSThread()
+		home, err = threadNetns()
+		runtime.UnlockOSThread()
+		if err != nil {
+			return nil, err
+		}
+		spoof.home = home
+	}
 	g := &Guard{cfg: cfg, fams: families(cfg), spoof: spoof, interval: opts.Interval, log: log, netns: opts.NetnsPath,
-		lastRepair: map[bool][]string{}, warnedLoop: map[bool]bool{},
+		lastRepair: map[bool][]string{}, warnedLoop: map[bool]bool{}, home: home,
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "metaconceal_guard_repairs_total",
 			Help: "Repairs of the host guard by its reconciliation, by family (ipv4, ipv6) and table (raw, nat, filter; lo: a listen address put back on lo).",
@@ -118,7 +132,7 @@ func (g *Guard) Spoof() *SpoofGuard { return g.spoof }
 // in runs fn in the Guard's network namespace.
 func (g *Guard) in(fn func() error) error {
 	if g.netns == "" {
-		return fn()
+		return inHome(g.home, fn)
 	}
 	var err error
 	if nsErr := ns.WithNetNSPath(g.netns, func(ns.NetNS) error { err = fn(); return nil }); nsErr != nil {

@@ -502,3 +502,38 @@ func TestReconcileDualStack(t *testing.T) {
 		t.Errorf("pass after the repair: %+v, %v", rep, err)
 	}
 }
+
+// TestGuardStaysInItsNetns: a Guard made without NetnsPath on a thread inside a
+// simulated node refuses to run a pass, or to Protect, from a thread in another
+// namespace (here the machine's own: nothing may be written there), and works from a
+// thread in the node.
+func TestGuardStaysInItsNetns(t *testing.T) {
+	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save")
+	t.Cleanup(func() { assertHostUntouched(t) })
+	t.Parallel()
+	ctx := context.Background()
+	node := newNode(t)
+	cfg := Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.251:988")}}
+	var g *Guard
+	if err := simnode.In(node.Path, func() error {
+		var err error
+		if g, err = New(cfg, Options{Log: testLogger(t)}); err != nil {
+			return err
+		}
+		return g.Install(ctx)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := g.Reconcile(ctx); err == nil || !strings.Contains(err.Error(), "another network namespace") {
+		t.Errorf("pass from the machine's own namespace: %v; want a refusal", err)
+	}
+	if _, err := g.Spoof().Protect(ctx, Claims{}); err == nil || !strings.Contains(err.Error(), "another network namespace") {
+		t.Errorf("Protect from the machine's own namespace: %v; want a refusal", err)
+	}
+	if err := simnode.In(node.Path, func() error {
+		_, err := g.Reconcile(ctx)
+		return err
+	}); err != nil {
+		t.Errorf("pass from the node: %v", err)
+	}
+}

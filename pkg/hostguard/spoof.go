@@ -58,6 +58,7 @@ type SpoofGuard struct {
 	mu     sync.Mutex
 	last   map[bool][]string // per family (v6): the rules last applied; unchanged ones are not reapplied
 	claims Claims            // the claims of the last Protect: the desired state the Guard re-asserts
+	home   netnsID           // set by Guard: without NetnsPath, Protect runs only in that namespace
 }
 
 type spoofFamily struct {
@@ -217,7 +218,14 @@ func (g *SpoofGuard) Protect(ctx context.Context, claims Claims) (map[netip.Addr
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.NetnsPath == "" {
-		return g.protect(ctx, claims)
+		var (
+			protected map[netip.Addr]bool
+			err       error
+		)
+		if homeErr := inHome(g.home, func() error { protected, err = g.protect(ctx, claims); return nil }); homeErr != nil {
+			return nil, homeErr
+		}
+		return protected, err
 	}
 	var (
 		protected map[netip.Addr]bool
