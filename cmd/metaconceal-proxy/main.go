@@ -64,6 +64,7 @@ type options struct {
 	metadataAddrs   cliflag.List
 	guardConnRate   int // --guard-conn-rate, --guard-conn-burst: the host guard's per-source limit
 	guardConnBurst  int
+	guardReconcile  time.Duration // --guard-reconcile-interval
 	logFormat       string
 	logLevel        string
 	upstreamTimeout time.Duration
@@ -109,6 +110,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.BoolVar(&o.hostGuard, "host-guard", true, "install the node-wide guard in this network namespace (DNAT of forwarded metadata traffic, REJECT of the rest, anti-spoofing of exposed pods, listen address on lo); it stays after the proxy stops. --host-guard=false only outside a node netns (tests, benchmarks): without it pods with CAP_NET_RAW bypass their own rules")
 	fs.BoolVar(&o.removeHostGuard, "remove-host-guard", false, "deprecated: use `metaconceal-proxy remove-host-guard`")
 	fs.IntVar(&o.guardConnRate, "guard-conn-rate", hostguard.DefaultConnRate, "host guard: new TCP connections per second per source IP to the proxy and the ALTS relay; SYNs over it (once --guard-conn-burst is spent) are dropped in the kernel, before the proxy accepts. 0 turns it off")
+	fs.DurationVar(&o.guardReconcile, "guard-reconcile-interval", hostguard.DefaultReconcileInterval, "host guard: how often the proxy checks that every chain, rule and jump of the guard, and its listen addresses on lo, are in place, and puts back what is missing (logged, metaconceal_guard_repairs_total)")
 	fs.IntVar(&o.guardConnBurst, "guard-conn-burst", hostguard.DefaultConnBurst, "host guard: new TCP connections a source IP may open at once before --guard-conn-rate applies (1-10000 with a rate)")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open ordinary requests may finish before connections are closed (held long polls are answered 503 at once, so clients retry)")
@@ -338,19 +340,20 @@ func serve(o options, log *slog.Logger) error {
 		return fmt.Errorf("--policy: %w", err)
 	}
 
+	metrics := proxy.NewMetrics()
 	var podOpts []podindex.Option
-	var spoof *hostguard.SpoofGuard
+	var guard *hostguard.Guard
 	if o.hostGuard {
+		guard, err = hostguard.New(gcfg, hostguard.Options{Interval: o.guardReconcile, Log: log, Registerer: metrics.Registry})
+		if err != nil {
+			return fmt.Errorf("--guard-reconcile-interval: %w", err)
+		}
 		// Exposed pods are served in full only once the anti-spoofing rules hold
 		// for their IPs (see pkg/podindex).
-		if spoof, err = hostguard.NewSpoofGuard(gcfg, log); err != nil {
-			return err
-		}
-		podOpts = append(podOpts, podindex.WithProtector(spoof))
+		podOpts = append(podOpts, podindex.WithProtector(guard.Spoof()))
 	}
 	pods := podindex.New(o.stateDir, log, podOpts...)
 
-	metrics := proxy.NewMetrics()
 	var relay *altsrelay.Relay
 	if len(o.altsListen) > 0 {
 		relay, err = altsrelay.New(altsrelay.Config{
@@ -388,9 +391,10 @@ func serve(o options, log *slog.Logger) error {
 		// Installed after every flag was validated and before listening: it also puts
 		// the listen address on lo. It is never removed on exit, so a restart opens no
 		// window; see `metaconceal-proxy remove-host-guard`.
-		if err := hostguard.Install(ctx, gcfg, log); err != nil {
+		if err := guard.Install(ctx); err != nil {
 			return fmt.Errorf("install host guard: %w", err)
 		}
+		defer guard.Start(ctx)() // re-asserted every --guard-reconcile-interval until shutdown
 		// Anti-spoofing rules follow the state dir also when no request asks: a
 		// departed exposed pod's rule must not block its IP's next owner.
 		pods.Refresh(true)

@@ -74,6 +74,7 @@ func TestBadFlagLeavesNoGuard(t *testing.T) {
 		{"listen by name", []string{"--listen", "metadata.local:988"}, "--listen"},
 		{"guard connection burst", []string{"--guard-conn-burst", "0"}, "--guard-conn-burst"},
 		{"guard connection rate", []string{"--guard-conn-rate", "-5"}, "--guard-conn-rate"},
+		{"guard reconcile interval", []string{"--guard-reconcile-interval", "1ms"}, "--guard-reconcile-interval"},
 	} {
 		var stderr bytes.Buffer
 		var code int

@@ -34,6 +34,14 @@
 // with the same backend names; it waits for the xtables lock as long as the context
 // allows. The guard stays when the proxy stops, so a
 // restart opens no window; only Remove takes it away.
+//
+// With the connection limit on (limit.go) the guard also has ChainLimit in filter and,
+// ahead of it, ChainSource in raw (a reverse-path check, so that forged sources cannot
+// fill the limit's hash table).
+//
+// Guard (reconcile.go) is the guard as desired state with one lifecycle: Install, the
+// anti-spoofing chain (spoof.go) and a pass every few seconds that puts back whatever
+// someone removed.
 package hostguard
 
 import (
@@ -175,6 +183,7 @@ type family struct {
 	limitTargets        []netip.AddrPort
 	connRate, connBurst uint32
 	limitExists         bool
+	sourceExists        bool            // ChainSource exists before Install
 	run                 *xtables.Runner // shared by the families of one families() call
 }
 
@@ -209,25 +218,55 @@ func families(c Config) []family {
 	return fams
 }
 
-// jump is one rule that sends traffic into the guard chain.
-type jump struct {
-	table, chain string
-	spec         []string
+// hookSpec is one rule of a built-in chain that sends traffic into one of the guard's
+// chains: its table, the built-in chain and its arguments as iptables-save prints them.
+type hookSpec struct {
+	table, builtin string
+	spec           string
 }
 
-// Each is inserted at the top of its chain in this order, so in FORWARD the jump to
-// Chain ends up first and the one to ChainFrom second.
-var jumps = []jump{
-	{xtables.TableFilter, "FORWARD", []string{"-m", "comment", "--comment", ruleComment, "-j", ChainFrom}},
-	{xtables.TableFilter, "OUTPUT", []string{"!", "-o", "lo", "-m", "comment", "--comment", ruleComment, "-j", ChainFrom}},
-	{xtables.TableNAT, "PREROUTING", []string{"-m", "comment", "--comment", ruleComment, "-j", Chain}},
-	{xtables.TableFilter, "FORWARD", []string{"-m", "comment", "--comment", ruleComment, "-j", Chain}},
-	{xtables.TableFilter, "INPUT", []string{"!", "-i", "lo", "-m", "comment", "--comment", ruleComment, "-j", Chain}},
+// line is the hook as an iptables-save line: "-A BUILTIN spec".
+func (h hookSpec) line() string { return "-A " + h.builtin + " " + h.spec }
+
+func hook(table, builtin string, r xtables.Rule) hookSpec {
+	return hookSpec{table: table, builtin: builtin, spec: r.String()}
 }
 
-// tableChains are the guard's own chains, per table.
-// ChainLimit is there only while the connection limit is on (limit.go).
-var tableChains = map[string][]string{xtables.TableNAT: {Chain}, xtables.TableFilter: {Chain, ChainFrom, ChainLimit}}
+// chainSpec is one of the guard's own chains with its rules as iptables-save prints
+// them ("-A NAME ..."); anyRules says the rules are not known (only the chain's
+// existence is checked, and a missing chain is created empty).
+type chainSpec struct {
+	table, name string
+	rules       []string
+	anyRules    bool
+}
+
+// guardComment is the comment every rule of the guard's own chains carries.
+var guardComment = []string{"-m", "comment", "--comment", ruleComment}
+
+// The guard's jumps that do not depend on the config.
+var (
+	natJump     = hook(xtables.TableNAT, "PREROUTING", xtables.Rule{"-m", "comment", "--comment", ruleComment, "-j", Chain})
+	forwardJump = hook(xtables.TableFilter, "FORWARD", xtables.Rule{"-m", "comment", "--comment", ruleComment, "-j", Chain})
+	fromJump    = hook(xtables.TableFilter, "FORWARD", xtables.Rule{"-m", "comment", "--comment", ruleComment, "-j", ChainFrom})
+	outputJump  = hook(xtables.TableFilter, "OUTPUT", xtables.Rule{"!", "-o", "lo", "-m", "comment", "--comment", ruleComment, "-j", ChainFrom})
+	inputJump   = hook(xtables.TableFilter, "INPUT", xtables.Rule{"!", "-i", "lo", "-m", "comment", "--comment", ruleComment, "-j", Chain})
+)
+
+// baseHooks are the jumps every installed guard has, whatever its config.
+var baseHooks = []hookSpec{natJump, forwardJump, fromJump, inputJump, outputJump}
+
+// tableChains are the guard's own chains, per table (SpoofChain is spoof.go's).
+// ChainLimit and ChainSource are there only while the connection limit is on
+// (limit.go).
+var tableChains = map[string][]string{
+	xtables.TableRaw:    {ChainSource},
+	xtables.TableNAT:    {Chain},
+	xtables.TableFilter: {Chain, ChainFrom, ChainLimit},
+}
+
+// tableOrder is the order of the tables in a restore input.
+var tableOrder = []string{xtables.TableRaw, xtables.TableNAT, xtables.TableFilter}
 
 // ipt is a go-iptables handle on the family's iptables program, for queries.
 func (f family) ipt() (*iptables.IPTables, error) {
@@ -246,14 +285,9 @@ func (f family) restore(ctx context.Context, payload string) error {
 	return nil
 }
 
-// installPayload is the iptables-restore input that (re)writes the guard chains,
-// deletes the jumps that are there (stale) and inserts one fresh jump per built-in
-// chain at its top: whatever the state before, one transaction per table leaves
-// exactly one set of rules, first in line.
-func (f family) installPayload(stale map[string][]string) string {
-	var b strings.Builder
-	comment := []string{"-m", "comment", "--comment", ruleComment}
-	b.WriteString("*nat\n:" + Chain + " - [0:0]\n-F " + Chain + "\n")
+// natRules are the rules of Chain in the nat table: the DNATs.
+func (f family) natRules() []string {
+	var rules []string
 	dnats := []struct {
 		port uint16
 		to   netip.AddrPort
@@ -269,56 +303,136 @@ func (f family) installPayload(stale map[string][]string) string {
 			if !d.to.IsValid() {
 				continue // no target of this family: the filter table rejects it
 			}
-			spec := append([]string{"-d", xtables.HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(d.port)}, comment...)
+			spec := append([]string{"-d", xtables.HostPrefix(a), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(d.port)}, guardComment...)
 			spec = append(spec, "-j", "DNAT", "--to-destination", d.to.String()) // 1.2.3.4:988 or [fd00::1]:988
-			b.WriteString(xtables.Line("-A", Chain, spec) + "\n")
+			rules = append(rules, xtables.Line("-A", Chain, spec))
 		}
 	}
-	writeJumps(&b, "nat", stale["nat"])
-	b.WriteString("COMMIT\n*filter\n")
-	for _, c := range []string{Chain, ChainFrom} {
-		b.WriteString(":" + c + " - [0:0]\n-F " + c + "\n")
-	}
-	f.writeLimitChain(&b)
+	return rules
+}
+
+// filterRules are the rules of Chain in the filter table: DNS and NTP pass, the rest
+// to the metadata addresses is rejected.
+func (f family) filterRules() []string {
+	var rules []string
 	for _, a := range f.metadata {
 		// DNS and NTP pass: GCE serves them on the metadata address.
 		for _, p := range gce.PassPorts {
-			spec := append([]string{"-d", xtables.HostPrefix(a), "-p", p.Proto, "-m", p.Proto, "--dport", fmt.Sprint(p.Port)}, comment...)
-			b.WriteString(xtables.Line("-A", Chain, append(spec, "-j", "RETURN")) + "\n")
+			spec := append([]string{"-d", xtables.HostPrefix(a), "-p", p.Proto, "-m", p.Proto, "--dport", fmt.Sprint(p.Port)}, guardComment...)
+			rules = append(rules, xtables.Line("-A", Chain, append(spec, "-j", "RETURN")))
 		}
-		tcp := append([]string{"-d", xtables.HostPrefix(a), "-p", "tcp"}, comment...)
-		b.WriteString(xtables.Line("-A", Chain, append(tcp, "-j", "REJECT", "--reject-with", "tcp-reset")) + "\n")
-		other := append([]string{"-d", xtables.HostPrefix(a)}, comment...)
-		b.WriteString(xtables.Line("-A", Chain, append(other, "-j", "REJECT", "--reject-with", xtables.RejectWith(f.fam))) + "\n")
+		tcp := append([]string{"-d", xtables.HostPrefix(a), "-p", "tcp"}, guardComment...)
+		rules = append(rules, xtables.Line("-A", Chain, append(tcp, "-j", "REJECT", "--reject-with", "tcp-reset")))
+		other := append([]string{"-d", xtables.HostPrefix(a)}, guardComment...)
+		rules = append(rules, xtables.Line("-A", Chain, append(other, "-j", "REJECT", "--reject-with", xtables.RejectWith(f.fam))))
 	}
+	return rules
+}
+
+// fromRules are the rules of ChainFrom.
+func (f family) fromRules() []string {
+	var rules []string
 	for _, a := range f.metadata {
 		// Picked up mid-stream (nf_conntrack_tcp_loose, the default): original
 		// direction. Not picked up (loose off): invalid.
 		for _, ct := range [][]string{{"--ctdir", "ORIGINAL"}, {"--ctstate", "INVALID"}} {
 			spec := []string{"-s", xtables.HostPrefix(a), "-p", "tcp", "-m", "multiport", "--sports", fmt.Sprintf("%d,%d", f.port, f.altsPort), "-m", "conntrack"}
-			spec = append(append(spec, ct...), comment...)
-			b.WriteString(xtables.Line("-A", ChainFrom, append(spec, "-j", "REJECT", "--reject-with", "tcp-reset")) + "\n")
+			spec = append(append(spec, ct...), guardComment...)
+			rules = append(rules, xtables.Line("-A", ChainFrom, append(spec, "-j", "REJECT", "--reject-with", "tcp-reset")))
 		}
 	}
-	writeJumps(&b, "filter", stale["filter"])
-	f.writeLimitTail(&b)
-	b.WriteString("COMMIT\n")
+	return rules
+}
+
+// chains are the family's guard chains with their rules, in restore order.
+func (f family) chains() []chainSpec {
+	var out []chainSpec
+	if f.limitOn() {
+		out = append(out, chainSpec{table: xtables.TableRaw, name: ChainSource, rules: f.sourceRules()})
+	}
+	out = append(out,
+		chainSpec{table: xtables.TableNAT, name: Chain, rules: f.natRules()},
+		chainSpec{table: xtables.TableFilter, name: Chain, rules: f.filterRules()},
+		chainSpec{table: xtables.TableFilter, name: ChainFrom, rules: f.fromRules()})
+	if f.limitOn() {
+		out = append(out, chainSpec{table: xtables.TableFilter, name: ChainLimit, rules: f.limitRules()})
+	}
+	return out
+}
+
+// hooks are the family's jumps into the guard, each built-in chain's top to bottom.
+// In INPUT the anti-spoofing jumps (spoof, one per listen address; spoof.go) come
+// first, then the connection limit, then the guard: anti-spoofing runs before the
+// limit's hash table sees a source (issue 17).
+func (f family) hooks(spoof []hookSpec) []hookSpec {
+	var out []hookSpec
+	if f.limitOn() {
+		out = append(out, sourceJump)
+	}
+	out = append(out, natJump, forwardJump, fromJump)
+	out = append(out, spoof...)
+	if f.limitOn() {
+		out = append(out, limitJump)
+	}
+	return append(out, inputJump, outputJump)
+}
+
+// installPayload is the iptables-restore input that (re)writes the guard chains,
+// deletes the jumps that are there (stale, as "-D" lines per table) and inserts fresh
+// ones at the top of their chains: whatever the state before, one transaction per
+// table leaves exactly one set of rules, first in line. spoof are anti-spoofing jumps
+// to put back above the others (Install keeps the ones it finds).
+func (f family) installPayload(stale map[string][]string, spoof ...hookSpec) string {
+	var b strings.Builder
+	chains, hooks := f.chains(), f.hooks(spoof)
+	for _, table := range tableOrder {
+		cleanup := f.cleanup(table)
+		if !slices.ContainsFunc(chains, func(c chainSpec) bool { return c.table == table }) && len(stale[table]) == 0 && cleanup == "" {
+			continue
+		}
+		b.WriteString("*" + table + "\n")
+		for _, c := range chains {
+			if c.table == table {
+				writeChain(&b, c)
+			}
+		}
+		for _, l := range stale[table] {
+			b.WriteString(l + "\n")
+		}
+		writeHooks(&b, table, hooks)
+		b.WriteString(cleanup)
+		b.WriteString("COMMIT\n")
+	}
 	return b.String()
 }
 
-func writeJumps(b *strings.Builder, table string, stale []string) {
-	for _, l := range stale {
-		b.WriteString(l + "\n")
+// writeChain declares (creating it, or flushing it under --noflush), flushes and
+// fills one guard chain.
+func writeChain(b *strings.Builder, c chainSpec) {
+	b.WriteString(":" + c.name + " - [0:0]\n-F " + c.name + "\n")
+	for _, r := range c.rules {
+		b.WriteString(r + "\n")
 	}
-	for _, j := range jumps {
-		if j.table == table {
-			b.WriteString(xtables.Line("-I", j.chain, append([]string{"1"}, j.spec...)) + "\n")
+}
+
+// writeHooks inserts the table's hooks at the top of their built-in chains so that
+// each chain reads top to bottom in the order of hooks.
+func writeHooks(b *strings.Builder, table string, hooks []hookSpec) {
+	for _, builtin := range builtins[table] {
+		for i := len(hooks) - 1; i >= 0; i-- {
+			if h := hooks[i]; h.table == table && h.builtin == builtin {
+				b.WriteString("-I " + builtin + " 1 " + h.spec + "\n")
+			}
 		}
 	}
 }
 
 // builtins are the built-in chains the guard jumps from, per table.
-var builtins = map[string][]string{xtables.TableNAT: {"PREROUTING"}, xtables.TableFilter: {"FORWARD", "INPUT", "OUTPUT"}}
+var builtins = map[string][]string{
+	xtables.TableRaw:    {"PREROUTING"},
+	xtables.TableNAT:    {"PREROUTING"},
+	xtables.TableFilter: {"FORWARD", "INPUT", "OUTPUT"},
+}
 
 // existingJumps returns, as iptables-restore "-D" lines, every rule of the table's
 // built-in chains that jumps to the guard chain, duplicates and older spellings
@@ -333,15 +447,43 @@ func (f family) existingJumps(ipt *iptables.IPTables, table string) ([]string, e
 		for _, r := range rules {
 			// List gives "-A CHAIN spec..." in iptables-save syntax: the same spec
 			// after -D deletes exactly that rule.
-			for _, c := range tableChains[table] {
-				if xtables.JumpsTo(r, c) {
-					lines = append(lines, "-D"+strings.TrimPrefix(r, "-A"))
-					break
-				}
+			if jumpsToAny(r, tableChains[table]) {
+				lines = append(lines, "-D"+strings.TrimPrefix(r, "-A"))
 			}
 		}
 	}
 	return lines, nil
+}
+
+// jumpsToAny reports whether rule jumps or goes to one of chains.
+func jumpsToAny(rule string, chains []string) bool {
+	return slices.ContainsFunc(chains, func(c string) bool { return xtables.JumpsTo(rule, c) })
+}
+
+// staleHooks returns, from one iptables-save of the family, every rule of a built-in
+// chain that jumps into the guard or its anti-spoofing chain (duplicates and older
+// spellings included) as "-D" lines per table, and the anti-spoofing jumps among them
+// as hooks to put back, top to bottom.
+func staleHooks(snap xtables.Snapshot) (stale map[string][]string, spoof []hookSpec) {
+	stale = map[string][]string{}
+	for _, table := range tableOrder {
+		ours := tableChains[table]
+		if table == xtables.TableFilter {
+			ours = append(slices.Clone(ours), SpoofChain)
+		}
+		for _, builtin := range builtins[table] {
+			for _, r := range snap.ChainRules(table, builtin) {
+				if !jumpsToAny(" "+r, ours) {
+					continue
+				}
+				stale[table] = append(stale[table], "-D "+builtin+" "+r)
+				if xtables.JumpsTo(" "+r, SpoofChain) {
+					spoof = append(spoof, hookSpec{table: table, builtin: builtin, spec: r})
+				}
+			}
+		}
+	}
+	return stale, spoof
 }
 
 // Install puts the guard in place in the current network namespace. Running it again
@@ -355,32 +497,26 @@ func Install(ctx context.Context, cfg Config, log *slog.Logger) error {
 		log = slog.New(slog.DiscardHandler)
 	}
 	// Addresses first: the DNAT target must be local before traffic is sent to it.
-	if err := addListenAddrs(cfg, log); err != nil {
+	if _, err := addListenAddrs(cfg, log); err != nil {
 		return err
 	}
 	for _, f := range families(cfg) {
 		if len(f.metadata) == 0 {
 			continue
 		}
-		ipt, err := f.ipt()
+		snap, err := f.run.Snapshot(ctx, f.fam)
 		if err != nil {
-			return err
+			return fmt.Errorf("hostguard: %w", err)
 		}
-		stale := map[string][]string{}
-		for _, table := range []string{xtables.TableNAT, xtables.TableFilter} {
-			if stale[table], err = f.existingJumps(ipt, table); err != nil {
-				return err
-			}
-		}
-		if f.limitExists, err = ipt.ChainExists(xtables.TableFilter, ChainLimit); err != nil {
-			return fmt.Errorf("hostguard: %s: looking for chain %s: %w", f.names.Iptables, ChainLimit, err)
-		}
-		if err := f.restore(ctx, f.installPayload(stale)); err != nil {
+		stale, spoof := staleHooks(snap)
+		f.limitExists = snap.HasChain(xtables.TableFilter, ChainLimit)
+		f.sourceExists = snap.HasChain(xtables.TableRaw, ChainSource)
+		if err := f.restore(ctx, f.installPayload(stale, spoof...)); err != nil {
 			return err
 		}
 		log.Info("host guard installed", "iptables", f.names.Iptables, "metadata", f.metadata,
 			"port", cfg.MetadataPort, "redirect_to", f.target.String(), "alts_port", cfg.ALTSPort, "alts_relay", f.altsTarget.String(),
-			"jumps_replaced", len(stale["nat"])+len(stale["filter"]),
+			"jumps_replaced", len(stale[xtables.TableRaw])+len(stale[xtables.TableNAT])+len(stale[xtables.TableFilter])-len(spoof),
 			"conn_rate_per_source", cfg.ConnRate, "conn_burst_per_source", cfg.ConnBurst)
 		if !f.target.IsValid() {
 			log.Warn("no listen address of this family: metadata traffic of this family is rejected, not redirected", "iptables", f.names.Iptables)
@@ -439,7 +575,7 @@ func (f family) remove(ctx context.Context, log *slog.Logger) error {
 	}
 	var b strings.Builder
 	removed := 0
-	for _, table := range []string{xtables.TableNAT, xtables.TableFilter} {
+	for _, table := range tableOrder {
 		var existing []string
 		for _, c := range tableChains[table] {
 			exists, err := ipt.ChainExists(table, c)
@@ -478,33 +614,36 @@ func (f family) remove(ctx context.Context, log *slog.Logger) error {
 	return nil
 }
 
-func addListenAddrs(cfg Config, log *slog.Logger) error {
+// addListenAddrs puts the listen addresses that are missing on lo and returns them.
+func addListenAddrs(cfg Config, log *slog.Logger) ([]netip.Addr, error) {
 	lo, err := netlink.LinkByName("lo")
 	if err != nil {
-		return fmt.Errorf("hostguard: finding lo: %w", err)
+		return nil, fmt.Errorf("hostguard: finding lo: %w", err)
 	}
+	var added []netip.Addr
 	for _, ap := range append(slices.Clone(cfg.ListenAddrs), cfg.ALTSListenAddrs...) {
 		a := ap.Addr().Unmap()
 		present, err := addrPresent(a)
 		if err != nil {
-			return err
+			return added, err
 		}
 		if present {
 			continue
 		}
 		if a.Is6() {
 			// IPv6 addresses carry no label, so Remove could not tell ours apart.
-			return fmt.Errorf("hostguard: listen address %s is not on this node and the guard adds only IPv4 addresses: put it on lo first", a)
+			return added, fmt.Errorf("hostguard: listen address %s is not on this node and the guard adds only IPv4 addresses: put it on lo first", a)
 		}
 		// Scope host, as GKE does: the kernel never picks it as a source address for
 		// the node's own traffic, and it still receives what is DNATed to it.
 		addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(32, 32)}, Label: AddrLabel, Scope: int(netlink.SCOPE_HOST)}
 		if err := netlink.AddrAdd(lo, addr); err != nil {
-			return fmt.Errorf("hostguard: adding listen address %s to lo: %w", a, err)
+			return added, fmt.Errorf("hostguard: adding listen address %s to lo: %w", a, err)
 		}
+		added = append(added, a)
 		log.Info("listen address added to lo", "addr", a.String(), "label", AddrLabel, "scope", "host")
 	}
-	return nil
+	return added, nil
 }
 
 // addrPresent reports whether a is configured on any interface.

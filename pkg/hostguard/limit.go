@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
-	"strings"
+	"time"
 
 	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
@@ -70,13 +70,82 @@ func limitTargets(c Config, v6 bool) []netip.AddrPort {
 }
 
 // limitJump is the INPUT rule that sends new TCP connections from outside the node
-// through ChainLimit.
-var limitJump = []string{"!", "-i", "lo", "-p", "tcp", "-m", "tcp", "--syn", "-m", "comment", "--comment", ruleComment, "-j", ChainLimit}
+// through ChainLimit. "--syn" is spelled as iptables-save prints it.
+var limitJump = hook(xtables.TableFilter, "INPUT", xtables.Rule{"!", "-i", "lo", "-p", "tcp", "-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN",
+	"-m", "comment", "--comment", ruleComment, "-j", ChainLimit})
+
+// ChainSource is the raw-table chain that drops, before anything else sees them, TCP
+// SYNs to the metadata addresses and to the listen addresses whose source address the
+// node would not route back through the interface they came in on (`-m rpfilter`,
+// strict, whatever the node's rp_filter sysctls say). It is there with ChainLimit,
+// whose per-source hash table it protects: a pod that forges source addresses (raw
+// sockets, in the default capability set) cannot fill that table with addresses that
+// are not routed to it, so a legitimate pod's first SYN is not dropped for want of a
+// free entry (xt_hashlimit drops the packet of a new source when its table is full).
+// What it cannot stop: addresses routed through the same interface (a bridge's subnet,
+// or a loose route), which the table's bound must hold (LimitTableMax).
+const ChainSource = "METACONCEAL-GUARD-SRC"
+
+// sourceJump sends new TCP connections that come from outside the node (not lo)
+// through ChainSource, in raw PREROUTING: before conntrack, the guard's DNAT and the
+// limit.
+var sourceJump = hook(xtables.TableRaw, "PREROUTING", xtables.Rule{"!", "-i", "lo", "-p", "tcp", "-m", "tcp", "--tcp-flags", "FIN,SYN,RST,ACK", "SYN",
+	"-m", "comment", "--comment", ruleComment, "-j", ChainSource})
+
+// sourceRules renders ChainSource's rules: for each metadata address (before the
+// guard's DNAT) and each listen address (a pod's own DNAT already applied), a SYN from
+// a source that fails the reverse-path check is dropped.
+func (f family) sourceRules() []string {
+	var rules []string
+	rpf := append([]string{"-m", "rpfilter", "--invert"}, guardComment...)
+	ports := fmt.Sprint(f.port)
+	if f.altsPort != f.port {
+		ports += fmt.Sprintf(",%d", f.altsPort)
+	}
+	for _, a := range f.metadata {
+		spec := slices.Concat([]string{"-d", xtables.HostPrefix(a), "-p", "tcp", "-m", "multiport", "--dports", ports}, rpf, []string{"-j", "DROP"})
+		rules = append(rules, xtables.Line("-A", ChainSource, spec))
+	}
+	for _, t := range f.limitTargets {
+		spec := slices.Concat([]string{"-d", xtables.HostPrefix(t.Addr()), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(t.Port())}, rpf, []string{"-j", "DROP"})
+		rules = append(rules, xtables.Line("-A", ChainSource, spec))
+	}
+	return rules
+}
+
+// Bounds of the limit's hash tables (one per listen address and family), explicit so
+// that they no longer depend on the node's memory (the kernel sizes an unbounded table
+// from it: up to 8,192 buckets and 65,536 entries, far less on a small node). A node
+// runs at most a few hundred pods (GKE: 256), one source each per family, so the
+// table has room for 256 times that, in at most about 8 MB (kernel memory, allocated
+// as sources appear). When it is full the kernel drops the SYN of every source that
+// has no entry until entries expire: the state ChainSource keeps forged sources from
+// causing. Sources routed through a pod's interface (its bridge's subnet, a loose
+// route, IPv6 prefixes) still pass ChainSource; to fill the table with those a pod
+// must send LimitTableMax distinct sources within LimitTableExpire, 65,536 SYNs a
+// second, and keep doing so.
+const (
+	// LimitTableSize is --hashlimit-htable-size: hash buckets per table.
+	LimitTableSize = 8192
+	// LimitTableMax is --hashlimit-htable-max: entries (sources) per table.
+	LimitTableMax = 65536
+	// LimitTableExpire is --hashlimit-htable-expire: how long a source's entry
+	// outlives its last SYN. A second, the unit of the rate: iptables passes exactly
+	// that to the kernel when the option is absent from a per-second rule, and
+	// iptables-save leaves the option out when it has that value, so the rules are
+	// written without it to read back as written (the reconciliation compares them).
+	// An idle second loses a source at most half its burst (burst 200 refills in 2 s
+	// at 100/s), and entries of sources that stopped leave the table within a second.
+	LimitTableExpire = time.Second
+)
 
 // hashlimitName names the kernel's hash table of one target (at most 15 characters;
-// the namespace's tables of one family share one name space).
+// the namespace's tables of one family share one name space). "mcgb" (bounded): a table
+// keeps the settings it was created with for as long as a rule names it, so the bounded
+// tables need names of their own to replace the unbounded "mcguard<i>-<port>" of
+// earlier releases on an upgraded node.
 func hashlimitName(i int, ap netip.AddrPort) string {
-	return fmt.Sprintf("mcguard%d-%d", i, ap.Port())
+	return fmt.Sprintf("mcgb%d-%d", i, ap.Port())
 }
 
 // limitRules renders ChainLimit's rules for the family: one per target, dropping a
@@ -85,37 +154,41 @@ func (f family) limitRules() []string {
 	var rules []string
 	for i, t := range f.limitTargets {
 		spec := []string{"-d", xtables.HostPrefix(t.Addr()), "-p", "tcp", "-m", "tcp", "--dport", fmt.Sprint(t.Port()),
-			"-m", "hashlimit", "--hashlimit-above", fmt.Sprintf("%d/sec", f.connRate), "--hashlimit-burst", fmt.Sprint(f.connBurst),
+			"-m", "hashlimit", "--hashlimit-above", fmt.Sprintf("%d/sec", savedRate(f.connRate)), "--hashlimit-burst", fmt.Sprint(f.connBurst),
 			"--hashlimit-mode", "srcip", "--hashlimit-name", hashlimitName(i, t),
+			"--hashlimit-htable-size", fmt.Sprint(LimitTableSize), "--hashlimit-htable-max", fmt.Sprint(LimitTableMax), // expiry: LimitTableExpire
 			"-m", "comment", "--comment", ruleComment, "-j", "DROP"}
 		rules = append(rules, xtables.Line("-A", ChainLimit, spec))
 	}
 	return rules
 }
 
-// limitOn says whether the family gets ChainLimit.
-func (f family) limitOn() bool { return f.connRate > 0 && len(f.limitTargets) > 0 }
-
-// writeLimitChain declares, flushes and fills ChainLimit (filter table) when the limit
-// is on.
-func (f family) writeLimitChain(b *strings.Builder) {
-	if !f.limitOn() {
-		return
+// savedRate is the per-second rate iptables-save prints for a hashlimit rule given
+// rate: iptables turns it into a whole number of microseconds between packets
+// (1,000,000 / rate) and prints it back as 1,000,000 / that, so 3000 becomes 3003. The
+// kernel enforces the printed rate; the guard writes it so that its rules read back as
+// written (the reconciliation compares them).
+func savedRate(rate uint32) uint32 {
+	if rate == 0 {
+		return 0
 	}
-	b.WriteString(":" + ChainLimit + " - [0:0]\n-F " + ChainLimit + "\n")
-	for _, r := range f.limitRules() {
-		b.WriteString(r + "\n")
-	}
+	return 1_000_000 / (1_000_000 / rate)
 }
 
-// writeLimitTail comes after the stale jumps are deleted: the jump into ChainLimit
-// when the limit is on, or the deletion of a chain left by an earlier install when it
-// is off.
-func (f family) writeLimitTail(b *strings.Builder) {
-	switch {
-	case f.limitOn():
-		b.WriteString(xtables.Line("-I", "INPUT", append([]string{"1"}, limitJump...)) + "\n")
-	case f.limitExists:
-		b.WriteString("-F " + ChainLimit + "\n-X " + ChainLimit + "\n")
+// limitOn says whether the family gets ChainLimit (and ChainSource).
+func (f family) limitOn() bool { return f.connRate > 0 && len(f.limitTargets) > 0 }
+
+// cleanup is what Install adds to table's block after the stale jumps are deleted:
+// the deletion of a limit chain left by an earlier install when the limit is now off.
+func (f family) cleanup(table string) string {
+	if f.limitOn() {
+		return ""
 	}
+	switch {
+	case table == xtables.TableFilter && f.limitExists:
+		return "-F " + ChainLimit + "\n-X " + ChainLimit + "\n"
+	case table == xtables.TableRaw && f.sourceExists:
+		return "-F " + ChainSource + "\n-X " + ChainSource + "\n"
+	}
+	return ""
 }

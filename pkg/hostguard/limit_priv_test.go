@@ -109,7 +109,7 @@ func TestConnLimitInNode(t *testing.T) {
 				t.Fatalf("Install: %v", err)
 			}
 			lines := guardLines(t, node, b.save)
-			if n := countContaining(lines, "-A "+ChainLimit+" -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip"); n != 1 {
+			if n := countContaining(lines, "-A "+ChainLimit+" -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536"); n != 1 {
 				t.Errorf("%d limit rules for 169.254.169.252:988, want 1:\n%s", n, strings.Join(lines, "\n"))
 			}
 			if n := countContaining(lines, "-A INPUT ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment \"metaconceal host guard\" -j "+ChainLimit); n != 1 {
@@ -226,7 +226,7 @@ func countContaining(lines []string, sub string) int {
 }
 
 // hashlimitTable reports whether the node netns has a hashlimit table of the guard
-// (/proc/thread-self/net/ipt_hashlimit/mcguard*: the calling thread is in the netns).
+// (/proc/thread-self/net/ipt_hashlimit/mcg*: the calling thread is in the netns).
 func hashlimitTable(t *testing.T, node *simnode.Node) bool {
 	t.Helper()
 	found := false
@@ -236,7 +236,7 @@ func hashlimitTable(t *testing.T, node *simnode.Node) bool {
 			return nil // no hashlimit table at all in this netns
 		}
 		for _, e := range ents {
-			if strings.HasPrefix(e.Name(), "mcguard") {
+			if strings.HasPrefix(e.Name(), "mcg") {
 				found = true
 			}
 		}

@@ -24,12 +24,17 @@ func TestLimitPayload(t *testing.T) {
 	}{
 		{"on", 100, 200, false, map[string]int{
 			":" + ChainLimit + " - [0:0]": 1,
-			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcguard0-988": 1,
-			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcguard1-987": 1,
-			"-I INPUT 1 ! -i lo -p tcp -m tcp --syn": 1,
-			"-X " + ChainLimit:                       0,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb1-987 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
+			"-I INPUT 1 ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN": 1,
+			"*raw\n:" + ChainSource + " - [0:0]\n-F " + ChainSource + "\n" +
+				"-A " + ChainSource + " -d 169.254.169.254/32 -p tcp -m multiport --dports 80,8080 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
+				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
+				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
+				"-I PREROUTING 1 ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment \"metaconceal host guard\" -j " + ChainSource + "\nCOMMIT\n": 1,
+			"-X " + ChainLimit: 0,
 		}},
-		{"off", 0, 0, false, map[string]int{ChainLimit: 0}},
+		{"off", 0, 0, false, map[string]int{ChainLimit: 0, ChainSource: 0, "*raw": 0}},
 		{"off, left by an earlier install", 0, 0, true, map[string]int{
 			":" + ChainLimit: 0,
 			"-F " + ChainLimit + "\n-X " + ChainLimit: 1,
@@ -75,6 +80,17 @@ func TestValidateConnLimit(t *testing.T) {
 		err := validateConnLimit(tc.rate, tc.burst)
 		if (err == nil) != tc.ok {
 			t.Errorf("validateConnLimit(%d, %d) = %v, want ok %v", tc.rate, tc.burst, err, tc.ok)
+		}
+	}
+}
+
+// Rates are written as iptables-save prints them back (measured with iptables 1.8.9,
+// nf_tables and legacy).
+func TestSavedRate(t *testing.T) {
+	t.Parallel()
+	for rate, want := range map[uint32]uint32{1: 1, 3: 3, 100: 100, 333: 333, 3000: 3003, 7777: 7812, 50_000: 50_000, 123_456: 125_000, 999_999: 1_000_000, 1_000_000: 1_000_000} {
+		if got := savedRate(rate); got != want {
+			t.Errorf("savedRate(%d) = %d, want %d", rate, got, want)
 		}
 	}
 }

@@ -10,7 +10,6 @@ import (
 	"slices"
 	"strings"
 	"sync"
-	"time"
 	"unicode"
 
 	"github.com/containernetworking/plugins/pkg/ns"
@@ -56,17 +55,10 @@ type SpoofGuard struct {
 	// caller's (the proxy runs in the node's). Tests set it to a simulated node.
 	NetnsPath string
 
-	mu   sync.Mutex
-	last map[bool]applied // per family (v6): unchanged rules are not reapplied within SpoofReapply
-}
-
-// SpoofReapply is how long unchanged anti-spoofing rules are trusted to be in place;
-// after it, Protect rewrites them, repairing a chain someone flushed.
-const SpoofReapply = time.Minute
-
-type applied struct {
-	body string
-	at   time.Time
+	mu     sync.Mutex
+	last   map[bool][]string // per family (v6): the rules last applied; unchanged ones are not reapplied
+	claims Claims            // the claims of the last Protect: the desired state the Guard re-asserts
+	home   netnsID           // set by Guard: without NetnsPath, Protect runs only in that namespace
 }
 
 type spoofFamily struct {
@@ -84,7 +76,7 @@ func NewSpoofGuard(cfg Config, log *slog.Logger) (*SpoofGuard, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	g := &SpoofGuard{log: log, last: map[bool]applied{}}
+	g := &SpoofGuard{log: log, last: map[bool][]string{}}
 	for _, f := range families(cfg) {
 		sf := spoofFamily{family: f}
 		for _, ap := range slices.Concat(cfg.ListenAddrs, cfg.ALTSListenAddrs) {
@@ -226,7 +218,14 @@ func (g *SpoofGuard) Protect(ctx context.Context, claims Claims) (map[netip.Addr
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if g.NetnsPath == "" {
-		return g.protect(ctx, claims)
+		var (
+			protected map[netip.Addr]bool
+			err       error
+		)
+		if homeErr := inHome(g.home, func() error { protected, err = g.protect(ctx, claims); return nil }); homeErr != nil {
+			return nil, homeErr
+		}
+		return protected, err
 	}
 	var (
 		protected map[netip.Addr]bool
@@ -243,7 +242,8 @@ func (g *SpoofGuard) Protect(ctx context.Context, claims Claims) (map[netip.Addr
 }
 
 func (g *SpoofGuard) protect(ctx context.Context, claims Claims) (map[netip.Addr]bool, error) {
-	in := &inspector{bridgeNF: map[bool]bool{false: bridgeNFCalls(false), true: bridgeNFCalls(true)}}
+	g.claims = claims
+	in := newInspector()
 	protected := map[netip.Addr]bool{}
 	for _, f := range g.fams {
 		rules, prot, problems := spoofRules(f.v6, claims, in.resolve)
@@ -251,24 +251,34 @@ func (g *SpoofGuard) protect(ctx context.Context, claims Claims) (map[netip.Addr
 			g.log.Warn("exposed pod IP: some host interfaces cannot be matched; without any, it is served as concealed",
 				"ip", ip.String(), "protected", prot[ip], "problems", probs)
 		}
-		body := strings.Join(rules, "\n")
-		if last, ok := g.last[f.v6]; ok && last.body == body && time.Since(last.at) < SpoofReapply {
-			for ip := range prot {
-				protected[ip] = true
+		// Unchanged rules are not rewritten: the Guard's reconciliation (reconcile.go)
+		// puts back what someone removed.
+		if last, ok := g.last[f.v6]; !ok || !slices.Equal(last, rules) {
+			delete(g.last, f.v6)
+			if err := f.applySpoof(ctx, rules, f.dsts); err != nil {
+				return nil, err
 			}
-			continue
+			g.last[f.v6] = rules
+			g.log.Info("anti-spoofing rules updated", "iptables", f.names.Iptables, "exposed_ips", len(prot), "rules", len(rules))
 		}
-		delete(g.last, f.v6)
-		if err := f.applySpoof(ctx, rules, f.dsts); err != nil {
-			return nil, err
-		}
-		g.last[f.v6] = applied{body: body, at: time.Now()}
-		g.log.Info("anti-spoofing rules updated", "iptables", f.names.Iptables, "exposed_ips", len(prot), "rules", len(rules))
 		for ip := range prot {
 			protected[ip] = true
 		}
 	}
 	return protected, nil
+}
+
+func newInspector() *inspector {
+	return &inspector{bridgeNF: map[bool]bool{false: bridgeNFCalls(false), true: bridgeNFCalls(true)}}
+}
+
+// hooks are the family's INPUT jumps into SpoofChain, top to bottom.
+func (f spoofFamily) hooks() []hookSpec {
+	var out []hookSpec
+	for _, d := range f.dsts {
+		out = append(out, hook(xtables.TableFilter, "INPUT", spoofJump(d)))
+	}
+	return out
 }
 
 // applySpoof replaces the chain's rules and its jumps in one iptables-restore.
@@ -289,8 +299,8 @@ func (f spoofFamily) applySpoof(ctx context.Context, rules []string, dsts []neti
 	for _, l := range stale {
 		b.WriteString(l + "\n")
 	}
-	for _, d := range dsts {
-		b.WriteString(xtables.Line("-I", "INPUT", append([]string{"1"}, spoofJump(d)...)) + "\n")
+	for i := len(dsts) - 1; i >= 0; i-- { // top to bottom in the order of dsts
+		b.WriteString(xtables.Line("-I", "INPUT", append([]string{"1"}, spoofJump(dsts[i])...)) + "\n")
 	}
 	b.WriteString("COMMIT\n")
 	return f.restore(ctx, b.String())

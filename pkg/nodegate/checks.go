@@ -33,13 +33,9 @@ func HTTPReady(url string) func(ctx context.Context) error {
 	}
 }
 
-// guardJumps are the built-in chains that must jump to the host guard's chain, by
-// table (see pkg/hostguard).
-var guardJumps = map[string][]string{"nat": {"PREROUTING"}, "filter": {"FORWARD", "INPUT"}}
-
 // HostGuardInstalled returns a probe that reads the IPv4 rules of the netns it runs in
-// (iptables-save of backend) and wants the host guard's chain in nat and filter, each
-// jumped to from the built-in chains the guard hooks.
+// (iptables-save of backend) and wants the host guard's chains, each jumped to from the
+// built-in chains the guard hooks (GuardPresent).
 func HostGuardInstalled(backend xtables.Backend) func(ctx context.Context) error {
 	runner := xtables.NewRunner(backend)
 	return func(ctx context.Context) error {
@@ -51,27 +47,10 @@ func HostGuardInstalled(backend xtables.Backend) func(ctx context.Context) error
 	}
 }
 
-// GuardPresent checks an iptables snapshot for the host guard.
+// GuardPresent checks an iptables snapshot for the host guard (hostguard.Missing: its
+// chains and the jumps into them).
 func GuardPresent(snap xtables.Snapshot) error {
-	var missing []string
-	for _, table := range []string{"nat", "filter"} {
-		if !snap.HasChain(table, hostguard.Chain) {
-			missing = append(missing, table+" chain "+hostguard.Chain)
-			continue
-		}
-		for _, builtin := range guardJumps[table] {
-			found := false
-			for _, j := range snap.Jumps(table, hostguard.Chain) {
-				if strings.HasPrefix(j, builtin+" ") {
-					found = true
-				}
-			}
-			if !found {
-				missing = append(missing, table+" "+builtin+" jump to "+hostguard.Chain)
-			}
-		}
-	}
-	if len(missing) > 0 {
+	if missing := hostguard.Missing(snap); len(missing) > 0 {
 		return fmt.Errorf("host guard not installed: missing %s", strings.Join(missing, ", "))
 	}
 	return nil

@@ -93,9 +93,13 @@ COMMIT
 *filter
 :INPUT ACCEPT [0:0]
 :FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
 :METACONCEAL-GUARD - [0:0]
+:METACONCEAL-GUARD-FROM - [0:0]
 -A INPUT ! -i lo -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD
 -A FORWARD -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD
+-A FORWARD -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD-FROM
+-A OUTPUT ! -o lo -m comment --comment "metaconceal host guard" -j METACONCEAL-GUARD-FROM
 COMMIT
 `
 	cases := []struct {
@@ -103,7 +107,8 @@ COMMIT
 	}{
 		{"installed", full, ""},
 		{"nothing", "*nat\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n", "nat chain METACONCEAL-GUARD"},
-		{"jump flushed", strings.Replace(full, "-A FORWARD -m comment --comment \"metaconceal host guard\" -j METACONCEAL-GUARD\n", "", 1), "filter FORWARD jump"},
+		{"jump flushed", strings.Replace(full, "-A FORWARD -m comment --comment \"metaconceal host guard\" -j METACONCEAL-GUARD\n", "", 1), "filter FORWARD jump to METACONCEAL-GUARD"},
+		{"from jump flushed", strings.Replace(full, "-A OUTPUT ! -o lo -m comment --comment \"metaconceal host guard\" -j METACONCEAL-GUARD-FROM\n", "", 1), "filter OUTPUT jump to METACONCEAL-GUARD-FROM"},
 		{"nat chain gone", strings.Replace(strings.Replace(full, ":METACONCEAL-GUARD - [0:0]\n", "", 1), "-A PREROUTING -m comment --comment \"metaconceal host guard\" -j METACONCEAL-GUARD\n", "", 1), "nat chain"},
 	}
 	for _, c := range cases {

@@ -119,6 +119,7 @@ func HostPrefix(a netip.Addr) string {
 
 // Tables the project writes to, in the order restore inputs list them.
 const (
+	TableRaw    = "raw"
 	TableNAT    = "nat"
 	TableFilter = "filter"
 )

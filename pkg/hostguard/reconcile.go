@@ -1,0 +1,423 @@
+package hostguard
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/metaconceal/metaconceal/pkg/xtables"
+)
+
+// DefaultReconcileInterval is how often a Guard checks itself (metaconceal-proxy's
+// --guard-reconcile-interval).
+const DefaultReconcileInterval = 5 * time.Second
+
+// minReconcileInterval keeps a mistyped interval from turning the check into a busy
+// loop of iptables-save processes.
+const minReconcileInterval = 100 * time.Millisecond
+
+// passTimeout bounds one reconciliation pass (an xtables lock held by someone else
+// makes iptables-restore wait).
+const passTimeout = 30 * time.Second
+
+// Options configure a Guard.
+type Options struct {
+	// Interval is how often Run checks the guard; 0 is DefaultReconcileInterval.
+	Interval time.Duration
+	// Log receives what was installed, found missing and repaired; nil discards.
+	Log *slog.Logger
+	// Registerer, when set, gets the Guard's metrics (metaconceal_guard_repairs_total,
+	// metaconceal_guard_reconcile_failures_total).
+	Registerer prometheus.Registerer
+	// NetnsPath, when set, is the network namespace the Guard works in (tests set it
+	// to a simulated node). Empty means the one of the thread that calls New (the
+	// proxy runs wholly in the node's): every later call checks that it runs there,
+	// and changes nothing otherwise.
+	NetnsPath string
+}
+
+// Guard is the host guard as desired state, with one lifecycle: Install puts it in
+// place (chains, jumps, listen addresses on lo, and the anti-spoofing chain of
+// Spoof), Run re-asserts all of it every Interval, and Spoof's Protect changes the
+// anti-spoofing part of it. It is safe for concurrent use.
+//
+// One pass (Reconcile) costs one iptables-save per family when the guard is whole. When
+// something is missing (a chain, a rule of a guard chain, a jump, a jump out of its
+// order among the guard's jumps, a listen address on lo) it logs what and puts it back
+// with one iptables-restore --noflush per family: the guard chains that differ are
+// rewritten, and in a built-in chain whose guard jumps differ those jumps (and only
+// those) are deleted and inserted again at the top. Rules that are not the guard's are
+// never removed, and keep their order.
+type Guard struct {
+	cfg      Config
+	fams     []family
+	spoof    *SpoofGuard
+	interval time.Duration
+	log      *slog.Logger
+	netns    string
+
+	repairs  *prometheus.CounterVec
+	failures prometheus.Counter
+
+	home       netnsID           // with netns empty: the namespace New was called in
+	mu         sync.Mutex        // one pass at a time
+	lastRepair map[bool][]string // per family (v6): what the previous pass put back
+	warnedLoop map[bool]bool     // per family: the repeated-repair error was logged
+}
+
+// New validates cfg and opts and returns the Guard; nothing is changed before Install.
+func New(cfg Config, opts Options) (*Guard, error) {
+	cfg, err := cfg.normalized()
+	if err != nil {
+		return nil, err
+	}
+	if opts.Interval == 0 {
+		opts.Interval = DefaultReconcileInterval
+	}
+	if opts.Interval < minReconcileInterval {
+		return nil, fmt.Errorf("hostguard: reconcile interval %s: want at least %s", opts.Interval, minReconcileInterval)
+	}
+	log := opts.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	spoof, err := NewSpoofGuard(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	spoof.NetnsPath = opts.NetnsPath
+	var home netnsID
+	if opts.NetnsPath == "" {
+		runtime.LockOSThread()
+		home, err = threadNetns()
+		runtime.UnlockOSThread()
+		if err != nil {
+			return nil, err
+		}
+		spoof.home = home
+	}
+	g := &Guard{cfg: cfg, fams: families(cfg), spoof: spoof, interval: opts.Interval, log: log, netns: opts.NetnsPath,
+		lastRepair: map[bool][]string{}, warnedLoop: map[bool]bool{}, home: home,
+		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "metaconceal_guard_repairs_total",
+			Help: "Repairs of the host guard by its reconciliation, by family (ipv4, ipv6) and table (raw, nat, filter; lo: a listen address put back on lo).",
+		}, []string{"family", "table"}),
+		failures: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "metaconceal_guard_reconcile_failures_total",
+			Help: "Reconciliation passes of the host guard that failed (the error is logged).",
+		}),
+	}
+	if opts.Registerer != nil {
+		for _, c := range []prometheus.Collector{g.repairs, g.failures} {
+			if err := opts.Registerer.Register(c); err != nil {
+				return nil, fmt.Errorf("hostguard: registering metrics: %w", err)
+			}
+		}
+	}
+	return g, nil
+}
+
+// Spoof is the anti-spoofing part of the guard, the podindex.Protector.
+func (g *Guard) Spoof() *SpoofGuard { return g.spoof }
+
+// in runs fn in the Guard's network namespace.
+func (g *Guard) in(fn func() error) error {
+	if g.netns == "" {
+		return inHome(g.home, fn)
+	}
+	var err error
+	if nsErr := ns.WithNetNSPath(g.netns, func(ns.NetNS) error { err = fn(); return nil }); nsErr != nil {
+		return fmt.Errorf("hostguard: entering %s: %w", g.netns, nsErr)
+	}
+	return err
+}
+
+// Install puts the whole guard in place (see the package doc and Install), and the
+// anti-spoofing chain with the claims Protect was last given (none yet: an empty
+// chain, so no pod is served as exposed until Protect says so).
+func (g *Guard) Install(ctx context.Context) error {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.in(func() error {
+		if err := Install(ctx, g.cfg, g.log); err != nil {
+			return err
+		}
+		g.spoof.mu.Lock()
+		defer g.spoof.mu.Unlock()
+		claims := g.spoof.claims
+		if claims == nil {
+			claims = Claims{}
+		}
+		clear(g.spoof.last) // rewrite whatever an earlier run left
+		_, err := g.spoof.protect(ctx, claims)
+		return err
+	})
+}
+
+// Repair is what one pass found missing and put back.
+type Repair struct {
+	// Missing names each missing part, e.g. "IPv4 filter INPUT jump to METACONCEAL-GUARD".
+	Missing []string
+	// Restores is how many iptables-restore processes the pass ran (0 when whole).
+	Restores int
+}
+
+// Reconcile runs one pass: it checks the guard against the desired state and puts back
+// what is missing (see Guard).
+func (g *Guard) Reconcile(ctx context.Context) (Repair, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var rep Repair
+	err := g.in(func() error {
+		var err error
+		rep, err = g.reconcile(ctx)
+		return err
+	})
+	return rep, err
+}
+
+func familyLabel(f xtables.Family) string {
+	if f == xtables.IPv6 {
+		return "ipv6"
+	}
+	return "ipv4"
+}
+
+func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
+	var rep Repair
+	// Addresses first: the DNAT target must be local before traffic is sent to it.
+	added, err := addListenAddrs(g.cfg, g.log)
+	for _, a := range added {
+		rep.Missing = append(rep.Missing, "listen address "+a.String()+" on lo")
+		g.repairs.WithLabelValues(familyLabel(xtables.FamilyOf(a)), "lo").Inc()
+	}
+	if len(added) > 0 {
+		g.log.Warn("host guard repaired: listen addresses put back on lo", "addrs", added)
+	}
+	errs := []error{err}
+	// Protect changes the anti-spoofing part: not while a pass reads and writes it.
+	g.spoof.mu.Lock()
+	defer g.spoof.mu.Unlock()
+	for _, f := range g.fams {
+		var sf *spoofFamily
+		for i := range g.spoof.fams {
+			if g.spoof.fams[i].v6 == f.v6 {
+				sf = &g.spoof.fams[i]
+			}
+		}
+		if len(f.metadata) == 0 && sf == nil {
+			continue
+		}
+		snap, err := f.run.Snapshot(ctx, f.fam)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("hostguard: %w", err))
+			continue
+		}
+		chains, hooks, ours := g.desired(f, sf)
+		missing, blocks := check(snap, chains, hooks, ours, true)
+		last := g.lastRepair[f.v6]
+		g.lastRepair[f.v6] = missing
+		if len(missing) == 0 {
+			continue
+		}
+		if slices.Equal(missing, last) && !g.warnedLoop[f.v6] {
+			// The same parts missing right after they were put back: something
+			// removes them at once, or this iptables prints them differently from
+			// how the guard writes them. Said once; the repairs go on.
+			g.warnedLoop[f.v6] = true
+			g.log.Error("host guard: the same parts are missing again right after being put back (removed at once by someone else, or printed differently by this iptables version)",
+				"iptables", f.names.Iptables, "missing", missing)
+		}
+		var payload strings.Builder
+		var tables []string
+		for _, table := range tableOrder {
+			if b, ok := blocks[table]; ok {
+				payload.WriteString("*" + table + "\n" + b + "COMMIT\n")
+				tables = append(tables, table)
+			}
+		}
+		rep.Restores++
+		if err := f.restore(ctx, payload.String()); err != nil {
+			errs = append(errs, fmt.Errorf("putting back %s: %w", strings.Join(missing, ", "), err))
+			continue
+		}
+		for _, t := range tables {
+			g.repairs.WithLabelValues(familyLabel(f.fam), t).Inc()
+		}
+		for _, m := range missing {
+			rep.Missing = append(rep.Missing, f.fam.String()+" "+m)
+		}
+		g.log.Warn("host guard repaired: missing parts put back", "iptables", f.names.Iptables, "tables", tables, "missing", missing)
+	}
+	return rep, errors.Join(errs...)
+}
+
+// desired returns the family's guard chains and jumps as they should be, and which
+// chains' jumps are the guard's, per table.
+func (g *Guard) desired(f family, sf *spoofFamily) ([]chainSpec, []hookSpec, map[string][]string) {
+	var chains []chainSpec
+	var spoofHooks []hookSpec
+	ours := map[string][]string{}
+	if sf != nil {
+		rules, known := g.spoof.last[f.v6]
+		chains = append(chains, chainSpec{table: xtables.TableFilter, name: SpoofChain, rules: rules, anyRules: !known})
+		spoofHooks = sf.hooks()
+		ours[xtables.TableFilter] = []string{SpoofChain}
+	}
+	if len(f.metadata) == 0 {
+		return chains, spoofHooks, ours
+	}
+	for table, cs := range tableChains {
+		ours[table] = append(ours[table], cs...)
+	}
+	return append(f.chains(), chains...), f.hooks(spoofHooks), ours
+}
+
+// check compares one family's iptables-save with the guard's chains and jumps. It
+// returns what is missing, for a log line, and per table that lacks something the
+// restore commands (without *table and COMMIT) that put it back: the chains that
+// differ are declared, flushed and refilled, and in a built-in chain whose guard
+// jumps differ (ours: the chains whose jumps are the guard's, per table) those jumps
+// are deleted and inserted again at the top, in order. Nothing else is touched.
+//
+// With exact false only presence counts: every chain exists (rules unchecked) and
+// every jump is there somewhere in its built-in chain (Missing's check).
+func check(snap xtables.Snapshot, chains []chainSpec, hooks []hookSpec, ours map[string][]string, exact bool) ([]string, map[string]string) {
+	var missing []string
+	blocks := map[string]string{}
+	for _, table := range tableOrder {
+		var b strings.Builder
+		for _, c := range chains {
+			if c.table != table {
+				continue
+			}
+			switch {
+			case !snap.HasChain(table, c.name):
+				missing = append(missing, table+" chain "+c.name)
+			case exact && !c.anyRules && !slices.Equal(savedRules(snap, table, c.name), c.rules):
+				missing = append(missing, table+" chain "+c.name+" rules")
+			default:
+				continue
+			}
+			writeChain(&b, c)
+		}
+		for _, builtin := range builtins[table] {
+			var want []string
+			for _, h := range hooks {
+				if h.table == table && h.builtin == builtin {
+					want = append(want, h.spec)
+				}
+			}
+			var have []string
+			for _, r := range snap.ChainRules(table, builtin) {
+				if jumpsToAny(" "+r, ours[table]) {
+					have = append(have, r)
+				}
+			}
+			lacking := 0
+			for _, w := range want {
+				if !slices.Contains(have, w) {
+					missing = append(missing, table+" "+builtin+" jump to "+target(w))
+					lacking++
+				}
+			}
+			switch {
+			case slices.Equal(have, want), !exact && lacking == 0:
+				continue
+			case lacking == 0:
+				missing = append(missing, table+" "+builtin+" guard jumps out of order or duplicated")
+			}
+			for _, r := range have {
+				b.WriteString("-D " + builtin + " " + r + "\n")
+			}
+			for i := len(want) - 1; i >= 0; i-- {
+				b.WriteString("-I " + builtin + " 1 " + want[i] + "\n")
+			}
+		}
+		if b.Len() > 0 {
+			blocks[table] = b.String()
+		}
+	}
+	return missing, blocks
+}
+
+// savedRules are chain's rules in the snapshot as "-A CHAIN ..." lines.
+func savedRules(snap xtables.Snapshot, table, chain string) []string {
+	var out []string
+	for _, r := range snap.ChainRules(table, chain) {
+		out = append(out, "-A "+chain+" "+r)
+	}
+	return out
+}
+
+// target is the chain a jump's spec jumps to.
+func target(spec string) string {
+	f := strings.Fields(spec)
+	for i := len(f) - 2; i >= 0; i-- {
+		if f[i] == "-j" || f[i] == "-g" {
+			return f[i+1]
+		}
+	}
+	return spec
+}
+
+// Missing reports what snap (one family's iptables-save) lacks of the parts of the
+// guard that every config has: Chain in nat and filter, ChainFrom in filter, and the
+// jumps into them (present anywhere in their built-in chains). Nothing missing means
+// an installed guard; the Guard's own check (Reconcile) also compares every rule with
+// its config. pkg/nodegate's readiness check uses it.
+func Missing(snap xtables.Snapshot) []string {
+	chains := []chainSpec{
+		{table: xtables.TableNAT, name: Chain, anyRules: true},
+		{table: xtables.TableFilter, name: Chain, anyRules: true},
+		{table: xtables.TableFilter, name: ChainFrom, anyRules: true},
+	}
+	missing, _ := check(snap, chains, baseHooks, tableChains, false)
+	return missing
+}
+
+// Run re-asserts the guard every interval until ctx is done. A pass that fails is
+// logged and counted; the next one tries again.
+func (g *Guard) Run(ctx context.Context) {
+	t := time.NewTicker(g.interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		pctx, cancel := context.WithTimeout(ctx, passTimeout)
+		_, err := g.Reconcile(pctx)
+		cancel()
+		if err != nil && ctx.Err() == nil {
+			g.failures.Inc()
+			g.log.Error("host guard reconciliation failed", "err", err)
+		}
+	}
+}
+
+// Start runs Run in the background and returns the function that stops it and waits
+// until it has stopped.
+func (g *Guard) Start(ctx context.Context) (stop func()) {
+	ctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		g.Run(ctx)
+	}()
+	g.log.Info("host guard reconciliation started", "interval", g.interval.String())
+	return func() {
+		cancel()
+		<-done
+	}
+}
