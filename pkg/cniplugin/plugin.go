@@ -278,11 +278,11 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	}
 	if !recordFound {
 		log.Info("no state record (already released, or never added); rules, if any, left to the netns",
-			"duration", time.Since(start))
+			"iptables", "none", "duration", time.Since(start))
 		return nil
 	}
 	log.Info("record removed; rules left to the netns", "podNamespace", rec.PodNamespace, "podName", rec.PodName,
-		"exposed", rec.Exposed, "duration", time.Since(start))
+		"exposed", rec.Exposed, "iptables", "none", "duration", time.Since(start))
 	return nil
 }
 
