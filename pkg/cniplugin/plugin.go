@@ -47,8 +47,9 @@ type Plugin struct {
 	Stdout io.Writer
 	Stderr io.Writer
 
-	// lastRunner is the iptables runner of the last verb, for tests that count
-	// processes; runnerHook, when set, adjusts a new runner (tests inject failures).
+	// lastRunner is the iptables runner of the last verb that made one (DEL and GC
+	// make none), for tests that count processes; runnerHook, when set, adjusts a new
+	// runner (tests inject failures).
 	lastRunner *xtables.Runner
 	runnerHook func(*xtables.Runner)
 }
@@ -268,21 +269,21 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	log, closeLog := p.logger(conf, "DEL", args)
 	defer closeLog()
 	rec, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
-	recordFound := readErr == nil
-	if readErr != nil && !errors.Is(readErr, state.ErrNotFound) {
-		log.Warn("state record unreadable; removing it anyway", "err", readErr)
-	}
 	if err := state.Remove(conf.StateDir, args.ContainerID, args.IfName); err != nil {
 		log.Error("DEL failed removing state record", "err", err)
 		return types.NewError(types.ErrIOFailure, "metaconceal: cannot remove state record", err.Error())
 	}
-	if !recordFound {
+	switch {
+	case readErr == nil:
+		log.Info("record removed; rules left to the netns", "podNamespace", rec.PodNamespace, "podName", rec.PodName,
+			"exposed", rec.Exposed, "iptables", "none", "duration", time.Since(start))
+	case errors.Is(readErr, state.ErrNotFound):
 		log.Info("no state record (already released, or never added); rules, if any, left to the netns",
 			"iptables", "none", "duration", time.Since(start))
-		return nil
+	default:
+		log.Warn("unreadable state record removed; rules left to the netns", "err", readErr,
+			"iptables", "none", "duration", time.Since(start))
 	}
-	log.Info("record removed; rules left to the netns", "podNamespace", rec.PodNamespace, "podName", rec.PodName,
-		"exposed", rec.Exposed, "iptables", "none", "duration", time.Since(start))
 	return nil
 }
 
