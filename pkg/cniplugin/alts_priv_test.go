@@ -13,7 +13,8 @@ import (
 
 // ADD installs GCE's port treatment in one iptables-restore per family, chosen by the
 // "alts" key; CHECK fails when any rule of it is gone (the DNS pass, the 8080 DNAT);
-// ADD after a change of "alts" converges; DEL removes everything.
+// ADD after a change of "alts" converges, also after a DEL that left the rules to the
+// netns.
 func TestALTSTreatment(t *testing.T) {
 	for _, backend := range []string{"nft", "legacy"} {
 		t.Run(backend, func(t *testing.T) {
@@ -78,11 +79,22 @@ func TestALTSTreatment(t *testing.T) {
 				t.Error("CHECK of the relay config passed on the reject rules")
 			}
 
+			// DEL leaves the reject rules to the netns; an ADD of the relay config there
+			// (no record any more) converges to the relay rules.
 			if _, _, err := run(t, del, reject); err != nil {
 				t.Fatalf("DEL: %v", err)
 			}
-			if saved := e.save(podName, xtables.IPv4); strings.Contains(saved, "METACONCEAL") || strings.Contains(saved, "metaconceal") {
-				t.Errorf("rules left after DEL:\n%s", saved)
+			if saved := e.save(podName, xtables.IPv4); strings.Count(saved, passDNS) != 1 || strings.Contains(saved, "--dport 8080") {
+				t.Errorf("DEL changed the reject rules in the netns:\n%s", saved)
+			}
+			if _, _, err := run(t, add, relay); err != nil {
+				t.Fatalf("ADD with alts relay after DEL: %v", err)
+			}
+			if saved := e.save(podName, xtables.IPv4); strings.Count(saved, dnat8080) != 1 || strings.Count(saved, passDNS) != 1 {
+				t.Errorf("ADD after DEL did not converge to the relay rules:\n%s", saved)
+			}
+			if _, _, err := run(t, check, relay); err != nil {
+				t.Errorf("CHECK alts relay after DEL and ADD: %v", err)
 			}
 		})
 	}

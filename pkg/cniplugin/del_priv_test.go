@@ -9,7 +9,6 @@ import (
 	"testing"
 
 	"github.com/containernetworking/cni/pkg/skel"
-	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/metaconceal/metaconceal/pkg/redirect"
 	"github.com/metaconceal/metaconceal/pkg/state"
@@ -41,65 +40,83 @@ func runHooked(t *testing.T, verb func(*Plugin) func(*skel.CmdArgs) error, hook 
 	return p, err
 }
 
-// DEL returns only once its iptables-restore has exited: here the process lingers
-// 300 ms after its commit, then leaves a mark that must be there when DEL returns.
-// Still one process, and nothing of the attachment left nor its record.
-func TestDelWaitsForRestore(t *testing.T) {
+// ADD returns only once its iptables-restore has exited: here the process lingers
+// 300 ms after its commit, then leaves a mark that must be there when ADD returns.
+// Still one process, and the attachment's rules and record in place.
+func TestAddWaitsForRestore(t *testing.T) {
 	e := newEnv(t, "nft")
 	t.Parallel()
 	podName, podPath := e.pod()
 	a := args("c-wait", "eth0", podPath, e.conf(nil, "10.22.0.15/24"))
-	if _, _, err := run(t, add, a); err != nil {
+	mark := filepath.Join(t.TempDir(), "exited")
+	p, err := runHooked(t, add, withRestore(t, `"$REAL" "$@" || exit $?`+"\nsleep 0.3\n: >"+mark), a)
+	if err != nil {
 		t.Fatalf("ADD: %v", err)
 	}
-	mark := filepath.Join(t.TempDir(), "exited")
-	p, err := runHooked(t, del, withRestore(t, `"$REAL" "$@" || exit $?`+"\nsleep 0.3\n: >"+mark), a)
-	if err != nil {
-		t.Fatalf("DEL: %v", err)
-	}
 	if _, err := os.Stat(mark); err != nil {
-		t.Errorf("DEL returned before its iptables-restore exited: %v", err)
+		t.Errorf("ADD returned before its iptables-restore exited: %v", err)
 	}
 	if p.lastRunner.Total() != 1 {
-		t.Errorf("DEL ran %s, want one iptables-restore", p.lastRunner.CountsString())
+		t.Errorf("ADD ran %s, want one iptables-restore", p.lastRunner.CountsString())
 	}
-	if left := e.save(podName, xtables.IPv4); strings.Contains(left, redirect.ChainPrefix) {
-		t.Errorf("rules left after DEL:\n%s", left)
+	if saved := e.save(podName, xtables.IPv4); strings.Count(saved, "-A "+chainOf("c-wait", "eth0")) != ipv4Rules {
+		t.Errorf("want the attachment's %d rules after ADD:\n%s", ipv4Rules, saved)
 	}
-	if _, err := state.Read(e.stateDir, "c-wait", "eth0"); !errors.Is(err, state.ErrNotFound) {
-		t.Errorf("record after DEL: %v", err)
+	if _, err := state.Read(e.stateDir, "c-wait", "eth0"); err != nil {
+		t.Errorf("record after ADD: %v", err)
 	}
 }
 
-// A DEL whose restore fails (after its first line, as a real one stops at the failing
-// line) reports it, keeps the record for a retry, and leaves the rules: nothing is
-// taken for removed that was not.
-func TestDelFailingRestoreReportsError(t *testing.T) {
+// DEL starts no iptables process at all: with every program of both families replaced
+// by a script that leaves a mark and fails, DEL still succeeds, removes the record,
+// starts nothing (the runner counts nothing, the mark is absent) and leaves the rules
+// to the netns, untouched.
+func TestDelRunsNoIptables(t *testing.T) {
 	e := newEnv(t, "nft")
 	t.Parallel()
 	podName, podPath := e.pod()
-	a := args("c-fail", "eth0", podPath, e.conf(nil, "10.22.0.16/24"))
+	a := args("c-noipt", "eth0", podPath, e.conf(map[string]any{"metadataAddresses": []string{"169.254.169.254", "fd20:ce::254"}},
+		"10.22.0.16/24", "fd00:22::16/64"))
 	if _, _, err := run(t, add, a); err != nil {
 		t.Fatalf("ADD: %v", err)
 	}
-	installed := e.save(podName, xtables.IPv4)
-	_, err := runHooked(t, del, withRestore(t, `read -r line; echo "forced failure" >&2; exit 1`), a)
-	var cniErr *types.Error
-	if !errors.As(err, &cniErr) || cniErr.Code != types.ErrInternal || !strings.Contains(cniErr.Details, "forced failure") {
-		t.Fatalf("DEL with a failing restore = %v, want a code-%d error carrying its message", err, types.ErrInternal)
+	installed := e.save(podName, xtables.IPv4) + e.save(podName, xtables.IPv6)
+	mark := filepath.Join(t.TempDir(), "ran")
+	fail := filepath.Join(t.TempDir(), "fail")
+	if err := os.WriteFile(fail, []byte("#!/bin/sh\n: >"+mark+"\nexit 1\n"), 0o755); err != nil {
+		t.Fatal(err)
 	}
-	if kept := e.save(podName, xtables.IPv4); ruleLines(kept) != ruleLines(installed) || !strings.Contains(kept, "-A "+chainOf("c-fail", "eth0")) {
-		t.Errorf("rules should stay after a failed DEL:\n%s", kept)
+	hook := func(r *xtables.Runner) {
+		for _, f := range []xtables.Family{xtables.IPv4, xtables.IPv6} {
+			r.SetTools(f, xtables.Tools{Restore: fail, Save: fail, Iptables: fail})
+		}
 	}
-	if _, err := state.Read(e.stateDir, "c-fail", "eth0"); err != nil {
-		t.Errorf("record gone after a failed DEL: %v", err)
+	p, err := runHooked(t, del, hook, a)
+	if err != nil {
+		t.Fatalf("DEL: %v", err)
 	}
-	if _, _, err := run(t, del, a); err != nil {
-		t.Errorf("DEL retried with a working restore: %v", err)
+	if n := processes(p); n != 0 {
+		t.Errorf("DEL started %d iptables process(es) (%s), want none", n, p.lastRunner.CountsString())
 	}
-	if left := e.save(podName, xtables.IPv4); strings.Contains(left, redirect.ChainPrefix) {
-		t.Errorf("rules left after the retried DEL:\n%s", left)
+	if _, err := os.Stat(mark); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("DEL ran an iptables program (mark: %v)", err)
 	}
+	if _, err := state.Read(e.stateDir, "c-noipt", "eth0"); !errors.Is(err, state.ErrNotFound) {
+		t.Errorf("record after DEL: %v", err)
+	}
+	if kept := e.save(podName, xtables.IPv4) + e.save(podName, xtables.IPv6); ruleLines(kept) != ruleLines(installed) ||
+		!strings.Contains(kept, "-A "+chainOf("c-noipt", "eth0")) || !strings.Contains(kept, "fd20:ce::254") {
+		t.Errorf("DEL changed the rules in the pod netns:\nbefore:\n%s\nafter:\n%s", installed, kept)
+	}
+}
+
+// processes is how many iptables processes the plugin's last verb started; a verb that
+// made no runner started none.
+func processes(p *Plugin) int {
+	if p.lastRunner == nil {
+		return 0
+	}
+	return p.lastRunner.Total()
 }
 
 // iptables-restore commits table by table: an ADD whose restore commits its first table

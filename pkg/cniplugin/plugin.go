@@ -47,8 +47,9 @@ type Plugin struct {
 	Stdout io.Writer
 	Stderr io.Writer
 
-	// lastRunner is the iptables runner of the last verb, for tests that count
-	// processes; runnerHook, when set, adjusts a new runner (tests inject failures).
+	// lastRunner is the iptables runner of the last verb that made one (DEL and GC
+	// make none), for tests that count processes; runnerHook, when set, adjusts a new
+	// runner (tests inject failures).
 	lastRunner *xtables.Runner
 	runnerHook func(*xtables.Runner)
 }
@@ -130,13 +131,6 @@ func wantedSpecs(conf *netconf.Config, att redirect.Attachment, podIPs []netip.A
 	return out
 }
 
-func hasIPv6(ips []string) bool {
-	return slices.ContainsFunc(ips, func(s string) bool {
-		a, err := netip.ParseAddr(s)
-		return err == nil && a.Is6() && !a.Is4In6()
-	})
-}
-
 // parsePrevResult requires and converts the previous plugin's result.
 func parsePrevResult(conf *netconf.Config) (*current.Result, error) {
 	if conf.RawPrevResult == nil {
@@ -160,13 +154,6 @@ func podIPs(res *current.Result) []netip.Addr {
 		}
 	}
 	return out
-}
-
-// gone reports whether err says the netns does not exist (any more).
-func gone(err error) bool {
-	var notExist ns.NSPathNotExistErr
-	var notNS ns.NSPathNotNSErr
-	return errors.As(err, &notExist) || errors.As(err, &notNS)
 }
 
 // Add installs the attachment's rules in the pod netns, writes its state record and
@@ -211,7 +198,9 @@ func (p *Plugin) Add(args *skel.CmdArgs) error {
 
 	specs := wantedSpecs(conf, att, ips)
 	// Without a record this attachment has no rules yet (the common case): one restore
-	// creates them. A record, or one that cannot be read, means they may exist.
+	// creates them. A record, or one that cannot be read, means they may exist. So may
+	// the rules of an earlier ADD whose DEL left them to the netns (DEL removes only the
+	// record): then the fast path's -N fails and Apply reconciles from a snapshot.
 	_, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
 	mayExist := !errors.Is(readErr, state.ErrNotFound)
 	runner := p.newRunner(conf)
@@ -262,38 +251,15 @@ func rollback(ctx context.Context, runner *xtables.Runner, specs []redirect.Spec
 	return errors.Join(errs...)
 }
 
-// removeAttachment removes the attachment's rules, in each family the config can
-// have installed, and reports whether anything was removed. It runs inside the pod
-// netns. recordFound and rec say what the state record knows of the ADD: with a record
-// the rules are most likely there (one restore deletes them); without one, and only
-// when this config conceals at all, a snapshot shows whether anything is left.
-func removeAttachment(ctx context.Context, runner *xtables.Runner, conf *netconf.Config, att redirect.Attachment, recordFound bool, rec state.Record, excluded bool) (bool, error) {
-	removed := false
-	for _, family := range []xtables.Family{xtables.IPv4, xtables.IPv6} {
-		s := spec(conf, family, att)
-		if len(s.Metadata) == 0 {
-			continue // this config has no address of the family, so installs nothing there
-		}
-		if recordFound && family == xtables.IPv6 && !hasIPv6(rec.IPs) {
-			continue // ADD installs IPv6 rules only for a pod with an IPv6 address
-		}
-		if recordFound && rec.Exposed {
-			continue // ADD recorded the pod as exposed and installed no rules
-		}
-		if !recordFound && (!conf.Mode.Conceals() || excluded) {
-			continue // no record, and this config would not have installed anything
-		}
-		did, err := redirect.Remove(ctx, runner, s, recordFound)
-		if err != nil {
-			return removed, fmt.Errorf("remove %s rules: %w", family, err)
-		}
-		removed = removed || did
-	}
-	return removed, nil
-}
-
-// Del removes the attachment's rules and record. A missing netns, missing rules or a
-// second DEL are not errors.
+// Del releases the attachment on the node: it removes the state record, which is all
+// of the host-side state ADD leaves (the proxy derives attribution and the exposed
+// pods' anti-spoofing rules from the records, so those go with it). It never enters
+// the pod netns: the rules there go away with the netns, so a process still alive in
+// it when DEL comes (a runtime that tears networking down before the last process
+// exits, a retried DEL, a CNI reconfiguration) stays concealed, and DEL pays for no
+// iptables process or nf_tables commit. A missing record, a netns that is gone and an
+// empty CNI_NETNS are not errors; an ADD on a netns that still holds the rules
+// reconciles them (redirect.Apply falls back from -N to a snapshot).
 func (p *Plugin) Del(args *skel.CmdArgs) error {
 	start := time.Now()
 	conf, err := netconf.Parse(args.StdinData)
@@ -303,36 +269,21 @@ func (p *Plugin) Del(args *skel.CmdArgs) error {
 	log, closeLog := p.logger(conf, "DEL", args)
 	defer closeLog()
 	rec, readErr := state.Read(conf.StateDir, args.ContainerID, args.IfName)
-	recordFound := readErr == nil
-	if readErr != nil && !errors.Is(readErr, state.ErrNotFound) {
-		log.Warn("state record unreadable; removing rules by inspection", "err", readErr)
-	}
-	runner := p.newRunner(conf)
-	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
-	defer cancel()
-
-	removed := false
-	if args.Netns != "" {
-		err := ns.WithNetNSPath(args.Netns, func(ns.NetNS) error {
-			var err error
-			excluded := conf.Excluded(netconf.ParsePodArgs(args.Args).Namespace)
-			removed, err = removeAttachment(ctx, runner, conf, attachment(args), recordFound, rec, excluded)
-			return err
-		})
-		switch {
-		case err != nil && gone(err):
-			log.Info("netns is gone; no rules to remove", "reason", err)
-		case err != nil:
-			log.Error("DEL failed", "err", err, "iptables", runner.CountsString())
-			return types.NewError(types.ErrInternal, "metaconceal: cannot remove metadata redirect rules", err.Error())
-		}
-	}
 	if err := state.Remove(conf.StateDir, args.ContainerID, args.IfName); err != nil {
 		log.Error("DEL failed removing state record", "err", err)
 		return types.NewError(types.ErrIOFailure, "metaconceal: cannot remove state record", err.Error())
 	}
-	log.Info("attachment released", "rulesRemoved", removed, "recordFound", recordFound,
-		"iptables", runner.CountsString(), "iptablesTime", runner.Elapsed(), "duration", time.Since(start))
+	switch {
+	case readErr == nil:
+		log.Info("record removed; rules left to the netns", "podNamespace", rec.PodNamespace, "podName", rec.PodName,
+			"exposed", rec.Exposed, "iptables", "none", "duration", time.Since(start))
+	case errors.Is(readErr, state.ErrNotFound):
+		log.Info("no state record (already released, or never added); rules, if any, left to the netns",
+			"iptables", "none", "duration", time.Since(start))
+	default:
+		log.Warn("unreadable state record removed; rules left to the netns", "err", readErr,
+			"iptables", "none", "duration", time.Since(start))
+	}
 	return nil
 }
 
@@ -398,8 +349,9 @@ func exposedReason(conf *netconf.Config, pod netconf.PodArgs) string {
 	return ""
 }
 
-// GC removes the records, and the rules where their netns still exists, of every
-// attachment not listed in cni.dev/valid-attachments.
+// GC removes the state records of this network's attachments that are not listed in
+// cni.dev/valid-attachments. Like DEL it leaves any rules to their netns: a stale
+// attachment's netns that still exists may hold a live process, which stays concealed.
 func (p *Plugin) GC(args *skel.CmdArgs) error {
 	conf, err := netconf.Parse(args.StdinData)
 	if err != nil {
@@ -413,9 +365,6 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 	}
 	records, listErr := state.List(conf.StateDir)
 	errs := []error{listErr}
-	runner := p.newRunner(conf)
-	ctx, cancel := context.WithTimeout(context.Background(), iptablesTimeout)
-	defer cancel()
 	collected := 0
 	otherNetworks := 0
 	for _, rec := range records {
@@ -426,26 +375,15 @@ func (p *Plugin) GC(args *skel.CmdArgs) error {
 		if valid[rec.Key()] {
 			continue
 		}
-		att := redirect.Attachment{ContainerID: rec.ContainerID, IfName: rec.IfName}
-		if rec.Netns != "" {
-			err := ns.WithNetNSPath(rec.Netns, func(ns.NetNS) error {
-				_, err := removeAttachment(ctx, runner, conf, att, true, rec, false)
-				return err
-			})
-			if err != nil && !gone(err) {
-				errs = append(errs, fmt.Errorf("attachment %s: %w", att, err))
-				continue // keep the record so that a later GC or DEL retries
-			}
-		}
 		if err := state.Remove(conf.StateDir, rec.ContainerID, rec.IfName); err != nil {
 			errs = append(errs, err)
 			continue
 		}
 		collected++
-		log.Info("collected stale attachment", "containerID", rec.ContainerID, "ifname", rec.IfName, "netns", rec.Netns)
+		log.Info("collected stale attachment: record removed; rules left to the netns",
+			"containerID", rec.ContainerID, "ifname", rec.IfName, "netns", rec.Netns)
 	}
-	log.Info("GC done", "records", len(records), "otherNetworks", otherNetworks, "valid", len(valid), "collected", collected,
-		"iptables", runner.CountsString())
+	log.Info("GC done", "records", len(records), "otherNetworks", otherNetworks, "valid", len(valid), "collected", collected)
 	if err := errors.Join(errs...); err != nil {
 		return types.NewError(types.ErrInternal, "metaconceal: GC incomplete", err.Error())
 	}

@@ -128,8 +128,10 @@ func gc(p *Plugin) func(*skel.CmdArgs) error     { return p.GC }
 func status(p *Plugin) func(*skel.CmdArgs) error { return p.Status }
 
 // The life of one attachment: ADD installs rules and record at the cost of one
-// process, ADD again leaves one set, CHECK passes and then catches a deleted rule,
-// DEL removes everything in one process and a second DEL succeeds.
+// process, ADD again leaves one set, CHECK passes and then catches a deleted rule;
+// DEL removes the record without starting a process and leaves the rules to the
+// netns, a second DEL succeeds, and an ADD on the netns that still holds the rules
+// reconciles them to one set that CHECK passes.
 func TestAttachmentLifecycle(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
@@ -208,28 +210,43 @@ func TestAttachmentLifecycle(t *testing.T) {
 			if err != nil {
 				t.Fatalf("DEL: %v", err)
 			}
-			if p.lastRunner.Total() != 1 {
-				t.Errorf("DEL ran %s, want exactly one iptables-restore", p.lastRunner.CountsString())
+			if n := processes(p); n != 0 {
+				t.Errorf("DEL started %d iptables process(es), want none", n)
 			}
-			if left := e.save(podName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
-				t.Errorf("rules left after DEL:\n%s", left)
+			if left := e.save(podName, xtables.IPv4); strings.Count(left, "-j "+chain) != 2 || strings.Count(left, "-A "+chain) != ipv4Rules {
+				t.Errorf("after DEL want the rules left to the netns (one jump per table, %d rules):\n%s", ipv4Rules, left)
 			}
 			if _, err := state.Read(e.stateDir, "c-life", "eth0"); !errors.Is(err, state.ErrNotFound) {
 				t.Errorf("record after DEL: %v", err)
 			}
-			if _, _, err := run(t, check, a); err == nil {
-				t.Errorf("CHECK passes after DEL")
+			if _, _, err := run(t, check, a); err == nil || !strings.Contains(fmt.Sprint(err), "record") {
+				t.Errorf("CHECK after DEL = %v, want a missing-record error", err)
 			}
 			if _, p, err := run(t, del, a); err != nil {
 				t.Errorf("second DEL: %v", err)
-			} else if got := p.lastRunner.Counts(); p.lastRunner.Total() != 1 || got["iptables-"+backend+"-save"] != 1 {
-				t.Errorf("second DEL ran %v, want only one iptables-save (nothing left to remove)", got)
+			} else if n := processes(p); n != 0 {
+				t.Errorf("second DEL started %d iptables process(es), want none", n)
+			}
+
+			// ADD on the netns that still holds the rules: no record, so the -N fast
+			// path is tried, fails on the existing chains, and a snapshot reconciles.
+			if _, p, err := run(t, add, a); err != nil {
+				t.Fatalf("ADD after DEL: %v", err)
+			} else if got := p.lastRunner.Counts(); got["iptables-"+backend+"-save"] != 1 || got["iptables-"+backend+"-restore"] != 2 {
+				t.Errorf("ADD after DEL ran %v, want the failed -N restore, one iptables-save and one reconciling restore", got)
+			}
+			if again := e.save(podName, xtables.IPv4); strings.Count(again, "-j "+chain) != 2 || strings.Count(again, "-A "+chain) != ipv4Rules {
+				t.Errorf("after ADD on the rules DEL left, want one jump per table and %d rules in the chains:\n%s", ipv4Rules, again)
+			}
+			if _, _, err := run(t, check, a); err != nil {
+				t.Errorf("CHECK after DEL and ADD: %v", err)
 			}
 		})
 	}
 }
 
-// Two interfaces of one pod are two attachments: DEL of one keeps the other's rules.
+// Two interfaces of one pod are two attachments: DEL of one removes only its record;
+// the other stays whole (record, rules, CHECK).
 func TestTwoAttachmentsOneNetns(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
@@ -247,11 +264,17 @@ func TestTwoAttachmentsOneNetns(t *testing.T) {
 				t.Fatalf("DEL eth0: %v", err)
 			}
 			saved := e.save(podName, xtables.IPv4)
-			if strings.Contains(saved, chainOf("c-two", "eth0")) {
-				t.Errorf("eth0 rules left:\n%s", saved)
+			if strings.Count(saved, "-A "+chainOf("c-two", "eth0")) != ipv4Rules {
+				t.Errorf("eth0 rules not left to the netns by its DEL:\n%s", saved)
 			}
 			if strings.Count(saved, "-A "+chainOf("c-two", "net1")) != ipv4Rules {
 				t.Errorf("net1 rules gone with eth0's DEL:\n%s", saved)
+			}
+			if _, err := state.Read(e.stateDir, "c-two", "eth0"); !errors.Is(err, state.ErrNotFound) {
+				t.Errorf("eth0 record after its DEL: %v", err)
+			}
+			if _, err := state.Read(e.stateDir, "c-two", "net1"); err != nil {
+				t.Errorf("net1 record gone with eth0's DEL: %v", err)
 			}
 			if _, _, err := run(t, check, a1); err != nil {
 				t.Errorf("CHECK net1: %v", err)
@@ -297,8 +320,8 @@ func TestIPv6(t *testing.T) {
 			if _, _, err := run(t, del, a); err != nil {
 				t.Fatalf("DEL: %v", err)
 			}
-			if left := e.save(podName, xtables.IPv6); strings.Contains(left, "METACONCEAL") {
-				t.Errorf("IPv6 rules left after DEL:\n%s", left)
+			if left := e.save(podName, xtables.IPv6); strings.Count(left, "-A "+chain) != strings.Count(v6, "-A "+chain) {
+				t.Errorf("DEL changed the IPv6 rules in the netns:\nbefore:\n%s\nafter:\n%s", v6, left)
 			}
 
 			// Without proxy6, IPv6 metadata traffic is only rejected (no nat chain).
@@ -309,8 +332,10 @@ func TestIPv6(t *testing.T) {
 			}
 			v6 = e.save(podName, xtables.IPv6)
 			chainB := chainOf("c-v6b", "eth0")
-			if !strings.Contains(v6, "-A "+chainB+" -d fd20:ce::254/128 -j REJECT") || strings.Contains(v6, "DNAT") {
-				t.Errorf("without proxy6 want only a REJECT:\n%s", v6)
+			// (c-v6's rules, DNAT included, stay in this netns: its DEL left them.)
+			if !strings.Contains(v6, "-A "+chainB+" -d fd20:ce::254/128 -j REJECT") || strings.Contains(v6, "-A "+chainB+" -d fd20:ce::254/128 -p tcp -m tcp --dport 80 -j DNAT") ||
+				strings.Count(v6, "-j "+chainB) != 1 {
+				t.Errorf("without proxy6 want only a REJECT (filter only) for %s:\n%s", chainB, v6)
 			}
 			if _, _, err := run(t, check, b); err != nil {
 				t.Errorf("CHECK without proxy6: %v", err)
@@ -318,14 +343,15 @@ func TestIPv6(t *testing.T) {
 			if _, _, err := run(t, del, b); err != nil {
 				t.Fatalf("DEL: %v", err)
 			}
-			if left := e.save(podName, xtables.IPv6) + e.save(podName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
-				t.Errorf("rules left after DEL:\n%s", left)
+			if recs, err := state.List(e.stateDir); err != nil || len(recs) != 0 {
+				t.Errorf("records after both DELs: %+v, %v", recs, err)
 			}
 		})
 	}
 }
 
-// DEL succeeds when the netns is gone, when CNI_NETNS is empty, and removes the record.
+// DEL succeeds when the netns is gone, when CNI_NETNS is empty, and removes the record,
+// without starting a process.
 func TestDelWithoutNetns(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
@@ -339,8 +365,10 @@ func TestDelWithoutNetns(t *testing.T) {
 			if err := simnode.DeleteNetns(podName); err != nil {
 				t.Fatal(err)
 			}
-			if _, _, err := run(t, del, a); err != nil {
+			if _, p, err := run(t, del, a); err != nil {
 				t.Errorf("DEL with the netns gone: %v", err)
+			} else if n := processes(p); n != 0 {
+				t.Errorf("DEL with the netns gone started %d iptables process(es)", n)
 			}
 			if _, err := state.Read(e.stateDir, "c-gone", "eth0"); !errors.Is(err, state.ErrNotFound) {
 				t.Errorf("record after DEL: %v", err)
@@ -412,8 +440,9 @@ func TestAddRollsBackWhenIPv6Fails(t *testing.T) {
 	}
 }
 
-// GC removes the record and rules of attachments not listed as valid, also when their
-// netns is gone, and keeps the valid ones.
+// GC removes the records of attachments not listed as valid, also when their netns is
+// gone, leaves the rules to the netns like DEL (without starting a process), and keeps
+// the valid ones.
 func TestGC(t *testing.T) {
 	for _, backend := range backends {
 		t.Run(backend, func(t *testing.T) {
@@ -441,15 +470,17 @@ func TestGC(t *testing.T) {
 			}
 			gcConf := e.conf(map[string]any{"prevResult": nil,
 				"cni.dev/valid-attachments": []map[string]string{{"containerID": "c-keep", "ifname": "eth0"}}})
-			if _, _, err := run(t, gc, &skel.CmdArgs{StdinData: gcConf}); err != nil {
+			if _, p, err := run(t, gc, &skel.CmdArgs{StdinData: gcConf}); err != nil {
 				t.Fatalf("GC: %v", err)
+			} else if n := processes(p); n != 0 {
+				t.Errorf("GC started %d iptables process(es), want none", n)
 			}
 			recs, err := state.List(e.stateDir)
 			if err != nil || len(recs) != 2 || recs[0].ContainerID != "c-keep" || recs[1].ContainerID != "c-other" {
 				t.Errorf("records after GC = %+v, %v; want c-keep and the other network's c-other", recs, err)
 			}
-			if left := e.save(staleName, xtables.IPv4); strings.Contains(left, "METACONCEAL") {
-				t.Errorf("stale attachment's rules left after GC:\n%s", left)
+			if left := e.save(staleName, xtables.IPv4); strings.Count(left, "-A "+chainOf("c-stale", "eth0")) != ipv4Rules {
+				t.Errorf("GC touched the stale attachment's rules, which it leaves to the netns:\n%s", left)
 			}
 			if kept := e.save(keepName, xtables.IPv4); strings.Count(kept, "-A "+chainOf("c-keep", "eth0")) != ipv4Rules {
 				t.Errorf("valid attachment's rules gone after GC:\n%s", kept)

@@ -159,3 +159,64 @@ func TestLogFile(t *testing.T) {
 		t.Errorf("log on stdout: %q", stdout.String())
 	}
 }
+
+// DEL is host-side only: for a concealed attachment (whose netns path here does not
+// even exist), an exposed one, a repeated DEL and an empty CNI_NETNS it removes the
+// record, starts no iptables process and says in its log what it did.
+func TestDelRemovesRecordOnly(t *testing.T) {
+	t.Parallel()
+	for _, tc := range []struct {
+		name    string
+		rec     *state.Record // written before DEL; nil: none
+		garbage bool          // a record file that does not decode instead
+		netns   string
+		wantLog string
+	}{
+		{"concealed", &state.Record{Network: "n", ContainerID: "c1", IfName: "eth0", Netns: "/nonexistent/netns", IPs: []string{"10.1.0.5"}},
+			false, "/nonexistent/netns", "record removed; rules left to the netns"},
+		{"exposed", &state.Record{Network: "n", ContainerID: "c1", IfName: "eth0", Netns: "/nonexistent/netns", IPs: []string{"10.1.0.5"},
+			Exposed: true, ExposedReason: "mode EXPOSED"}, false, "/nonexistent/netns", "record removed; rules left to the netns"},
+		{"concealed, empty CNI_NETNS", &state.Record{Network: "n", ContainerID: "c1", IfName: "eth0", Netns: "/nonexistent/netns", IPs: []string{"10.1.0.5"}},
+			false, "", "record removed; rules left to the netns"},
+		{"no record (a repeated DEL)", nil, false, "/nonexistent/netns", "no state record"},
+		{"no record, empty CNI_NETNS", nil, false, "", "no state record"},
+		{"unreadable record", nil, true, "/nonexistent/netns", "unreadable state record removed; rules left to the netns"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			stateDir := t.TempDir()
+			if tc.rec != nil {
+				if err := state.Write(stateDir, *tc.rec); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tc.garbage {
+				path, err := state.Path(stateDir, "c1", "eth0")
+				if err != nil {
+					t.Fatal(err)
+				}
+				if err := os.WriteFile(path, []byte("{not json"), 0o644); err != nil {
+					t.Fatal(err)
+				}
+			}
+			var stdout, stderr bytes.Buffer
+			p := &Plugin{Stdout: &stdout, Stderr: &stderr}
+			conf := `{"cniVersion":"1.1.0","name":"n","type":"metaconceal","stateDir":"` + stateDir + `"}`
+			if err := p.Del(&skel.CmdArgs{ContainerID: "c1", IfName: "eth0", Netns: tc.netns, StdinData: []byte(conf)}); err != nil {
+				t.Fatalf("DEL: %v", err)
+			}
+			if _, err := state.Read(stateDir, "c1", "eth0"); !errors.Is(err, state.ErrNotFound) {
+				t.Errorf("record after DEL: %v", err)
+			}
+			if entries, err := os.ReadDir(stateDir); err != nil || len(entries) != 0 {
+				t.Errorf("state dir after DEL: %v, %v; want empty", entries, err)
+			}
+			if p.lastRunner != nil {
+				t.Errorf("DEL made an iptables runner (%s)", p.lastRunner.CountsString())
+			}
+			if !strings.Contains(stderr.String(), tc.wantLog) || stdout.Len() != 0 {
+				t.Errorf("DEL log %q, stdout %q; want a log line with %q and no stdout", stderr.String(), stdout.String(), tc.wantLog)
+			}
+		})
+	}
+}

@@ -15,8 +15,8 @@ import (
 )
 
 // The built binary speaks CNI through skel: VERSION lists 0.3.0..1.1.0, and ADD, CHECK,
-// DEL and STATUS work when a runtime runs it inside the node netns, stdout carrying only
-// the result or the error JSON.
+// DEL (record removed, rules left to the netns) and STATUS work when a runtime runs it
+// inside the node netns, stdout carrying only the result or the error JSON.
 func TestBinary(t *testing.T) {
 	testutil.RequirePrivileged(t, "ip", "iptables-restore", "iptables-save", "go")
 	bin := filepath.Join(t.TempDir(), "metaconceal")
@@ -82,11 +82,16 @@ func TestBinary(t *testing.T) {
 	if err == nil || !strings.Contains(out, `"code": 50`) {
 		t.Errorf("STATUS without proxy = %q, %v; want a code-50 error", out, err)
 	}
-	if out, logs, err := invoke("DEL"); err != nil || out != "" {
+	out, logs, err = invoke("DEL")
+	if err != nil || out != "" || !strings.Contains(logs, "record removed; rules left to the netns") {
 		t.Errorf("DEL: %v, stdout %q\n%s", err, out, logs)
 	}
+	// DEL removes the record only; the rules go with the netns.
+	if entries, err := os.ReadDir(stateDir); err != nil || len(entries) != 0 {
+		t.Errorf("state dir after DEL: %v, %v; want empty", entries, err)
+	}
 	saved, err = simnode.Run(context.Background(), "ip", "netns", "exec", podName, "iptables-save")
-	if err != nil || strings.Contains(saved, "METACONCEAL") {
-		t.Errorf("rules left after DEL (%v):\n%s", err, saved)
+	if err != nil || !strings.Contains(saved, "DNAT --to-destination 169.254.169.252:988") {
+		t.Errorf("DEL changed the pod's rules (%v):\n%s", err, saved)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/metaconceal/metaconceal/internal/testlib/harness"
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
 // TestRealRuntimeDualStack runs pods with an IPv6 address next to IPv4 (the dual-stack
@@ -78,21 +79,26 @@ func TestRealRuntimeDualStack(t *testing.T) {
 		}
 	})
 
-	t.Run("pod removal leaves no IPv6 rule", func(t *testing.T) {
+	t.Run("pod removal leaves the IPv6 rules to the netns", func(t *testing.T) {
 		p := e.newPod(t, tenantNS, "dual-short-lived", false)
 		held, err := os.Open(p.netns)
 		if err != nil {
 			t.Fatalf("open pod netns: %v", err)
 		}
 		defer held.Close()
-		if rules := rulesOfOursIn(t, held); !strings.Contains(rules, "ip6tables") {
-			t.Fatalf("no IPv6 rule of ours in the pod's netns before removal; the check below would prove nothing:\n%s", rules)
+		before := rulesOfOursIn(t, held)
+		if !strings.Contains(before, "ip6tables") {
+			t.Fatalf("no IPv6 rule of ours in the pod's netns before removal; the check below would prove nothing:\n%s", before)
 		}
 		if err := e.RT.RemovePod(ctx, p.id); err != nil {
 			t.Fatalf("remove pod: %v", err)
 		}
-		if rules := rulesOfOursIn(t, held); rules != "" {
-			t.Errorf("rules of ours left in the pod's netns after DEL:\n%s", rules)
+		// DEL removes the record only; the rules of both families go with the netns.
+		if rules := rulesOfOursIn(t, held); rules != before {
+			t.Errorf("DEL changed the rules in the pod's netns:\nbefore:\n%s\nafter:\n%s", before, rules)
+		}
+		if _, err := state.Read(e.StateDir, p.id, "eth0"); err == nil {
+			t.Errorf("state record still there after removal")
 		}
 	})
 

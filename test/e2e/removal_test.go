@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/harness"
@@ -14,8 +15,9 @@ import (
 
 // Pod removal (crictl stopp + rmp, as kubelet does): exactly two DELs, the first with
 // the netns path, the second with an empty CNI_NETNS, all exiting 0; the state record
-// gone; the pod's netns, held open past its deletion, holds no rule of ours (DEL
-// removed them, not the netns going away).
+// gone; neither DEL ran an iptables process (their log lines say so); and the pod's
+// netns, held open past its deletion, still holds exactly the rules of ours it had:
+// DEL leaves them to go away with the netns, so nothing alive in it is unconcealed.
 func TestPodRemovalDELTwice(t *testing.T) {
 	e := shared(t)
 	ctx := context.Background()
@@ -24,13 +26,14 @@ func TestPodRemovalDELTwice(t *testing.T) {
 		t.Fatalf("state record before removal: %v", err)
 	}
 	// Hold the pod's netns open past the runtime's own deletion of it, to see that
-	// DEL (not the netns going away) removed the rules.
+	// DEL left the rules in it.
 	held, err := os.Open(p.netns)
 	if err != nil {
 		t.Fatalf("open pod netns: %v", err)
 	}
 	defer held.Close()
-	if rules := rulesOfOursIn(t, held); rules == "" {
+	before := rulesOfOursIn(t, held)
+	if before == "" {
 		t.Fatalf("no metaconceal rule found in the pod's netns before removal; the check below would prove nothing")
 	}
 	if err := e.RT.RemovePod(ctx, p.id); err != nil {
@@ -55,8 +58,18 @@ func TestPodRemovalDELTwice(t *testing.T) {
 	if _, err := state.Read(e.StateDir, p.id, "eth0"); err == nil {
 		t.Errorf("state record still there after removal")
 	}
-	if rules := rulesOfOursIn(t, held); rules != "" {
-		t.Errorf("rules of ours left in the pod's netns after DEL:\n%s", rules)
+	if rules := rulesOfOursIn(t, held); rules != before {
+		t.Errorf("DEL changed the rules in the pod's netns:\nbefore:\n%s\nafter:\n%s", before, rules)
+	}
+	var delLogs []string
+	for _, line := range matchingLines(readFile(t, e.PluginLog), "verb=DEL", "containerID="+p.id) {
+		if !strings.Contains(line, "iptables=none") {
+			t.Errorf("DEL log line without iptables=none: %s", line)
+		}
+		delLogs = append(delLogs, line)
+	}
+	if len(delLogs) != 2 || !strings.Contains(delLogs[0], "record removed; rules left to the netns") || !strings.Contains(delLogs[1], "no state record") {
+		t.Errorf("want the DELs' log lines to say record removed, then no record:\n%s", strings.Join(delLogs, "\n"))
 	}
 	if _, err := os.Stat(p.netns); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("sandbox netns %s still there: %v", p.netns, err)
