@@ -2,11 +2,10 @@ package simnode
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"syscall"
 	"time"
 
@@ -42,31 +41,37 @@ func NTPQuery(nsPath, addr string) error {
 	return nil
 }
 
-// ALTSExchange connects to addr (metadata port 8080) from inside the netns at nsPath
-// and expects the fake ALTS handshaker's greeting, then the echo of what it sends
-// after a half-close: the path passed bytes and the half-close both ways.
+// ALTSExchange makes, from inside the netns at nsPath, the gRPC-shaped call over
+// HTTP/2 with prior knowledge that grpc-go's ALTS handshaker client makes, to addr
+// (metadata port 8080), and expects the fake handshaker's answer to it.
 func ALTSExchange(nsPath, addr string) error {
-	c, err := DialIn(nsPath, "tcp", addr, 3*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := fakegce.ALTSHandshakerCall.Do(ctx, DialContextIn(nsPath), addr)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", fakegce.ALTSHandshakerCall.Name, err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	greeting := make([]byte, len(fakegce.ALTSGreeting))
-	if _, err := io.ReadFull(c, greeting); err != nil || string(greeting) != fakegce.ALTSGreeting {
-		return fmt.Errorf("greeting %q, %v", greeting, err)
-	}
-	if _, err := c.Write([]byte("client hello")); err != nil {
-		return err
-	}
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
-		return err
-	}
-	rest, err := io.ReadAll(c)
-	if err != nil || string(rest) != "client hello" {
-		return fmt.Errorf("echo after half-close %q, %v", rest, err)
+	if got != fakegce.ALTSHandshakerAnswer {
+		return fmt.Errorf("%s: answer %q, want %q", fakegce.ALTSHandshakerCall.Name, got, fakegce.ALTSHandshakerAnswer)
 	}
 	return nil
+}
+
+// ALTSOthersUnanswered sends, from inside the netns at nsPath, each of
+// fakegce.ALTSOtherProbes to addr (metadata port 8080) and returns an error for every
+// one that got an answer: through a relay that carries only the handshaker service,
+// none does.
+func ALTSOthersUnanswered(nsPath, addr string) error {
+	var errs []error
+	for _, p := range fakegce.ALTSOtherProbes {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		got, err := p.Do(ctx, DialContextIn(nsPath), addr)
+		cancel()
+		if err == nil || got != "" {
+			errs = append(errs, fmt.Errorf("%s: answered %q (err %v), want no answer", p.Name, got, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // DialRefused connects to addr over network (tcp or udp; for udp a datagram is sent
