@@ -47,6 +47,7 @@ var (
 type gceWorld struct {
 	*world
 	fake     *fakegce.Server
+	svc      *fakegce.Services // DNS, NTP and the ALTS stand-in
 	stateDir string
 }
 
@@ -83,7 +84,8 @@ func newGCEWorld(t *testing.T) *gceWorld {
 	go srv.Serve(ln) //nolint:errcheck // returns when Close below closes the listener
 	t.Cleanup(func() { srv.Close() })
 
-	var svc fakegce.Services
+	svc := &fakegce.Services{}
+	w.svc = svc
 	t.Cleanup(func() {
 		if err := svc.Close(); err != nil {
 			t.Error(err)
@@ -330,17 +332,24 @@ func TestGCENodeServices(t *testing.T) {
 		}
 	}
 
-	// Control: the node reaches everything directly.
+	// Control: the node reaches everything directly, and the ALTS stand-in answers
+	// every other request on 8080 too.
 	requireGCEServices(t, "node", w.node.Path)
 	if err := simnode.ALTSExchange(w.node.Path, altsAddr); err != nil {
 		t.Fatalf("node: ALTS port: %v", err)
 	}
+	for _, p := range fakegce.ALTSOtherProbes {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		got, err := p.Do(ctx, simnode.DialContextIn(w.node.Path), altsAddr)
+		cancel()
+		if err != nil || !strings.HasPrefix(got, fakegce.ALTSOtherMarker) {
+			t.Fatalf("control: node: %s: %q, %v; want the stand-in's other marker", p.Name, got, err)
+		}
+	}
 
 	t.Run("alts relay pod", func(t *testing.T) {
 		requireGCEServices(t, "relay pod", relayPod)
-		if err := simnode.ALTSExchange(relayPod, altsAddr); err != nil {
-			t.Errorf("relay pod: 8080 through the relay: %v", err)
-		}
+		w.requireALTSOnly(t, "relay pod", relayPod)
 		requireOtherPortsRefused(t, "relay pod", relayPod)
 		requireConcealed(t, "relay pod", relayPod)
 	})
@@ -411,9 +420,7 @@ func TestGCENodeServices(t *testing.T) {
 		for label, pod := range map[string]string{"flushed relay pod": relayPod, "flushed pod": flusherPod} {
 			requireGCEServices(t, label, pod)
 			requireConcealed(t, label, pod)
-			if err := simnode.ALTSExchange(pod, altsAddr); err != nil {
-				t.Errorf("%s: 8080 through the guard's relay DNAT: %v", label, err)
-			}
+			w.requireALTSOnly(t, label+", through the guard's relay DNAT", pod)
 			requireOtherPortsRefused(t, label, pod)
 		}
 		// The node keeps full, direct access.
@@ -422,6 +429,34 @@ func TestGCENodeServices(t *testing.T) {
 			t.Errorf("node with the guard: kube-env %d %v", status, err)
 		}
 	})
+}
+
+// requireALTSOnly checks that from the pod, 8080 carries the gRPC call of ALTS's
+// handshaker client through the relay, and nothing else: HTTP/1.1 and h2c requests
+// for other paths get no answer, the stand-in behind the relay never sees them, and
+// the relay audits the refusals naming the pod.
+func (w *gceWorld) requireALTSOnly(t *testing.T, label, pod string) {
+	t.Helper()
+	mark := len(w.svc.ALTSRequests())
+	if err := simnode.ALTSExchange(pod, altsAddr); err != nil {
+		t.Errorf("%s: 8080 through the relay: %v", label, err)
+	}
+	if err := simnode.ALTSOthersUnanswered(pod, altsAddr); err != nil {
+		t.Errorf("%s: 8080 answered what is not the handshaker service:\n%v", label, err)
+	}
+	seen := w.svc.ALTSRequests()[mark:]
+	if len(seen) != 1 || seen[0].Path != fakegce.ALTSHandshakerPath || seen[0].Proto != "HTTP/2.0" {
+		t.Errorf("%s: the stand-in behind the relay saw %v; want the handshaker call only", label, seen)
+	}
+	log, err := os.ReadFile(filepath.Join(w.tmp, "proxy.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, reason := range []string{"http1", "path", "not_grpc"} {
+		if !regexp.MustCompile(`ALTS relay: connection refused" pod_namespace=e2e pod_name=\S+ source_ip=10\.98\.\S+ reason=` + reason).Match(log) {
+			t.Errorf("%s: no audit line naming the pod for reason %s:\n%s", label, reason, grepLines(string(log), "ALTS relay"))
+		}
+	}
 }
 
 // flush removes every rule from the pod's nat and filter tables, as a pod with
