@@ -32,6 +32,7 @@
 package altsrelay
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -429,11 +430,23 @@ func (r *Relay) filterError(rc *relayed, err error) error {
 }
 
 // forward writes the client's preface upstream, then every frame the filter passes,
-// and half-closes upstream at the client's end of stream.
+// and half-closes upstream at the client's end of stream. Passed frames are written
+// together while the client's next frame is already read (a client sends its
+// preface, SETTINGS, HEADERS and DATA at once): one write, not one per frame.
 func (r *Relay) forward(rc *relayed, f *filter, upConn net.Conn) (int64, error) {
-	w := &countingWriter{w: upConn, c: r.metrics.bytesToUpstream}
-	if _, err := io.WriteString(w, http2.ClientPreface); err != nil {
-		return w.n, err
+	cw := &countingWriter{w: upConn, c: r.metrics.bytesToUpstream}
+	w := bufio.NewWriterSize(cw, 32<<10)
+	flush := func() error {
+		if f.nextFrameBuffered() {
+			return nil
+		}
+		return w.Flush()
+	}
+	if _, err := w.WriteString(http2.ClientPreface); err != nil {
+		return cw.n, err
+	}
+	if err := flush(); err != nil {
+		return cw.n, err
 	}
 	for {
 		raw, data, err := f.next()
@@ -441,26 +454,32 @@ func (r *Relay) forward(rc *relayed, f *filter, upConn net.Conn) (int64, error) 
 			break
 		}
 		if err != nil {
-			return w.n, err
+			return cw.n, err
 		}
 		if _, err := w.Write(raw); err != nil {
-			return w.n, err
+			return cw.n, err
 		}
 		if data > 0 {
 			if _, err := io.CopyN(w, f.br, data); err != nil {
-				return w.n, err
+				return cw.n, err
 			}
 		}
 		if f.requests == 1 && rc.state.CompareAndSwap(stateHandshaking, stateRelaying) {
 			r.log.Debug("ALTS relay: handshaker call passed", "src", rc.src.String(), "namespace", rc.ns, "pod", rc.pod)
 		}
-	}
-	if cw, ok := upConn.(interface{ CloseWrite() error }); ok {
-		if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
-			return w.n, err
+		if err := flush(); err != nil {
+			return cw.n, err
 		}
 	}
-	return w.n, nil
+	if err := w.Flush(); err != nil {
+		return cw.n, err
+	}
+	if hc, ok := upConn.(interface{ CloseWrite() error }); ok {
+		if err := hc.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+			return cw.n, err
+		}
+	}
+	return cw.n, nil
 }
 
 // copyHalf copies src to dst and then closes dst's write side, so that the peer sees

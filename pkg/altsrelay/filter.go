@@ -200,6 +200,21 @@ func (f *filter) next() (raw []byte, data int64, err error) {
 	return f.rec.Bytes(), 0, nil
 }
 
+// nextFrameBuffered reports whether the client's next frame is already read whole
+// (so that checking it waits for nothing).
+func (f *filter) nextFrameBuffered() bool {
+	n := f.br.Buffered()
+	if n < 9 {
+		return false
+	}
+	hdr, err := f.br.Peek(9)
+	if err != nil {
+		return false
+	}
+	length := int(hdr[0])<<16 | int(hdr[1])<<8 | int(hdr[2])
+	return n >= 9+length
+}
+
 // classify turns the Framer's errors into refusals; errors of the connection itself
 // (a deadline, a close, a reset) stay what they are.
 func classify(err error) error {
