@@ -24,6 +24,7 @@ import (
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/altsrelay"
 	"github.com/metaconceal/metaconceal/pkg/gce"
 	"github.com/metaconceal/metaconceal/pkg/hostguard"
 )
@@ -127,7 +128,8 @@ func (w *gceWorld) startProxy(t *testing.T) {
 	cmd := w.node.Command(context.Background(), proxyBinary, "--host-guard=false",
 		"--listen", gce.Proxy.String(), "--alts-listen", gce.ALTSRelay.String(),
 		"--upstream", "http://"+metadataIP, "--metrics-listen", "127.0.0.1:9988",
-		"--state-dir", w.stateDir, "--log-format", "text", "--log-level", "debug")
+		"--state-dir", w.stateDir, "--log-format", "text", "--log-level", "debug",
+		"--alts-idle-timeout", altsIdleTimeout.String())
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -207,6 +209,10 @@ func resolve(nsPath, network, name string) ([]netip.Addr, error) {
 	defer cancel()
 	return r.LookupNetIP(ctx, "ip4", name)
 }
+
+// altsIdleTimeout is the proxy's --alts-idle-timeout here: long enough for a pod to
+// open its 64 relay connections on a loaded machine, short enough to wait for.
+const altsIdleTimeout = 10 * time.Second
 
 // ntpAddr and altsAddr are the metadata address's NTP and ALTS ports.
 var (
@@ -358,6 +364,53 @@ func TestGCENodeServices(t *testing.T) {
 		requireRefused(t, "reject pod", rejectPod, "tcp", net.JoinHostPort(metadataIP, "8080"))
 		requireOtherPortsRefused(t, "reject pod", rejectPod)
 		requireConcealed(t, "reject pod", rejectPod)
+	})
+	t.Run("alts relay: one pod at its cap, another pod's handshake relayed; idle closed", func(t *testing.T) {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for i := range altsrelay.DefaultMaxPerPod {
+			c, err := simnode.ALTSHold(relayPod, altsAddr)
+			if err != nil {
+				t.Fatalf("relay pod's held call %d: %v", i, err)
+			}
+			held = append(held, c)
+		}
+		if c, err := simnode.ALTSHold(relayPod, altsAddr); err == nil {
+			c.Close()
+			t.Errorf("relay pod's call %d relayed, over its cap", altsrelay.DefaultMaxPerPod+1)
+		}
+		if err := simnode.ALTSExchange(flusherPod, altsAddr); err != nil {
+			t.Errorf("another pod's handshake while the relay pod holds its maximum: %v", err)
+		}
+		for _, c := range held {
+			c.Close()
+		}
+		held = nil
+		idle, err := simnode.ALTSHold(flusherPod, altsAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer idle.Close()
+		_ = idle.SetReadDeadline(time.Now().Add(3 * altsIdleTimeout))
+		if _, err := io.Copy(io.Discard, idle); err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Errorf("idle relay connection still open after %v (idle timeout %v)", 3*altsIdleTimeout, altsIdleTimeout)
+			}
+		}
+		_, body, err := metadataGet(w.node.Path, "http://127.0.0.1:9988/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{`metaconceal_proxy_alts_refused_total{reason="pod_limit"} 1`, `metaconceal_proxy_alts_idle_closed_total 1`} {
+			if !strings.Contains(body, want+"\n") {
+				t.Errorf("metrics lack %s:\n%s", want, grepLines(body, "alts"))
+			}
+		}
 	})
 	// The relay attributes connections to the pod's namespace.
 	if _, body, err := metadataGet(w.node.Path, "http://127.0.0.1:9988/metrics"); err != nil ||

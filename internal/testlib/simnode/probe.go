@@ -6,8 +6,13 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"syscall"
 	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 )
@@ -55,6 +60,49 @@ func ALTSExchange(nsPath, addr string) error {
 		return fmt.Errorf("%s: answer %q, want %q", fakegce.ALTSHandshakerCall.Name, got, fakegce.ALTSHandshakerAnswer)
 	}
 	return nil
+}
+
+// ALTSHold opens, from inside the netns at nsPath, a connection to addr (metadata port
+// 8080) and starts the handshaker call on it without ending it, as a client between
+// two handshake messages: it returns once the stand-in's answer headers came back
+// (the call was relayed and is held open), or an error when the connection ended
+// first. The caller closes the connection.
+func ALTSHold(nsPath, addr string) (net.Conn, error) {
+	c, err := DialIn(nsPath, "tcp", addr, 3*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	fail := func(err error) (net.Conn, error) { c.Close(); return nil, err }
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range []hpack.HeaderField{{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
+		{Name: ":path", Value: fakegce.ALTSHandshakerPath}, {Name: ":authority", Value: "metadata.google.internal:8080"},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"}} {
+		if err := enc.WriteField(f); err != nil {
+			return fail(err)
+		}
+	}
+	fr := http2.NewFramer(c, c)
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		return fail(err)
+	}
+	if err := fr.WriteSettings(); err != nil {
+		return fail(err)
+	}
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
+		return fail(err)
+	}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return fail(fmt.Errorf("before the answer's headers: %w", err))
+		}
+		if h, ok := f.(*http2.HeadersFrame); ok && h.StreamID == 1 {
+			_ = c.SetDeadline(time.Time{})
+			return c, nil
+		}
+	}
 }
 
 // ALTSOthersUnanswered sends, from inside the netns at nsPath, each of
