@@ -38,6 +38,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"sync"
@@ -293,8 +294,9 @@ func (r *Relay) handle(c net.Conn) {
 			r.cutConn(rc)
 		}
 	})
+	// Armed only once idle is assigned: its function resets it.
 	var idle *time.Timer
-	idle = time.AfterFunc(r.cfg.IdleTimeout, func() {
+	idle = time.AfterFunc(math.MaxInt64, func() {
 		quiet := time.Since(rc.start) - time.Duration(rc.last.Load())
 		if quiet < r.cfg.IdleTimeout {
 			idle.Reset(r.cfg.IdleTimeout - quiet)
@@ -307,6 +309,7 @@ func (r *Relay) handle(c net.Conn) {
 			r.cutConn(rc)
 		}
 	})
+	idle.Reset(r.cfg.IdleTimeout)
 	go func() {
 		defer r.release(rc)
 		defer r.metrics.open.Dec()
