@@ -108,7 +108,7 @@ func FuzzFilter(f *testing.F) {
 				}
 				method, path := frame.PseudoValue("method"), frame.PseudoValue("path")
 				name, under := strings.CutPrefix(path, "/grpc.gcp.HandshakerService/")
-				if method != "POST" || !under || name == "" || strings.ContainsAny(name, "/.%?#") ||
+				if method != "POST" || frame.PseudoValue("protocol") != "" || !under || name == "" || strings.ContainsAny(name, "/.%?#") ||
 					len(ctypes) != 1 || !strings.HasPrefix(ctypes[0], "application/grpc") || frame.Truncated {
 					t.Fatalf("forwarded a request that is not a gRPC call to the handshaker: %s %q content-type %q", method, path, ctypes)
 				}
