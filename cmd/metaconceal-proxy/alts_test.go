@@ -6,6 +6,9 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/altsrelay"
 )
 
 // --alts-listen defaults to GKE's relay address, feeds the host guard's 8080 DNAT, and
@@ -51,5 +54,27 @@ func TestALTSListenFlag(t *testing.T) {
 	}
 	if err := checkAddrs(o); err == nil || !strings.Contains(err.Error(), "--alts-listen") {
 		t.Errorf("checkAddrs accepted --alts-listen no-port (%v)", err)
+	}
+}
+
+// --alts-handshake-timeout and --alts-idle-timeout default to the relay's defaults
+// and must be positive.
+func TestALTSTimeoutFlags(t *testing.T) {
+	t.Parallel()
+	o, err := parseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if o.altsHandshakeTimeout != altsrelay.DefaultHandshakeTimeout || o.altsIdleTimeout != altsrelay.DefaultIdleTimeout {
+		t.Errorf("defaults %v, %v", o.altsHandshakeTimeout, o.altsIdleTimeout)
+	}
+	o, err = parseFlags([]string{"--alts-handshake-timeout", "2s", "--alts-idle-timeout", "90s"}, io.Discard)
+	if err != nil || o.altsHandshakeTimeout != 2*time.Second || o.altsIdleTimeout != 90*time.Second {
+		t.Errorf("parsed %v, %v (%v)", o.altsHandshakeTimeout, o.altsIdleTimeout, err)
+	}
+	for _, bad := range [][]string{{"--alts-handshake-timeout", "0s"}, {"--alts-idle-timeout", "-1s"}} {
+		if _, err := parseFlags(bad, io.Discard); err == nil {
+			t.Errorf("%v accepted", bad)
+		}
 	}
 }

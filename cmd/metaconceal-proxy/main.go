@@ -75,6 +75,10 @@ type options struct {
 	gcLimitMiB      int
 	limits          proxy.Limits    // --pod-* and --max-upstream-*: per-pod and global limits
 	kube            kubeflags.Flags // --pod-events and how to reach the API server
+
+	// --alts-handshake-timeout, --alts-idle-timeout: the ALTS relay's deadlines
+	altsHandshakeTimeout time.Duration
+	altsIdleTimeout      time.Duration
 }
 
 func main() {
@@ -112,6 +116,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.IntVar(&o.guardConnRate, "guard-conn-rate", hostguard.DefaultConnRate, "host guard: new TCP connections per second per source IP to the proxy and the ALTS relay; SYNs over it (once --guard-conn-burst is spent) are dropped in the kernel, before the proxy accepts. 0 turns it off")
 	fs.DurationVar(&o.guardReconcile, "guard-reconcile-interval", hostguard.DefaultReconcileInterval, "host guard: how often the proxy checks that every chain, rule and jump of the guard, and its listen addresses on lo, are in place, and puts back what is missing (logged, metaconceal_guard_repairs_total)")
 	fs.IntVar(&o.guardConnBurst, "guard-conn-burst", hostguard.DefaultConnBurst, "host guard: new TCP connections a source IP may open at once before --guard-conn-rate applies (1-10000 with a rate)")
+	fs.DurationVar(&o.altsHandshakeTimeout, "alts-handshake-timeout", altsrelay.DefaultHandshakeTimeout, "ALTS relay: a connection that has not sent the HTTP/2 preface and its first gRPC call to the handshaker service within this is closed")
+	fs.DurationVar(&o.altsIdleTimeout, "alts-idle-timeout", altsrelay.DefaultIdleTimeout, "ALTS relay: a connection on which no byte moved either way for this long is closed")
 	fs.DurationVar(&o.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
 	fs.DurationVar(&o.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open ordinary requests may finish before connections are closed (held long polls are answered 503 at once, so clients retry)")
 	fs.BoolVar(&o.cache, "cache", true, "cache service-account tokens (until a safety margin before expiry) and VM-lifetime facts (project-id, instance id/zone/name/..., for --cache-ttl); --cache=false sends every request upstream (identical concurrent GETs still share one)")
@@ -131,6 +137,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.cacheTTL <= 0 || o.cacheTTL > proxy.MaxFactTTL {
 		return o, fmt.Errorf("--cache-ttl %s: want more than 0 and at most %s", o.cacheTTL, proxy.MaxFactTTL)
+	}
+	if o.altsHandshakeTimeout <= 0 || o.altsIdleTimeout <= 0 {
+		return o, fmt.Errorf("--alts-handshake-timeout %s, --alts-idle-timeout %s: want more than 0", o.altsHandshakeTimeout, o.altsIdleTimeout)
 	}
 	if o.gcPercent < 1 || o.gcLimitMiB < 0 {
 		return o, fmt.Errorf("--gc-percent %d, --gc-memory-limit-mib %d: want at least 1 and 0 or more", o.gcPercent, o.gcLimitMiB)
@@ -357,10 +366,12 @@ func serve(o options, log *slog.Logger) error {
 	var relay *altsrelay.Relay
 	if len(o.altsListen) > 0 {
 		relay, err = altsrelay.New(altsrelay.Config{
-			Upstream:   net.JoinHostPort(upstream.Hostname(), fmt.Sprint(gce.ALTSPort)),
-			Pods:       pods,
-			Log:        log,
-			Registerer: metrics.Registry,
+			Upstream:         net.JoinHostPort(upstream.Hostname(), fmt.Sprint(gce.ALTSPort)),
+			Pods:             pods,
+			Log:              log,
+			Registerer:       metrics.Registry,
+			HandshakeTimeout: o.altsHandshakeTimeout,
+			IdleTimeout:      o.altsIdleTimeout,
 		})
 		if err != nil {
 			return fmt.Errorf("--alts-listen: %w", err)

@@ -1,26 +1,44 @@
-// Package altsrelay is metaconceal-proxy's ALTS relay: a plain TCP relay from the
-// address pods' TCP to metadata port 8080 is DNATed to (169.254.169.252:987 by
-// default, as on GKE) to the real metadata server's port 8080, where GCE serves the
-// ALTS handshaker that gRPC DirectPath uses.
+// Package altsrelay is metaconceal-proxy's ALTS relay: a TCP relay from the address
+// pods' TCP to metadata port 8080 is DNATed to (169.254.169.252:987 by default, as on
+// GKE) to the real metadata server's port 8080, where GCE serves the ALTS handshaker
+// that gRPC DirectPath uses.
 //
-// Bytes are relayed, never parsed: the handshaker authenticates callers as the node's
-// service account, whose access tokens pods already get from the metadata server, so
-// relaying adds nothing a pod could not already do; concealing kube-env and identity
-// tokens is the HTTP side's job. What the relay adds is accounting: every connection
-// is attributed to its pod (the CNI plugin's state records, through the pod index) in
-// metrics and, at debug level, in the log; and caps, so that one pod cannot hold every
-// connection the node may open.
+// It carries the ALTS handshaker service and nothing else. The only client of that
+// port is gRPC's ALTS handshaker client, which speaks HTTP/2 with prior knowledge
+// (h2c) and calls /grpc.gcp.HandshakerService/DoHandshake; so the relay reads the
+// client's first bytes and every frame it sends after them (filter.go) and passes a
+// connection only while it is that: the HTTP/2 client preface, then frames whose
+// every HEADERS, on every stream, is a gRPC call under HandshakerServicePrefix.
+// Anything else (HTTP/1.1, TLS, h2c for another path, a non-gRPC request, a later
+// stream with a bad path) is closed before the offending bytes reach the server,
+// counted in metaconceal_proxy_alts_refused_total{reason} and audited, naming the
+// pod, within a per-source audit rate. The server's bytes are passed unchanged.
+//
+// Frames are inspected as they pass rather than the HTTP/2 connection terminated and
+// re-originated: the client's HTTP/2 session (SETTINGS, flow control, PINGs, GOAWAY)
+// stays end to end with the server, the relay holds no HTTP/2 state but the HPACK
+// decoder and the last stream id, and DATA is streamed through unparsed.
+//
+// The upstream connection is opened once the client's preface is read (a client that
+// sends anything else never causes one), not after the first request: grpc-go waits
+// for the server's SETTINGS before it sends its first HEADERS.
+//
+// Deadlines: a connection must send the preface and its first passed request within
+// HandshakeTimeout, and is closed when no byte has moved either way for IdleTimeout.
+// Caps: MaxConns in all, MaxPerPod per source address.
 //
 // Half-closes are propagated both ways (a client that shuts down its write side still
 // reads the answer), and Shutdown lets open connections finish within a grace period.
 package altsrelay
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/netip"
 	"sync"
@@ -29,6 +47,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http2"
 
 	"github.com/metaconceal/metaconceal/pkg/podindex"
 )
@@ -38,6 +57,13 @@ const (
 	DefaultDialTimeout = 5 * time.Second
 	DefaultMaxConns    = 4096
 	DefaultMaxPerPod   = 64
+	// DefaultHandshakeTimeout bounds the time from accept to the client's first passed
+	// request (preface, SETTINGS, HEADERS): a handshaker client sends them at once.
+	DefaultHandshakeTimeout = 5 * time.Second
+	// DefaultIdleTimeout closes a connection when no byte has moved either way for
+	// that long. A handshake's exchange takes milliseconds; gRPC keeps an idle
+	// handshaker channel open (and reuses it) but redials after a close.
+	DefaultIdleTimeout = 5 * time.Minute
 )
 
 // unknownNamespace labels connections whose source IP has no state record.
@@ -66,6 +92,12 @@ type Config struct {
 	// a cap is closed at once and counted.
 	MaxConns  int
 	MaxPerPod int
+	// HandshakeTimeout bounds the time from accept to the first passed request
+	// (default DefaultHandshakeTimeout); IdleTimeout closes a connection on which no
+	// byte moved either way for that long (default DefaultIdleTimeout). Connections
+	// closed by either are counted.
+	HandshakeTimeout time.Duration
+	IdleTimeout      time.Duration
 }
 
 // Relay relays TCP connections to Config.Upstream. Safe for concurrent use.
@@ -73,6 +105,7 @@ type Relay struct {
 	cfg     Config
 	log     *slog.Logger
 	metrics *metrics
+	audit   *auditor
 
 	mu        sync.Mutex
 	listeners map[net.Listener]bool
@@ -85,8 +118,39 @@ type Relay struct {
 }
 
 type relayed struct {
-	client, upstream net.Conn
+	client, upstream net.Conn // upstream is set under Relay.mu once dialed
 	src              netip.Addr
+	ns, pod          string
+
+	start time.Time
+	state atomic.Int32 // stateHandshaking, stateRelaying or stateEnded
+	// last is when a byte last moved either way, as time since start.
+	last atomic.Int64
+}
+
+// Connection states: a connection is handshaking until its first request passed the
+// filter; ended once the relay decided to close it (refusal, deadline), which
+// happens once and is counted once.
+const (
+	stateHandshaking int32 = iota
+	stateRelaying
+	stateEnded
+)
+
+// touch records that bytes moved.
+func (rc *relayed) touch() { rc.last.Store(int64(time.Since(rc.start))) }
+
+// end moves the connection to stateEnded; it reports whether this call did.
+func (rc *relayed) end() bool {
+	for {
+		s := rc.state.Load()
+		if s == stateEnded {
+			return false
+		}
+		if rc.state.CompareAndSwap(s, stateEnded) {
+			return true
+		}
+	}
 }
 
 // New validates cfg and returns a Relay.
@@ -104,6 +168,15 @@ func New(cfg Config) (*Relay, error) {
 	if cfg.MaxPerPod <= 0 {
 		cfg.MaxPerPod = DefaultMaxPerPod
 	}
+	if cfg.HandshakeTimeout < 0 || cfg.IdleTimeout < 0 {
+		return nil, fmt.Errorf("altsrelay: negative timeout (handshake %v, idle %v)", cfg.HandshakeTimeout, cfg.IdleTimeout)
+	}
+	if cfg.HandshakeTimeout == 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if cfg.IdleTimeout == 0 {
+		cfg.IdleTimeout = DefaultIdleTimeout
+	}
 	log := cfg.Log
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -113,7 +186,8 @@ func New(cfg Config) (*Relay, error) {
 		return nil, err
 	}
 	return &Relay{cfg: cfg, log: log, metrics: m, listeners: map[net.Listener]bool{},
-		conns: map[*relayed]bool{}, perSource: map[netip.Addr]int{}}, nil
+		conns: map[*relayed]bool{}, perSource: map[netip.Addr]int{},
+		audit: newAuditor(log, m.auditDropped.Inc)}, nil
 }
 
 // ErrClosed is returned by Serve after Shutdown or Close.
@@ -198,28 +272,52 @@ func (r *Relay) release(rc *relayed) {
 }
 
 func (r *Relay) handle(c net.Conn) {
-	rc := &relayed{client: c, src: sourceOf(c)}
-	ns, name := unknownNamespace, ""
+	rc := &relayed{client: c, src: sourceOf(c), ns: unknownNamespace, start: time.Now()}
 	if r.cfg.Pods != nil && rc.src.IsValid() {
 		if pod, ok := r.cfg.Pods.Lookup(rc.src); ok {
-			ns, name = pod.Namespace, pod.Name
+			rc.ns, rc.pod = pod.Namespace, pod.Name
 		}
 	}
 	if reason := r.admit(rc); reason != "" {
 		r.metrics.refused.WithLabelValues(reason).Inc()
-		r.log.Warn("ALTS relay: connection refused", "reason", reason, "src", rc.src.String(), "namespace", ns, "pod", name)
+		r.audit.refused(rc.src, rc.ns, rc.pod, slog.String("reason", reason))
 		c.Close()
 		return
 	}
-	r.metrics.connections.WithLabelValues(ns).Inc()
+	r.metrics.connections.WithLabelValues(rc.ns).Inc()
 	r.metrics.open.Inc()
+	// Deadlines: the first request within HandshakeTimeout, a byte either way within
+	// IdleTimeout.
+	handshake := time.AfterFunc(r.cfg.HandshakeTimeout, func() {
+		if rc.state.CompareAndSwap(stateHandshaking, stateEnded) {
+			r.refused(rc, refuse(reasonHandshakeTimeout, "no request within %v", r.cfg.HandshakeTimeout))
+			r.cutConn(rc)
+		}
+	})
+	// Armed only once idle is assigned: its function resets it.
+	var idle *time.Timer
+	idle = time.AfterFunc(math.MaxInt64, func() {
+		quiet := time.Since(rc.start) - time.Duration(rc.last.Load())
+		if quiet < r.cfg.IdleTimeout {
+			idle.Reset(r.cfg.IdleTimeout - quiet)
+			return
+		}
+		if rc.end() {
+			r.metrics.idleClosed.Inc()
+			r.log.Debug("ALTS relay: idle connection closed", "src", rc.src.String(), "namespace", rc.ns, "pod", rc.pod,
+				"idle", quiet.String())
+			r.cutConn(rc)
+		}
+	})
+	idle.Reset(r.cfg.IdleTimeout)
 	go func() {
 		defer r.release(rc)
 		defer r.metrics.open.Dec()
-		start := time.Now()
+		defer handshake.Stop()
+		defer idle.Stop()
 		up, down, err := r.relay(rc)
-		attrs := []any{"src", rc.src.String(), "namespace", ns, "pod", name,
-			"bytes_to_upstream", up, "bytes_to_pod", down, "duration", time.Since(start).String()}
+		attrs := []any{"src", rc.src.String(), "namespace", rc.ns, "pod", rc.pod,
+			"bytes_to_upstream", up, "bytes_to_pod", down, "duration", time.Since(rc.start).String()}
 		if err != nil {
 			r.log.Debug("ALTS connection ended with an error", append(attrs, "err", err)...)
 			return
@@ -228,9 +326,50 @@ func (r *Relay) handle(c net.Conn) {
 	}()
 }
 
-// relay dials upstream and copies both ways until both directions are done.
+// refused counts and audits a connection the filter or a deadline closed.
+func (r *Relay) refused(rc *relayed, rf *refusal) {
+	r.metrics.refused.WithLabelValues(rf.reason).Inc()
+	attrs := []slog.Attr{slog.String("reason", rf.reason), slog.String("detail", rf.detail)}
+	if rf.method != "" || rf.path != "" || rf.contentType != "" {
+		attrs = append(attrs, slog.String("method", rf.method), slog.String("path", rf.path), slog.String("content_type", rf.contentType))
+	}
+	r.audit.refused(rc.src, rc.ns, rc.pod, attrs...)
+}
+
+// cutConn closes both sides of a connection at once.
+func (r *Relay) cutConn(rc *relayed) {
+	r.mu.Lock()
+	up := rc.upstream
+	r.mu.Unlock()
+	rc.client.Close()
+	if up != nil {
+		up.Close()
+	}
+}
+
+// activity reports every read of n > 0 bytes as traffic.
+type activity struct {
+	r  io.Reader
+	rc *relayed
+}
+
+func (a activity) Read(p []byte) (int, error) {
+	n, err := a.r.Read(p)
+	if n > 0 {
+		a.rc.touch()
+	}
+	return n, err
+}
+
+// relay checks the client's preface, dials upstream, and then passes frames from the
+// client through the filter and bytes from upstream as they are, until both
+// directions are done or the filter refuses.
 func (r *Relay) relay(rc *relayed) (up, down int64, err error) {
 	defer rc.client.Close()
+	f := newFilter(activity{rc.client, rc})
+	if err := f.preface(); err != nil {
+		return 0, 0, r.filterError(rc, err)
+	}
 	d := net.Dialer{Timeout: r.cfg.DialTimeout}
 	upConn, err := d.Dial("tcp", r.cfg.Upstream)
 	if err != nil {
@@ -241,9 +380,10 @@ func (r *Relay) relay(rc *relayed) (up, down int64, err error) {
 	defer upConn.Close()
 	r.mu.Lock()
 	rc.upstream = upConn
-	closed := r.closed // Close ran while dialing: do not start
+	// Close ran, or a deadline cut the connection, while dialing: do not start.
+	stop := r.closed || rc.state.Load() == stateEnded
 	r.mu.Unlock()
-	if closed {
+	if stop {
 		return 0, 0, ErrClosed
 	}
 	type result struct {
@@ -252,11 +392,11 @@ func (r *Relay) relay(rc *relayed) (up, down int64, err error) {
 	}
 	toUp, toPod := make(chan result, 1), make(chan result, 1)
 	go func() {
-		n, err := copyHalf(upConn, rc.client, r.metrics.bytesToUpstream)
+		n, err := r.forward(rc, f, upConn)
 		toUp <- result{n, err}
 	}()
 	go func() {
-		n, err := copyHalf(rc.client, upConn, r.metrics.bytesToPod)
+		n, err := copyHalf(rc.client, activity{upConn, rc}, r.metrics.bytesToPod)
 		toPod <- result{n, err}
 	}()
 	var errs []error
@@ -265,7 +405,7 @@ func (r *Relay) relay(rc *relayed) (up, down int64, err error) {
 		case res := <-toUp:
 			up = res.n
 			if res.err != nil {
-				errs = append(errs, fmt.Errorf("pod to upstream: %w", res.err))
+				errs = append(errs, fmt.Errorf("pod to upstream: %w", r.filterError(rc, res.err)))
 				// A broken side ends both: closing unblocks the other copy.
 				rc.client.Close()
 				upConn.Close()
@@ -282,9 +422,72 @@ func (r *Relay) relay(rc *relayed) (up, down int64, err error) {
 	return up, down, errors.Join(errs...)
 }
 
+// filterError counts and audits a refusal (once per connection: a deadline may have
+// ended it first) and returns err.
+func (r *Relay) filterError(rc *relayed, err error) error {
+	var rf *refusal
+	if errors.As(err, &rf) && rc.end() {
+		r.refused(rc, rf)
+	}
+	return err
+}
+
+// forward writes the client's preface upstream, then every frame the filter passes,
+// and half-closes upstream at the client's end of stream. Passed frames are written
+// together while the client's next frame is already read (a client sends its
+// preface, SETTINGS, HEADERS and DATA at once): one write, not one per frame.
+func (r *Relay) forward(rc *relayed, f *filter, upConn net.Conn) (int64, error) {
+	cw := &countingWriter{w: upConn, c: r.metrics.bytesToUpstream}
+	w := bufio.NewWriterSize(cw, 32<<10)
+	flush := func() error {
+		if f.nextFrameBuffered() {
+			return nil
+		}
+		return w.Flush()
+	}
+	if _, err := w.WriteString(http2.ClientPreface); err != nil {
+		return cw.n, err
+	}
+	if err := flush(); err != nil {
+		return cw.n, err
+	}
+	for {
+		raw, data, err := f.next()
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil {
+			return cw.n, err
+		}
+		if _, err := w.Write(raw); err != nil {
+			return cw.n, err
+		}
+		if data > 0 {
+			if _, err := io.CopyN(w, f.br, data); err != nil {
+				return cw.n, err
+			}
+		}
+		if f.requests == 1 && rc.state.CompareAndSwap(stateHandshaking, stateRelaying) {
+			r.log.Debug("ALTS relay: handshaker call passed", "src", rc.src.String(), "namespace", rc.ns, "pod", rc.pod)
+		}
+		if err := flush(); err != nil {
+			return cw.n, err
+		}
+	}
+	if err := w.Flush(); err != nil {
+		return cw.n, err
+	}
+	if hc, ok := upConn.(interface{ CloseWrite() error }); ok {
+		if err := hc.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+			return cw.n, err
+		}
+	}
+	return cw.n, nil
+}
+
 // copyHalf copies src to dst and then closes dst's write side, so that the peer sees
 // the end of the stream while the other direction goes on (half-close).
-func copyHalf(dst, src net.Conn, count prometheus.Counter) (int64, error) {
+func copyHalf(dst net.Conn, src io.Reader, count prometheus.Counter) (int64, error) {
 	n, err := io.Copy(&countingWriter{w: dst, c: count}, src)
 	if err != nil {
 		return n, err
@@ -300,11 +503,13 @@ func copyHalf(dst, src net.Conn, count prometheus.Counter) (int64, error) {
 type countingWriter struct {
 	w io.Writer
 	c prometheus.Counter
+	n int64
 }
 
 func (cw *countingWriter) Write(p []byte) (int, error) {
 	n, err := cw.w.Write(p)
 	cw.c.Add(float64(n))
+	cw.n += int64(n)
 	return n, err
 }
 

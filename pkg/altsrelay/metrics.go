@@ -13,6 +13,8 @@ type metrics struct {
 	bytesToPod      prometheus.Counter
 	upstreamErrors  prometheus.Counter
 	refused         *prometheus.CounterVec
+	idleClosed      prometheus.Counter
+	auditDropped    prometheus.Counter
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -37,16 +39,24 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 		}),
 		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "metaconceal_proxy_alts_refused_total",
-			Help: "ALTS connections closed at once, by reason (node_limit, pod_limit, shutting_down).",
+			Help: "ALTS relay connections refused, by reason: a cap (node_limit, pod_limit, shutting_down); the filter, which passes only gRPC calls to the ALTS handshaker service over HTTP/2 with prior knowledge (tls, http1, not_h2, no_request, h2_frame, path, not_grpc); or no first request within the handshake timeout (handshake_timeout).",
 		}, []string{"reason"}),
+		idleClosed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "metaconceal_proxy_alts_idle_closed_total",
+			Help: "ALTS relay connections closed because no byte moved either way for the idle timeout.",
+		}),
+		auditDropped: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "metaconceal_proxy_alts_audit_lines_dropped_total",
+			Help: "Audit lines of refused ALTS relay connections not written because their source exceeded its audit rate; the log summarises them.",
+		}),
 	}
-	for _, reason := range []string{"node_limit", "pod_limit", "shutting_down"} {
+	for _, reason := range append([]string{"node_limit", "pod_limit", "shutting_down"}, filterReasons...) {
 		m.refused.WithLabelValues(reason)
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.connections, m.open, bytes, m.upstreamErrors, m.refused} {
+	for _, c := range []prometheus.Collector{m.connections, m.open, bytes, m.upstreamErrors, m.refused, m.idleClosed, m.auditDropped} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("altsrelay: registering metrics: %w", err)
 		}

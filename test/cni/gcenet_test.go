@@ -24,6 +24,7 @@ import (
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/altsrelay"
 	"github.com/metaconceal/metaconceal/pkg/gce"
 	"github.com/metaconceal/metaconceal/pkg/hostguard"
 )
@@ -47,6 +48,7 @@ var (
 type gceWorld struct {
 	*world
 	fake     *fakegce.Server
+	svc      *fakegce.Services // DNS, NTP and the ALTS stand-in
 	stateDir string
 }
 
@@ -83,7 +85,8 @@ func newGCEWorld(t *testing.T) *gceWorld {
 	go srv.Serve(ln) //nolint:errcheck // returns when Close below closes the listener
 	t.Cleanup(func() { srv.Close() })
 
-	var svc fakegce.Services
+	svc := &fakegce.Services{}
+	w.svc = svc
 	t.Cleanup(func() {
 		if err := svc.Close(); err != nil {
 			t.Error(err)
@@ -125,7 +128,8 @@ func (w *gceWorld) startProxy(t *testing.T) {
 	cmd := w.node.Command(context.Background(), proxyBinary, "--host-guard=false",
 		"--listen", gce.Proxy.String(), "--alts-listen", gce.ALTSRelay.String(),
 		"--upstream", "http://"+metadataIP, "--metrics-listen", "127.0.0.1:9988",
-		"--state-dir", w.stateDir, "--log-format", "text", "--log-level", "debug")
+		"--state-dir", w.stateDir, "--log-format", "text", "--log-level", "debug",
+		"--alts-idle-timeout", altsIdleTimeout.String())
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
@@ -205,6 +209,10 @@ func resolve(nsPath, network, name string) ([]netip.Addr, error) {
 	defer cancel()
 	return r.LookupNetIP(ctx, "ip4", name)
 }
+
+// altsIdleTimeout is the proxy's --alts-idle-timeout here: long enough for a pod to
+// open its 64 relay connections on a loaded machine, short enough to wait for.
+const altsIdleTimeout = 10 * time.Second
 
 // ntpAddr and altsAddr are the metadata address's NTP and ALTS ports.
 var (
@@ -330,17 +338,24 @@ func TestGCENodeServices(t *testing.T) {
 		}
 	}
 
-	// Control: the node reaches everything directly.
+	// Control: the node reaches everything directly, and the ALTS stand-in answers
+	// every other request on 8080 too.
 	requireGCEServices(t, "node", w.node.Path)
 	if err := simnode.ALTSExchange(w.node.Path, altsAddr); err != nil {
 		t.Fatalf("node: ALTS port: %v", err)
 	}
+	for _, p := range fakegce.ALTSOtherProbes {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		got, err := p.Do(ctx, simnode.DialContextIn(w.node.Path), altsAddr)
+		cancel()
+		if err != nil || !strings.HasPrefix(got, fakegce.ALTSOtherMarker) {
+			t.Fatalf("control: node: %s: %q, %v; want the stand-in's other marker", p.Name, got, err)
+		}
+	}
 
 	t.Run("alts relay pod", func(t *testing.T) {
 		requireGCEServices(t, "relay pod", relayPod)
-		if err := simnode.ALTSExchange(relayPod, altsAddr); err != nil {
-			t.Errorf("relay pod: 8080 through the relay: %v", err)
-		}
+		w.requireALTSOnly(t, "relay pod", relayPod)
 		requireOtherPortsRefused(t, "relay pod", relayPod)
 		requireConcealed(t, "relay pod", relayPod)
 	})
@@ -349,6 +364,53 @@ func TestGCENodeServices(t *testing.T) {
 		requireRefused(t, "reject pod", rejectPod, "tcp", net.JoinHostPort(metadataIP, "8080"))
 		requireOtherPortsRefused(t, "reject pod", rejectPod)
 		requireConcealed(t, "reject pod", rejectPod)
+	})
+	t.Run("alts relay: one pod at its cap, another pod's handshake relayed; idle closed", func(t *testing.T) {
+		var held []net.Conn
+		defer func() {
+			for _, c := range held {
+				c.Close()
+			}
+		}()
+		for i := range altsrelay.DefaultMaxPerPod {
+			c, err := simnode.ALTSHold(relayPod, altsAddr)
+			if err != nil {
+				t.Fatalf("relay pod's held call %d: %v", i, err)
+			}
+			held = append(held, c)
+		}
+		if c, err := simnode.ALTSHold(relayPod, altsAddr); err == nil {
+			c.Close()
+			t.Errorf("relay pod's call %d relayed, over its cap", altsrelay.DefaultMaxPerPod+1)
+		}
+		if err := simnode.ALTSExchange(flusherPod, altsAddr); err != nil {
+			t.Errorf("another pod's handshake while the relay pod holds its maximum: %v", err)
+		}
+		for _, c := range held {
+			c.Close()
+		}
+		held = nil
+		idle, err := simnode.ALTSHold(flusherPod, altsAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer idle.Close()
+		_ = idle.SetReadDeadline(time.Now().Add(3 * altsIdleTimeout))
+		if _, err := io.Copy(io.Discard, idle); err != nil {
+			var ne net.Error
+			if errors.As(err, &ne) && ne.Timeout() {
+				t.Errorf("idle relay connection still open after %v (idle timeout %v)", 3*altsIdleTimeout, altsIdleTimeout)
+			}
+		}
+		_, body, err := metadataGet(w.node.Path, "http://127.0.0.1:9988/metrics")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, want := range []string{`metaconceal_proxy_alts_refused_total{reason="pod_limit"} 1`, `metaconceal_proxy_alts_idle_closed_total 1`} {
+			if !strings.Contains(body, want+"\n") {
+				t.Errorf("metrics lack %s:\n%s", want, grepLines(body, "alts"))
+			}
+		}
 	})
 	// The relay attributes connections to the pod's namespace.
 	if _, body, err := metadataGet(w.node.Path, "http://127.0.0.1:9988/metrics"); err != nil ||
@@ -411,9 +473,7 @@ func TestGCENodeServices(t *testing.T) {
 		for label, pod := range map[string]string{"flushed relay pod": relayPod, "flushed pod": flusherPod} {
 			requireGCEServices(t, label, pod)
 			requireConcealed(t, label, pod)
-			if err := simnode.ALTSExchange(pod, altsAddr); err != nil {
-				t.Errorf("%s: 8080 through the guard's relay DNAT: %v", label, err)
-			}
+			w.requireALTSOnly(t, label+", through the guard's relay DNAT", pod)
 			requireOtherPortsRefused(t, label, pod)
 		}
 		// The node keeps full, direct access.
@@ -422,6 +482,34 @@ func TestGCENodeServices(t *testing.T) {
 			t.Errorf("node with the guard: kube-env %d %v", status, err)
 		}
 	})
+}
+
+// requireALTSOnly checks that from the pod, 8080 carries the gRPC call of ALTS's
+// handshaker client through the relay, and nothing else: HTTP/1.1 and h2c requests
+// for other paths get no answer, the stand-in behind the relay never sees them, and
+// the relay audits the refusals naming the pod.
+func (w *gceWorld) requireALTSOnly(t *testing.T, label, pod string) {
+	t.Helper()
+	mark := len(w.svc.ALTSRequests())
+	if err := simnode.ALTSExchange(pod, altsAddr); err != nil {
+		t.Errorf("%s: 8080 through the relay: %v", label, err)
+	}
+	if err := simnode.ALTSOthersUnanswered(pod, altsAddr); err != nil {
+		t.Errorf("%s: 8080 answered what is not the handshaker service:\n%v", label, err)
+	}
+	seen := w.svc.ALTSRequests()[mark:]
+	if len(seen) != 1 || seen[0].Path != fakegce.ALTSHandshakerPath || seen[0].Proto != "HTTP/2.0" {
+		t.Errorf("%s: the stand-in behind the relay saw %v; want the handshaker call only", label, seen)
+	}
+	log, err := os.ReadFile(filepath.Join(w.tmp, "proxy.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, reason := range []string{"http1", "path", "not_grpc"} {
+		if !regexp.MustCompile(`ALTS relay: connection refused" pod_namespace=e2e pod_name=\S+ source_ip=10\.98\.\S+ reason=` + reason).Match(log) {
+			t.Errorf("%s: no audit line naming the pod for reason %s:\n%s", label, reason, grepLines(string(log), "ALTS relay"))
+		}
+	}
 }
 
 // flush removes every rule from the pod's nat and filter tables, as a pod with

@@ -193,18 +193,23 @@ done
 gce_probe() { # gce_probe NETNS ARGS...: the probe's one-line answer
 	ip netns exec "$1" "$WORK/gceprobe" "${@:2}" 2>&1 | head -n1 || true
 }
-GCE_LABELS=("DNS via .254 (UDP)" "DNS via .254 (TCP)" "NTP" "ALTS port 8080")
-GCE_PROBES=("dns-udp metadata.google.internal" "dns-tcp metadata.google.internal" "ntp" "alts")
-GCE_WANT=("metadata.google.internal A 169.254.169.254" "metadata.google.internal A 169.254.169.254" "stratum 1, ref GOOG" "MCFAKEALTS handshaker ready")
+# The ALTS probe is the gRPC call over h2c that grpc-go's handshaker client makes; the
+# relay carries that and nothing else, so a plain HTTP/1.1 GET on 8080 gets no answer
+# from a pod (the node, which is not relayed, gets the stand-in's other marker).
+GCE_LABELS=("DNS via .254 (UDP)" "DNS via .254 (TCP)" "NTP" "ALTS port 8080" "8080, HTTP/1.1 GET /")
+GCE_PROBES=("dns-udp metadata.google.internal" "dns-tcp metadata.google.internal" "ntp" "alts" "alts-other")
+GCE_WANT=("metadata.google.internal A 169.254.169.254" "metadata.google.internal A 169.254.169.254" "stratum 1, ref GOOG" "MCFAKEALTS handshaker ready" "MCFAKEALTS other path served")
+GCE_POD_WANT=("${GCE_WANT[@]:0:4}" "ERR")
 for i in "${!GCE_PROBES[@]}"; do
 	# shellcheck disable=SC2086 # the probe's arguments are split on purpose
 	pod_answer=$(gce_probe "$NODE-${PODS[0]}" ${GCE_PROBES[$i]})
 	# shellcheck disable=SC2086
 	node_answer=$(gce_probe "$NODE" ${GCE_PROBES[$i]})
-	expect "pod default/${PODS[0]}" "${GCE_LABELS[$i]}" "$pod_answer" "${GCE_WANT[$i]}"
+	expect "pod default/${PODS[0]}" "${GCE_LABELS[$i]}" "$pod_answer" "${GCE_POD_WANT[$i]}"
 	expect node "${GCE_LABELS[$i]}" "$node_answer" "${GCE_WANT[$i]}"
 	label=${GCE_LABELS[$i]}
 	[ "$label" = "ALTS port 8080" ] && pod_answer="$pod_answer (relayed)"
+	[ "$label" = "8080, HTTP/1.1 GET /" ] && [ "${pod_answer%% *}" = ERR ] && pod_answer="no answer (relay: ALTS only)"
 	printf '%s | %s | %s\n' "$(cut_to 22 "$label")" "$(cut_to $W "$pod_answer")" "$(cut_to $W "$node_answer")"
 done
 relayed=$(ip netns exec "$NODE" curl -s -m 5 http://127.0.0.1:9988/metrics |

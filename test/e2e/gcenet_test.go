@@ -1,7 +1,8 @@
 //go:build e2e
 
 // GCE's other services on the metadata address, through the real runtime: DNS (UDP and
-// TCP 53), NTP (UDP 123) and the ALTS handshaker (TCP 8080, relayed by the proxy) keep
+// TCP 53), NTP (UDP 123) and the ALTS handshaker (TCP 8080, relayed by the proxy, which
+// carries the handshaker service's gRPC calls and nothing else) keep
 // working for concealed pods, while kube-env stays concealed, also for a pod that
 // flushed its own rules (host guard).
 package e2e
@@ -75,6 +76,41 @@ func requireRefusedPromptly(t *testing.T, label, netns, network, addr string) {
 	}
 }
 
+// requireALTSOnly checks that from the pod, 8080 carries the gRPC call of ALTS's
+// handshaker client through the relay and nothing else: HTTP/1.1 and h2c requests for
+// other paths get no answer, the fake server's ALTS stand-in logs none of them, and
+// the proxy audits the refusals naming the pod's namespace.
+func (e *env) requireALTSOnly(t *testing.T, label, netns string) {
+	t.Helper()
+	since := len(readFile(t, e.FakeLog))
+	if err := simnode.ALTSExchange(netns, altsAddr); err != nil {
+		t.Errorf("%s: 8080 through the relay: %v", label, err)
+	}
+	if err := simnode.ALTSOthersUnanswered(netns, altsAddr); err != nil {
+		t.Errorf("%s: 8080 answered what is not the handshaker service:\n%v", label, err)
+	}
+	var served []string
+	for _, line := range strings.Split(readFile(t, e.FakeLog)[since:], "\n") {
+		if strings.Contains(line, "ALTS stand-in request") {
+			served = append(served, line)
+		}
+	}
+	if len(served) != 1 || !strings.Contains(served[0], "path="+fakegce.ALTSHandshakerPath+" ") {
+		t.Errorf("%s: the ALTS stand-in behind the relay served:\n%s\nwant the handshaker call only", label, strings.Join(served, "\n"))
+	}
+	var audited []string
+	for _, line := range strings.Split(readFile(t, e.ProxyLog), "\n") {
+		if strings.Contains(line, "ALTS relay: connection refused") && strings.Contains(line, tenantNS) {
+			audited = append(audited, line)
+		}
+	}
+	for _, reason := range []string{"http1", "path", "not_grpc"} {
+		if !regexp.MustCompile(`reason(=|":")` + reason + `\b`).MatchString(strings.Join(audited, "\n")) {
+			t.Errorf("%s: no audit line naming the pod's namespace for reason %s:\n%s", label, reason, strings.Join(audited, "\n"))
+		}
+	}
+}
+
 func TestRealRuntimeGCEServices(t *testing.T) {
 	testutil.RequirePrivileged(t, "containerd", "runc", "ctr", "iptables", "ip", "nsenter", "unshare", "mount", "curl")
 	ctx := context.Background()
@@ -99,9 +135,7 @@ func TestRealRuntimeGCEServices(t *testing.T) {
 
 	t.Run("ALTS pod: 8080 reaches the metadata server's 8080 through the relay", func(t *testing.T) {
 		relay := e.newPod(t, tenantNS, "grpc-client", false)
-		if err := simnode.ALTSExchange(relay.netns, altsAddr); err != nil {
-			t.Errorf("8080 through the relay: %v", err)
-		}
+		e.requireALTSOnly(t, "ALTS pod", relay.netns)
 		for _, probe := range []struct{ network, addr string }{{"tcp", "169.254.169.254:443"}, {"udp", "169.254.169.254:5353"}} {
 			requireRefusedPromptly(t, "ALTS pod", relay.netns, probe.network, probe.addr)
 		}
@@ -125,9 +159,7 @@ func TestRealRuntimeGCEServices(t *testing.T) {
 		}
 		e.requireConcealed(t, resolver.netns, metadataURL+kubeEnvPath)
 		e.requireConcealed(t, resolver.netns, metadataURL+identityPath)
-		if err := simnode.ALTSExchange(resolver.netns, altsAddr); err != nil {
-			t.Errorf("8080 from the flushed pod, through the guard's DNAT to the relay: %v", err)
-		}
+		e.requireALTSOnly(t, "flushed pod, through the guard's DNAT to the relay", resolver.netns)
 		requireRefusedPromptly(t, "flushed pod", resolver.netns, "tcp", "169.254.169.254:443")
 		requireRefusedPromptly(t, "flushed pod", resolver.netns, "udp", "169.254.169.254:5353")
 	})

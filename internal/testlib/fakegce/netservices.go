@@ -4,7 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
-	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"strings"
@@ -18,8 +18,8 @@ import (
 
 // What else GCE serves on the metadata address, faithfully enough for a proxy, a CNI
 // plugin and a host guard to be tested against: the VPC's DNS resolver (UDP and TCP
-// 53), the VM's NTP server (UDP 123) and, on TCP 8080, the ALTS handshaker (here a
-// stand-in that sends ALTSGreeting and echoes what it reads).
+// 53), the VM's NTP server (UDP 123) and, on TCP 8080, the ALTS handshaker (a
+// gRPC-shaped h2c stand-in, alts.go).
 
 // TestName is a name the fake resolver answers with TestNameAddr: a pod that resolves
 // it went through the fake resolver and nowhere else.
@@ -27,9 +27,6 @@ const TestName = "dns-probe.metaconceal.test"
 
 // TestNameAddr is TestName's A record.
 var TestNameAddr = netip.MustParseAddr("192.0.2.53")
-
-// ALTSGreeting is the first thing the ALTS stand-in sends on every connection.
-const ALTSGreeting = "MCFAKEALTS handshaker ready\n"
 
 // DNSHandler resolves, for A and AAAA questions, metadata.google.internal and
 // metadata to the metadata addresses, TestName to TestNameAddr, and answers NXDOMAIN
@@ -72,9 +69,13 @@ func DNSHandler(metadata []netip.Addr) dns.Handler {
 
 // Services are the non-HTTP services of one fake node. Close stops them all.
 type Services struct {
-	mu      sync.Mutex
-	closers []func() error
-	wg      sync.WaitGroup
+	// ALTSLog, if set, logs every request the ALTS stand-in serves.
+	ALTSLog *slog.Logger
+
+	mu       sync.Mutex
+	closers  []func() error
+	wg       sync.WaitGroup
+	altsSeen []ALTSRequest
 }
 
 // ServeDNS answers DNS on pc (UDP) and ln (TCP); either may be nil.
@@ -139,27 +140,6 @@ func NTPAnswer(req []byte, now time.Time) (resp []byte, ok bool) {
 	binary.BigEndian.PutUint64(resp[32:40], ts)           // receive
 	binary.BigEndian.PutUint64(resp[40:48], NTPTime(now)) // transmit
 	return resp, true
-}
-
-// ServeALTS serves the ALTS stand-in on ln: ALTSGreeting, then an echo of what the
-// client sends until it half-closes, then the end of the stream.
-func (s *Services) ServeALTS(ln net.Listener) {
-	s.start(func() error {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return err
-			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(time.Minute))
-				if _, err := io.WriteString(c, ALTSGreeting); err != nil {
-					return
-				}
-				_, _ = io.Copy(c, c)
-			}()
-		}
-	}, ln.Close)
 }
 
 func (s *Services) start(serve func() error, stop func() error) {

@@ -1,10 +1,11 @@
 package fakegce
 
 import (
+	"context"
 	"encoding/binary"
-	"io"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -118,23 +119,47 @@ func TestNTP(t *testing.T) {
 	}
 }
 
+// The stand-in answers the handshaker call with its greeting, anything else (another
+// path, HTTP/1.1, a request that is not a gRPC call) with the other marker, and
+// records every request.
 func TestALTSStandIn(t *testing.T) {
 	t.Parallel()
-	_, _, addr := startServices(t)
-	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	var s Services
+	t.Cleanup(func() {
+		if err := s.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	if _, err := c.Write([]byte("hello")); err != nil {
-		t.Fatal(err)
+	s.ServeALTS(ln)
+	var d net.Dialer
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if got, err := ALTSHandshakerCall.Do(ctx, d.DialContext, ln.Addr().String()); err != nil || got != ALTSHandshakerAnswer {
+		t.Errorf("handshaker call: %q, %v; want %q", got, err, ALTSHandshakerAnswer)
 	}
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
-		t.Fatal(err)
+	for _, p := range ALTSOtherProbes {
+		if got, err := p.Do(ctx, d.DialContext, ln.Addr().String()); err != nil || !strings.HasPrefix(got, ALTSOtherMarker) {
+			t.Errorf("%s: %q, %v; want the other marker", p.Name, got, err)
+		}
 	}
-	got, err := io.ReadAll(c)
-	if err != nil || string(got) != ALTSGreeting+"hello" {
-		t.Errorf("read %q, %v; want the greeting and the echo", got, err)
+	seen := s.ALTSRequests()
+	if len(seen) != 1+len(ALTSOtherProbes) {
+		t.Fatalf("recorded %d requests, want %d: %v", len(seen), 1+len(ALTSOtherProbes), seen)
+	}
+	if r := seen[0]; r.Proto != "HTTP/2.0" || r.Method != "POST" || r.Path != ALTSHandshakerPath || r.ContentType != "application/grpc" {
+		t.Errorf("first request recorded as %v", r)
+	}
+	for i, p := range ALTSOtherProbes {
+		wantProto := "HTTP/2.0"
+		if p.HTTP1 {
+			wantProto = "HTTP/1.1"
+		}
+		if r := seen[1+i]; r.Proto != wantProto || r.Path != p.Path {
+			t.Errorf("%s recorded as %v", p.Name, r)
+		}
 	}
 }

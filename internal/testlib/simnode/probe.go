@@ -2,6 +2,7 @@ package simnode
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -9,6 +10,9 @@ import (
 	"net"
 	"syscall"
 	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
 )
@@ -42,31 +46,80 @@ func NTPQuery(nsPath, addr string) error {
 	return nil
 }
 
-// ALTSExchange connects to addr (metadata port 8080) from inside the netns at nsPath
-// and expects the fake ALTS handshaker's greeting, then the echo of what it sends
-// after a half-close: the path passed bytes and the half-close both ways.
+// ALTSExchange makes, from inside the netns at nsPath, the gRPC-shaped call over
+// HTTP/2 with prior knowledge that grpc-go's ALTS handshaker client makes, to addr
+// (metadata port 8080), and expects the fake handshaker's answer to it.
 func ALTSExchange(nsPath, addr string) error {
-	c, err := DialIn(nsPath, "tcp", addr, 3*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	got, err := fakegce.ALTSHandshakerCall.Do(ctx, DialContextIn(nsPath), addr)
 	if err != nil {
-		return err
+		return fmt.Errorf("%s: %w", fakegce.ALTSHandshakerCall.Name, err)
 	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	greeting := make([]byte, len(fakegce.ALTSGreeting))
-	if _, err := io.ReadFull(c, greeting); err != nil || string(greeting) != fakegce.ALTSGreeting {
-		return fmt.Errorf("greeting %q, %v", greeting, err)
-	}
-	if _, err := c.Write([]byte("client hello")); err != nil {
-		return err
-	}
-	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
-		return err
-	}
-	rest, err := io.ReadAll(c)
-	if err != nil || string(rest) != "client hello" {
-		return fmt.Errorf("echo after half-close %q, %v", rest, err)
+	if got != fakegce.ALTSHandshakerAnswer {
+		return fmt.Errorf("%s: answer %q, want %q", fakegce.ALTSHandshakerCall.Name, got, fakegce.ALTSHandshakerAnswer)
 	}
 	return nil
+}
+
+// ALTSHold opens, from inside the netns at nsPath, a connection to addr (metadata port
+// 8080) and starts the handshaker call on it without ending it, as a client between
+// two handshake messages: it returns once the stand-in's answer headers came back
+// (the call was relayed and is held open), or an error when the connection ended
+// first. The caller closes the connection.
+func ALTSHold(nsPath, addr string) (net.Conn, error) {
+	c, err := DialIn(nsPath, "tcp", addr, 3*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	fail := func(err error) (net.Conn, error) { c.Close(); return nil, err }
+	var block bytes.Buffer
+	enc := hpack.NewEncoder(&block)
+	for _, f := range []hpack.HeaderField{{Name: ":method", Value: "POST"}, {Name: ":scheme", Value: "http"},
+		{Name: ":path", Value: fakegce.ALTSHandshakerPath}, {Name: ":authority", Value: "metadata.google.internal:8080"},
+		{Name: "content-type", Value: "application/grpc"}, {Name: "te", Value: "trailers"}} {
+		if err := enc.WriteField(f); err != nil {
+			return fail(err)
+		}
+	}
+	fr := http2.NewFramer(c, c)
+	if _, err := io.WriteString(c, http2.ClientPreface); err != nil {
+		return fail(err)
+	}
+	if err := fr.WriteSettings(); err != nil {
+		return fail(err)
+	}
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: 1, BlockFragment: block.Bytes(), EndHeaders: true}); err != nil {
+		return fail(err)
+	}
+	for {
+		f, err := fr.ReadFrame()
+		if err != nil {
+			return fail(fmt.Errorf("before the answer's headers: %w", err))
+		}
+		if h, ok := f.(*http2.HeadersFrame); ok && h.StreamID == 1 {
+			_ = c.SetDeadline(time.Time{})
+			return c, nil
+		}
+	}
+}
+
+// ALTSOthersUnanswered sends, from inside the netns at nsPath, each of
+// fakegce.ALTSOtherProbes to addr (metadata port 8080) and returns an error for every
+// one that got an answer: through a relay that carries only the handshaker service,
+// none does.
+func ALTSOthersUnanswered(nsPath, addr string) error {
+	var errs []error
+	for _, p := range fakegce.ALTSOtherProbes {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		got, err := p.Do(ctx, DialContextIn(nsPath), addr)
+		cancel()
+		if err == nil || got != "" {
+			errs = append(errs, fmt.Errorf("%s: answered %q (err %v), want no answer", p.Name, got, err))
+		}
+	}
+	return errors.Join(errs...)
 }
 
 // DialRefused connects to addr over network (tcp or udp; for udp a datagram is sent

@@ -38,7 +38,7 @@ func run(args []string) int {
 	cluster := fs.String("cluster-name", "", "cluster-name attribute (default fake-cluster)")
 	email := fs.String("service-account-email", "", "node service account email (default <numeric>-compute@developer.gserviceaccount.com)")
 	logRequests := fs.Bool("log-requests", false, "log every request (costly under benchmarks)")
-	gceServices := fs.Bool("gce-services", true, "on every --listen address that is GCE's metadata address (169.254.169.254, fd20:ce::254), also serve what GCE serves there: DNS (UDP and TCP 53), NTP (UDP 123) and a stand-in ALTS handshaker (TCP 8080)")
+	gceServices := fs.Bool("gce-services", true, "on every --listen address that is GCE's metadata address (169.254.169.254, fd20:ce::254), also serve what GCE serves there: DNS (UDP and TCP 53), NTP (UDP 123) and a stand-in ALTS handshaker (TCP 8080: gRPC-shaped h2c, logging each request)")
 	logFormat := fs.String("log-format", "text", "log format: text or json")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -137,6 +137,7 @@ func run(args []string) int {
 // serveGCEServices serves DNS, NTP and the ALTS stand-in on every listen address that is
 // one of GCE's metadata addresses.
 func serveGCEServices(s *fakegce.Services, listen []string, log *slog.Logger) error {
+	s.ALTSLog = log // before any service runs
 	var hosts []netip.Addr
 	for _, l := range listen {
 		ap, err := netip.ParseAddrPort(l)

@@ -1,7 +1,9 @@
 // Command gceprobe asks, from the network namespace it runs in, one of the questions the
 // demo's table shows about GCE's other services on the metadata address, and prints a
 // one-line answer: DNS over UDP or TCP (Go's own resolver, nameserver 169.254.169.254),
-// NTP (one client request), or the ALTS port 8080 (the fake handshaker's greeting).
+// NTP (one client request), or the ALTS port 8080 (a gRPC-shaped h2c call to the fake
+// handshaker, as grpc-go's ALTS handshaker client makes; or, alts-other, an HTTP/1.1
+// GET, which only the node reaches: the proxy's relay carries the handshaker alone).
 // The demo runs it with `ip netns exec` inside the namespaces it created: never run it
 // in the machine's own network namespace.
 package main
@@ -11,7 +13,6 @@ import (
 	"context"
 	"encoding/binary"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"strconv"
@@ -24,7 +25,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: gceprobe dns-udp|dns-tcp NAME | ntp | alts")
+		fmt.Fprintln(os.Stderr, "usage: gceprobe dns-udp|dns-tcp NAME | ntp | alts | alts-other")
 		os.Exit(2)
 	}
 	answer, err := probe(os.Args[1], os.Args[2:])
@@ -84,17 +85,29 @@ func probe(what string, args []string) (string, error) {
 		}
 		return fmt.Sprintf("stratum %d, ref %s", resp[1], resp[12:16]), nil
 	case "alts":
-		c, err := net.DialTimeout("tcp", at(gce.ALTSPort), 2*time.Second)
+		// What grpc-go's ALTS handshaker client does: a gRPC call over HTTP/2 with
+		// prior knowledge to the handshaker service.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		var d net.Dialer
+		answer, err := fakegce.ALTSHandshakerCall.Do(ctx, d.DialContext, at(gce.ALTSPort))
 		if err != nil {
 			return "", err
 		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
-		greeting := make([]byte, len(fakegce.ALTSGreeting))
-		if _, err := io.ReadFull(c, greeting); err != nil {
-			return "", err
+		if answer != fakegce.ALTSHandshakerAnswer {
+			return "", fmt.Errorf("answer %q, want %q", answer, fakegce.ALTSHandshakerAnswer)
 		}
-		return strings.TrimSpace(string(greeting)), nil
+		return fakegce.ALTSGreeting, nil
+	case "alts-other":
+		// A plain HTTP/1.1 request to port 8080: not the handshaker service.
+		ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		defer cancel()
+		var d net.Dialer
+		answer, err := fakegce.ALTSOtherProbes[0].Do(ctx, d.DialContext, at(gce.ALTSPort))
+		if err != nil {
+			return "", fmt.Errorf("no answer: %w", err)
+		}
+		return answer, nil
 	}
 	return "", fmt.Errorf("unknown probe %q", what)
 }
