@@ -5,6 +5,9 @@
 //	probe idle                         block until SIGTERM (the pod's main process)
 //	probe get [-H 'Name: value'] URL   one GET, one JSON line {"status","body","leak","err"}
 //	probe loop -interval 100ms URL     a GET every interval, one JSON line each, with "t"
+//	probe alts HOST:PORT               the ALTS handshaker call, then each request a relay
+//	                                   carrying only ALTS must not pass; one JSON line each
+//	                                   {"name","answered","body","err"}
 //
 // Every request carries Metadata-Flavor: Google and its own connection (no keep-alive),
 // so each one goes through the pod's rules anew.
@@ -17,6 +20,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/signal"
@@ -88,6 +92,12 @@ func run(args []string) int {
 			case <-tick.C:
 			}
 		}
+	case "alts":
+		if len(args) != 2 {
+			fmt.Fprintln(os.Stderr, "usage: probe alts HOST:PORT")
+			return 2
+		}
+		return altsProbes(ctx, args[1])
 	default:
 		fmt.Fprintf(os.Stderr, "probe: unknown mode %q\n", args[0])
 		return 2
@@ -137,6 +147,36 @@ func emit(l Line) int {
 	}
 	if _, err := fmt.Println(string(data)); err != nil {
 		return 1
+	}
+	return 0
+}
+
+// ALTSLine is one printed result of `probe alts`.
+type ALTSLine struct {
+	Name     string `json:"name"`
+	Answered bool   `json:"answered"` // an answer came back (for a gRPC call: grpc-status 0)
+	Body     string `json:"body"`     // the first 200 bytes of the answer
+	Err      string `json:"err,omitempty"`
+}
+
+// altsProbes sends fakegce's handshaker call and then each of its other probes to
+// addr, each on a connection of its own, and prints one ALTSLine per probe.
+func altsProbes(ctx context.Context, addr string) int {
+	var d net.Dialer
+	for _, p := range append([]fakegce.ALTSProbe{fakegce.ALTSHandshakerCall}, fakegce.ALTSOtherProbes...) {
+		pctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		body, err := p.Do(pctx, d.DialContext, addr)
+		cancel()
+		l := ALTSLine{Name: p.Name, Answered: err == nil, Body: body[:min(len(body), 200)]}
+		if err != nil {
+			l.Err = err.Error()
+		}
+		data, err := json.Marshal(l)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "probe:", err)
+			return 1
+		}
+		fmt.Println(string(data))
 	}
 	return 0
 }

@@ -406,3 +406,82 @@ func nodeEvent(ctx context.Context, env *Env, node, reason string) (eventInfo, e
 	}
 	return list.Items[len(list.Items)-1], nil
 }
+
+var altsPodManifest = namespaceDoc("{{.WorkloadNamespace}}") + probePod("alts-check", "{{.WorkloadNamespace}}", probeSpec{})
+
+// altsLine is one line of `probe alts`.
+type altsLine struct {
+	Name     string `json:"name"`
+	Answered bool   `json:"answered"`
+	Body     string `json:"body"`
+	Err      string `json:"err"`
+}
+
+// altsRelayScope: from a concealed pod, port 8080 of the metadata address (DNATed to
+// the proxy's ALTS relay) carries the gRPC call to the ALTS handshaker service, and
+// nothing else: HTTP/1.1, h2c for another path or service, a non-gRPC POST get no
+// answer from the server behind it; the refusals are counted.
+func altsRelayScope(ctx context.Context, env *Env) (string, error) {
+	if err := apply(ctx, env, altsPodManifest, nil); err != nil {
+		return "", err
+	}
+	if _, err := waitPodsReady(ctx, env, WorkloadNamespace, "app=alts-check", 2*time.Minute); err != nil {
+		return "", err
+	}
+	node, err := podNode(ctx, env, WorkloadNamespace, "alts-check")
+	if err != nil {
+		return "", err
+	}
+	refusedBefore, err := altsRefused(ctx, env, node)
+	if err != nil {
+		return "", err
+	}
+	out, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "exec", "alts-check", "--", "/probe", "alts", "169.254.169.254:8080")
+	if err != nil {
+		return "", err
+	}
+	var lines []altsLine
+	for _, raw := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+		var l altsLine
+		if err := json.Unmarshal([]byte(raw), &l); err != nil {
+			return "", fmt.Errorf("probe alts line %q: %w", raw, err)
+		}
+		lines = append(lines, l)
+	}
+	if len(lines) < 2 {
+		return "", errf("probe alts printed %d lines, want the handshaker call and the others:\n%s", len(lines), out)
+	}
+	if hs := lines[0]; !hs.Answered || !strings.HasPrefix(hs.Body, "MCFAKEALTS handshaker ready") {
+		return "", errf("%s: answered=%v %q (%s), want the handshaker's answer through the relay", hs.Name, hs.Answered, hs.Body, hs.Err)
+	}
+	for _, l := range lines[1:] {
+		if l.Answered || l.Body != "" {
+			return "", errf("%s: answered %q through the relay, want no answer", l.Name, l.Body)
+		}
+	}
+	refused, err := altsRefused(ctx, env, node)
+	if err != nil {
+		return "", err
+	}
+	if refused-refusedBefore < float64(len(lines)-1) {
+		return "", errf("metaconceal_proxy_alts_refused_total rose by %v for %d refused requests", refused-refusedBefore, len(lines)-1)
+	}
+	return fmt.Sprintf("handshaker call over h2c relayed (%q); %d other requests (HTTP/1.1, h2c other service/path, not gRPC, dot segment) unanswered, refusals counted %v -> %v",
+		lines[0].Body, len(lines)-1, refusedBefore, refused), nil
+}
+
+// altsRefused sums metaconceal_proxy_alts_refused_total over its reasons on node (0
+// before the first refusal: a counter vector has no series until then).
+func altsRefused(ctx context.Context, env *Env, node string) (float64, error) {
+	m, err := metricValues(ctx, env, node, proxyMetrics)
+	if err != nil {
+		return 0, err
+	}
+	sum := 0.0
+	for k, v := range m {
+		if strings.HasPrefix(k, "metaconceal_proxy_alts_refused_total{") {
+			sum += v
+		}
+	}
+	return sum, nil
+}

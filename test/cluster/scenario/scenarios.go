@@ -26,6 +26,7 @@ func List() []Scenario {
 		{Name: "guard-reconcile", Run: guardReconcile},
 		{Name: "guard-selftest", Run: guardSelftest},
 		{Name: "guard-bypass-detected", Run: guardBypassDetected},
+		{Name: "alts-relay-scope", Run: altsRelayScope},
 		{Name: "rolling-update", Run: rollingUpdate, Timeout: 5 * time.Minute},
 		{Name: "unprotected-zero", Run: unprotectedZero},
 		{Name: "uninstall", Run: uninstall, Timeout: 5 * time.Minute},
