@@ -23,6 +23,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/conflist"
 	"github.com/metaconceal/metaconceal/pkg/installer"
 	"github.com/metaconceal/metaconceal/pkg/netconf"
+	"github.com/metaconceal/metaconceal/pkg/selftest"
 )
 
 func main() {
@@ -115,6 +116,12 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 	switch {
 	case o.uninstall:
 		err = in.Uninstall()
+		// The node agent's last self-test outcome, kept in the state dir for doctor.
+		removed, rerr := selftest.RemoveOutcome(o.agent.stateDir)
+		if removed {
+			log.Info("removed the self-test outcome", "dir", o.agent.stateDir, "file", selftest.OutcomeFile)
+		}
+		err = errors.Join(err, rerr)
 	case o.once:
 		if o.waitTime > 0 {
 			var cancel context.CancelFunc

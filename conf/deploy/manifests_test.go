@@ -169,6 +169,10 @@ func TestUninstallDaemonSet(t *testing.T) {
 	if inst := spec.InitContainers[0].Command; len(inst) == 0 || filepath.Base(inst[0]) != "metaconceal-install" {
 		t.Errorf("first init container %v: want the installer (its --uninstall: cmd/metaconceal-install)", inst)
 	}
+	if !slices.Contains(spec.InitContainers[0].Command, "--state-dir=/run/metaconceal") ||
+		!slices.ContainsFunc(spec.InitContainers[0].VolumeMounts, func(m corev1.VolumeMount) bool { return m.MountPath == "/run/metaconceal" }) {
+		t.Errorf("first init container: want --state-dir=/run/metaconceal mounted (the agent's self-test outcome is removed)")
+	}
 	if guard := spec.InitContainers[1].Command; len(guard) < 2 || guard[1] != "remove-host-guard" {
 		t.Errorf("second init container %v: want metaconceal-proxy remove-host-guard", guard)
 	}

@@ -246,6 +246,19 @@ func WriteOutcome(dir string, o Outcome) error {
 	})
 }
 
+// RemoveOutcome removes the outcome kept in dir, if any (uninstall: nothing of the
+// project stays on the node).
+func RemoveOutcome(dir string) (removed bool, err error) {
+	err = os.Remove(filepath.Join(dir, OutcomeFile))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("selftest: %w", err)
+	}
+	return true, nil
+}
+
 // ReadOutcome reads the outcome the node agent kept in dir; ok is false when there is none.
 func ReadOutcome(dir string) (o Outcome, ok bool, err error) {
 	b, err := os.ReadFile(filepath.Join(dir, OutcomeFile))

@@ -151,21 +151,18 @@ func guardRules(ctx context.Context, env *Env, node string) (int, error) {
 	return n, err
 }
 
-// guardRepairs sums metaconceal_guard_repairs_total over its labels on node.
+// guardRepairs sums metaconceal_guard_repairs_total over its labels on node (0
+// before the first repair: a counter vector has no series until then).
 func guardRepairs(ctx context.Context, env *Env, node string) (float64, error) {
 	m, err := metricValues(ctx, env, node, proxyMetrics)
 	if err != nil {
 		return 0, err
 	}
-	sum, seen := 0.0, false
+	sum := 0.0
 	for k, v := range m {
-		if k == "metaconceal_guard_repairs_total" || strings.HasPrefix(k, "metaconceal_guard_repairs_total{") {
+		if strings.HasPrefix(k, "metaconceal_guard_repairs_total{") {
 			sum += v
-			seen = true
 		}
-	}
-	if !seen {
-		return 0, errf("the proxy on %s exports no metaconceal_guard_repairs_total", node)
 	}
 	return sum, nil
 }
@@ -222,10 +219,13 @@ const (
 // inertGuard makes the host guard inert on a node the way datapaths that skip
 // netfilter's usual path do in effect (docs/datapath.md): connection tracking is
 // switched off for traffic to and from the metadata address, so the guard's nat
-// rules never see it. The rules are not the guard's, so its reconciler leaves them.
+// rules never see it, and an ACCEPT ahead of the guard's filter rules lets it through
+// (Calico's insert mode). The rules are not the guard's, so its reconciler leaves them.
 var inertGuard = [][]string{
 	{"-t", "raw", "PREROUTING", "-d", "169.254.169.254/32", "-j", "NOTRACK"},
 	{"-t", "raw", "OUTPUT", "-s", "169.254.169.254/32", "-j", "NOTRACK"},
+	{"-t", "filter", "INPUT", "-d", "169.254.169.254/32", "-j", "ACCEPT"},
+	{"-t", "filter", "OUTPUT", "-s", "169.254.169.254/32", "-j", "ACCEPT"},
 }
 
 // guardSelftest: the node agent's datapath self-test, run from a concealed pod's
