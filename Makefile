@@ -4,7 +4,11 @@
 
 GO        ?= go
 BIN       := $(CURDIR)/bin
-GOFLAGS_BUILD := -trimpath -ldflags=-s
+# Every program reports its build (--version, metaconceal_build_info): internal/buildinfo.
+VERSION   ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+COMMIT    ?= $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+BUILDINFO := github.com/metaconceal/metaconceal/internal/buildinfo
+GOFLAGS_BUILD := -trimpath -ldflags='-s -X $(BUILDINFO).version=$(VERSION) -X $(BUILDINFO).commit=$(COMMIT)'
 export CGO_ENABLED := 0
 
 # As root (CI is root), a privileged test that would skip fails instead.
@@ -134,7 +138,7 @@ kind-e2e: build cluster-image-tools
 	$(CLUSTER_BIN)/cluster-e2e --provider=kind $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
 image:
-	docker build -t metaconceal:dev -f conf/Dockerfile .
+	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t metaconceal:dev -f conf/Dockerfile .
 
 clean:
 	rm -rf $(BIN)

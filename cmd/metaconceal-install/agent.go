@@ -23,6 +23,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/client-go/kubernetes"
 
+	"github.com/metaconceal/metaconceal/internal/buildinfo"
 	"github.com/metaconceal/metaconceal/internal/kubeflags"
 	"github.com/metaconceal/metaconceal/pkg/nodegate"
 	"github.com/metaconceal/metaconceal/pkg/podevents"
@@ -112,7 +113,7 @@ func (a *agentOptions) runBeside(ctx context.Context, confDir string, log *slog.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildinfo.NewCollector())
 
 	var client kubernetes.Interface
 	var events *podevents.Recorder

@@ -2,7 +2,8 @@
 // plugin binary into the CNI bin dir and its entry into the node's primary CNI config,
 // keeps the entry there while the main CNI rewrites its file, and removes both on
 // uninstall. It is what the DaemonSet runs; see docs/install.md. The subcommand
-// `metaconceal-install selftest` runs the datapath self-test on one pod (docs/datapath.md).
+// `metaconceal-install selftest` runs the datapath self-test on one pod (docs/datapath.md);
+// `metaconceal-install --version` prints the build.
 package main
 
 import (
@@ -18,6 +19,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/buildinfo"
 	"github.com/metaconceal/metaconceal/internal/cliflag"
 	"github.com/metaconceal/metaconceal/internal/logging"
 	"github.com/metaconceal/metaconceal/pkg/conflist"
@@ -29,7 +31,9 @@ import (
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	var code int
-	if len(os.Args) > 1 && os.Args[1] == "selftest" {
+	if buildinfo.VersionRequested(os.Args[1:]) {
+		fmt.Println(buildinfo.String("metaconceal-install"))
+	} else if len(os.Args) > 1 && os.Args[1] == "selftest" {
 		code = runSelftest(ctx, os.Args[2:], os.Stdout, os.Stderr) // selftest.go
 	} else {
 		code = run(ctx, os.Args[1:], os.Stderr)

@@ -23,6 +23,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/buildinfo"
 	"github.com/metaconceal/metaconceal/internal/cliflag"
 	"github.com/metaconceal/metaconceal/internal/kubeflags"
 	"github.com/metaconceal/metaconceal/internal/logging"
@@ -87,6 +88,10 @@ func main() {
 
 // dispatch runs the subcommand named by args[0], or serves when there is none.
 func dispatch(args []string, stdout, stderr io.Writer) int {
+	if buildinfo.VersionRequested(args) {
+		fmt.Fprintln(stdout, buildinfo.String("metaconceal-proxy"))
+		return 0
+	}
 	if len(args) > 0 {
 		switch args[0] {
 		case "doctor":
@@ -350,6 +355,7 @@ func serve(o options, log *slog.Logger) error {
 	}
 
 	metrics := proxy.NewMetrics()
+	metrics.Registry.MustRegister(buildinfo.NewCollector())
 	var podOpts []podindex.Option
 	var guard *hostguard.Guard
 	if o.hostGuard {

@@ -7,11 +7,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/cniplugin"
 )
 
 // The built binary speaks CNI through skel: VERSION lists 0.3.0..1.1.0, and ADD, CHECK,
@@ -93,5 +95,37 @@ func TestBinary(t *testing.T) {
 	saved, err = simnode.Run(context.Background(), "ip", "netns", "exec", podName, "iptables-save")
 	if err != nil || !strings.Contains(saved, "DNAT --to-destination 169.254.169.252:988") {
 		t.Errorf("DEL changed the pod's rules (%v):\n%s", err, saved)
+	}
+}
+
+// TestVersion runs the binary by hand, as `make build` builds it: --version prints the
+// build on stdout and exits 0; without CNI_COMMAND and without --version, skel prints
+// the about text (with the build) on stderr; skel's VERSION verb still answers JSON,
+// --version or not.
+func TestVersion(t *testing.T) {
+	t.Parallel()
+	bin := testutil.BuildVersioned(t, ".", "metaconceal", "1.2.3-test", "abc123")
+	run := func(env []string, args ...string) (stdout, stderr string, err error) {
+		cmd := exec.Command(bin, args...)
+		cmd.Env = append([]string{"PATH=" + os.Getenv("PATH")}, env...)
+		var o, e bytes.Buffer
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = strings.NewReader(`{"cniVersion":"1.1.0"}`), &o, &e
+		err = cmd.Run()
+		return o.String(), e.String(), err
+	}
+	want := "metaconceal 1.2.3-test (commit abc123, " + runtime.Version() + ")\n"
+	for _, arg := range []string{"--version", "-version"} {
+		if out, logs, err := run(nil, arg); err != nil || out != want {
+			t.Errorf("%s: stdout %q, stderr %q, %v; want %q, exit 0", arg, out, logs, err, want)
+		}
+	}
+	if out, logs, err := run(nil); err != nil || out != "" || !strings.Contains(logs, cniplugin.About+"\n"+want) {
+		t.Errorf("no CNI_COMMAND: stdout %q, stderr %q, %v; want the about text and the build on stderr, exit 0", out, logs, err)
+	}
+	for _, args := range [][]string{nil, {"--version"}} {
+		out, logs, err := run([]string{"CNI_COMMAND=VERSION"}, args...)
+		if err != nil || !strings.Contains(out, `"supportedVersions":["0.3.0","0.3.1","0.4.0","1.0.0","1.1.0"]`) {
+			t.Errorf("CNI_COMMAND=VERSION %q: stdout %q, stderr %q, %v; want the JSON", args, out, logs, err)
+		}
 	}
 }
