@@ -19,7 +19,7 @@ const (
 
 // tuneGC applies --gc-percent and --gc-memory-limit-mib. GOGC and GOMEMLIMIT in the
 // environment, when set, take precedence.
-func tuneGC(o options, log *slog.Logger) {
+func tuneGC(o flagValues, log *slog.Logger) {
 	gogc := os.Getenv("GOGC")
 	if gogc == "" {
 		debug.SetGCPercent(o.gcPercent)

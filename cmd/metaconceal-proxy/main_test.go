@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"io"
+	"log/slog"
 	"slices"
 	"strings"
 	"testing"
@@ -136,19 +137,37 @@ func TestParseUpstream(t *testing.T) {
 	}
 }
 
-func TestCheckAddrs(t *testing.T) {
+// Every value the app refuses reaches the operator with the flag to change
+// (proxyapp's errors name the value; namingFlag adds the flag).
+func TestFlagErrorsNameTheFlag(t *testing.T) {
 	t.Parallel()
-	good := options{listen: cliflag.List{"169.254.169.252:988"}, metricsListen: "127.0.0.1:989"}
-	if err := checkAddrs(good); err != nil {
-		t.Errorf("good flags refused: %v", err)
-	}
-	for name, o := range map[string]options{
-		"--listen":         {listen: cliflag.List{"169.254.169.252"}},
-		"--metrics-listen": {listen: good.listen, metricsListen: "localhost"},
-		"--shutdown-grace": {listen: good.listen, shutdownGrace: -1},
+	base := []string{"--host-guard=false", "--state-dir", t.TempDir()}
+	for _, args := range [][]string{
+		{"--listen", "169.254.169.252"},
+		{"--listen", "metadata.local:988"},
+		{"--alts-listen", "no-port"},
+		{"--metrics-listen", "localhost"},
+		{"--shutdown-grace", "-1s"},
+		{"--cache-ttl", "0s"},
+		{"--cache-ttl", "11m"},
+		{"--alts-handshake-timeout", "0s"},
+		{"--alts-idle-timeout", "-1s"},
+		{"--recursive", "sometimes"},
+		{"--upstream", "http://x/computeMetadata/v1/"},
 	} {
-		if err := checkAddrs(o); err == nil || !strings.Contains(err.Error(), name) {
-			t.Errorf("%s: err = %v, want one naming the flag", name, err)
+		f, err := parseFlags(append(append([]string{}, base...), args...), io.Discard)
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
 		}
+		if _, err := newApp(f, slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), args[0]) {
+			t.Errorf("%v: err = %v, want one naming %s", args, err, args[0])
+		}
+	}
+	f, err := parseFlags(base, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := newApp(f, slog.New(slog.DiscardHandler)); err != nil {
+		t.Errorf("defaults refused: %v", err)
 	}
 }

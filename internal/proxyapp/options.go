@@ -1,0 +1,127 @@
+package proxyapp
+
+import (
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"net/url"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/metaconceal/metaconceal/pkg/hostguard"
+	"github.com/metaconceal/metaconceal/pkg/podevents"
+	"github.com/metaconceal/metaconceal/pkg/policy"
+	"github.com/metaconceal/metaconceal/pkg/proxy"
+)
+
+// Options are everything the proxy runs with, already parsed. Every field is set
+// explicitly (cmd/metaconceal-proxy fills them from its flags and their defaults).
+type Options struct {
+	// Listen are the addresses the proxy serves pods on; at least one.
+	Listen []netip.AddrPort
+	// MetricsListen is where /metrics, /healthz and /readyz are served, as net.Listen
+	// takes it (the host may be empty or a name); empty turns them off.
+	MetricsListen string
+	// Upstream is the real metadata server, scheme and host only.
+	Upstream *url.URL
+	// UpstreamTimeout bounds an upstream answer that is not a long poll.
+	UpstreamTimeout time.Duration
+	// StateDir is the CNI plugin's state dir, which names the pod behind a source IP.
+	StateDir string
+	// Policy is the request policy (pkg/policy; reading a policy file is the caller's).
+	Policy policy.Config
+	// Cache configures the answer cache; FactTTL is required (0 < FactTTL <=
+	// proxy.MaxFactTTL).
+	Cache proxy.CacheConfig
+	// Limits are the per-pod and global limits.
+	Limits proxy.Limits
+	// ALTS is the ALTS relay.
+	ALTS ALTSOptions
+	// Guard, when set, is the host guard, installed before listening and left in
+	// place on exit; nil runs without it (tests, benchmarks only).
+	Guard *GuardOptions
+	// Events, when set, records Events on the pods behind concealed and denied
+	// requests; Component defaults to "metaconceal-proxy" and Log to Options.Log.
+	Events *podevents.Config
+	// ShutdownGrace is how long open ordinary requests may finish once Run's context
+	// is done, before their connections are closed.
+	ShutdownGrace time.Duration
+	// Collectors are registered beside the proxy's metrics (e.g. the binary's own).
+	Collectors []prometheus.Collector
+	// Log receives what happens; nil discards.
+	Log *slog.Logger
+}
+
+// ALTSOptions configure the ALTS relay (pkg/altsrelay).
+type ALTSOptions struct {
+	// Listen are the relay's addresses; none turns the relay off.
+	Listen []netip.AddrPort
+	// HandshakeTimeout and IdleTimeout are the relay's deadlines; both more than 0.
+	HandshakeTimeout, IdleTimeout time.Duration
+}
+
+// GuardOptions configure the host guard (pkg/hostguard).
+type GuardOptions struct {
+	// Config is the guard's config; its ListenAddrs and ALTSListenAddrs are replaced
+	// by Options.Listen and Options.ALTS.Listen, so the guard redirects to where the
+	// proxy listens.
+	Config hostguard.Config
+	// Reconcile is how often the guard is checked and repaired; 0 is
+	// hostguard.DefaultReconcileInterval.
+	Reconcile time.Duration
+}
+
+// An OptionError is an Options value that cannot be used. Option names the field
+// ("Cache.FactTTL"), so that a caller can say which of its settings to change; the
+// error itself names the value.
+type OptionError struct {
+	Option string
+	Err    error
+}
+
+func (e *OptionError) Error() string { return e.Err.Error() }
+func (e *OptionError) Unwrap() error { return e.Err }
+
+func optionErr(option, format string, args ...any) error {
+	return &OptionError{Option: option, Err: fmt.Errorf(format, args...)}
+}
+
+// validate checks what New does not leave to the parts it builds.
+func (o Options) validate() error {
+	if len(o.Listen) == 0 {
+		return optionErr("Listen", "no listen address")
+	}
+	for _, ap := range o.Listen {
+		if !ap.IsValid() {
+			return optionErr("Listen", "listen address %v: want IP:port", ap)
+		}
+	}
+	for _, ap := range o.ALTS.Listen {
+		if !ap.IsValid() {
+			return optionErr("ALTS.Listen", "ALTS relay address %v: want IP:port", ap)
+		}
+	}
+	if o.MetricsListen != "" {
+		if _, _, err := net.SplitHostPort(o.MetricsListen); err != nil {
+			return optionErr("MetricsListen", "metrics address %q: %w", o.MetricsListen, err)
+		}
+	}
+	if o.Upstream == nil {
+		return optionErr("Upstream", "no upstream")
+	}
+	if o.ShutdownGrace < 0 {
+		return optionErr("ShutdownGrace", "shutdown grace %s: want 0 or more", o.ShutdownGrace)
+	}
+	if ttl := o.Cache.FactTTL; ttl <= 0 || ttl > proxy.MaxFactTTL {
+		return optionErr("Cache.FactTTL", "cache TTL %s: want more than 0 and at most %s", ttl, proxy.MaxFactTTL)
+	}
+	if o.ALTS.HandshakeTimeout <= 0 {
+		return optionErr("ALTS.HandshakeTimeout", "ALTS handshake timeout %s: want more than 0", o.ALTS.HandshakeTimeout)
+	}
+	if o.ALTS.IdleTimeout <= 0 {
+		return optionErr("ALTS.IdleTimeout", "ALTS idle timeout %s: want more than 0", o.ALTS.IdleTimeout)
+	}
+	return nil
+}
