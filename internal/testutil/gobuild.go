@@ -1,6 +1,7 @@
 package testutil
 
 import (
+	"bytes"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -22,4 +23,18 @@ func BuildVersioned(t testing.TB, pkg, name, version, commit string) string {
 		t.Fatalf("go build %s: %v\n%s", pkg, err, out)
 	}
 	return bin
+}
+
+// CheckVersionFlag runs bin with --version and with -version alone: each must print
+// want (the whole line) on stdout and exit 0.
+func CheckVersionFlag(t testing.TB, bin, want string) {
+	t.Helper()
+	for _, arg := range []string{"--version", "-version"} {
+		var stdout, stderr bytes.Buffer
+		cmd := exec.Command(bin, arg)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil || stdout.String() != want {
+			t.Errorf("%s: stdout %q, stderr %q, %v; want %q, exit 0", arg, stdout.String(), stderr.String(), err, want)
+		}
+	}
 }

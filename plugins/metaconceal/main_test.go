@@ -114,11 +114,7 @@ func TestVersion(t *testing.T) {
 		return o.String(), e.String(), err
 	}
 	want := "metaconceal 1.2.3-test (commit abc123, " + runtime.Version() + ")\n"
-	for _, arg := range []string{"--version", "-version"} {
-		if out, logs, err := run(nil, arg); err != nil || out != want {
-			t.Errorf("%s: stdout %q, stderr %q, %v; want %q, exit 0", arg, out, logs, err, want)
-		}
-	}
+	testutil.CheckVersionFlag(t, bin, want)
 	if out, logs, err := run(nil); err != nil || out != "" || !strings.Contains(logs, cniplugin.About+"\n"+want) {
 		t.Errorf("no CNI_COMMAND: stdout %q, stderr %q, %v; want the about text and the build on stderr, exit 0", out, logs, err)
 	}

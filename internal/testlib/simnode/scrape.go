@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
+	"path/filepath"
+	"syscall"
 	"time"
 )
 
@@ -37,4 +40,33 @@ func GetWhenUp(ctx context.Context, nsPath, url string, exited <-chan struct{}) 
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// GetFromServer starts the server program bin with args inside the node netns, GETs
+// url from there once it answers 200 (GetWhenUp, up to 30 s), stops the server
+// (SIGTERM) and returns the body; on failure the error carries the server's output.
+func (n *Node) GetFromServer(bin string, args []string, url string) (string, error) {
+	logs, err := os.CreateTemp("", "simnode-server-*.log") // a file: readable while the process runs
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(logs.Name())
+	defer logs.Close()
+	cmd := n.Command(context.Background(), bin, args...)
+	cmd.Stdout, cmd.Stderr = logs, logs
+	if err := cmd.Start(); err != nil {
+		return "", err
+	}
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }() // the exit is reported through exited
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	body, err := GetWhenUp(ctx, n.Path, url, exited)
+	cancel()
+	_ = cmd.Process.Signal(syscall.SIGTERM) // it may have exited already
+	<-exited
+	if err != nil {
+		out, _ := os.ReadFile(logs.Name()) // best effort, for the message
+		return "", fmt.Errorf("%w\n%s output:\n%s", err, filepath.Base(bin), out)
+	}
+	return body, nil
 }
