@@ -139,20 +139,7 @@ func TestForgedSYNFloodKeepsLegitimatePod(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			ln, err := node.Listen("tcp", "169.254.169.252:988")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { ln.Close() })
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					c.Close()
-				}
-			}()
+			acceptAndClose(t, node, "169.254.169.252:988")
 			cfg := Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")},
 				ConnRate: DefaultConnRate, ConnBurst: DefaultConnBurst, Backend: tc.backend}
 			if tc.control {

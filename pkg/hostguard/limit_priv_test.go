@@ -29,6 +29,26 @@ func routedPod(t *testing.T, node *simnode.Node, i int) string {
 	return podPath
 }
 
+// acceptAndClose listens on addr in the node netns and closes every connection it
+// accepts: a stand-in for the proxy where only the handshake matters.
+func acceptAndClose(t *testing.T, node *simnode.Node, addr string) {
+	t.Helper()
+	ln, err := node.Listen("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+}
+
 // dialMany opens n connections at once from the pod netns to addr, each with timeout,
 // and reports how many were established and how many of those needed a SYN
 // retransmission (a SYN dropped on the way: TCP_INFO's total_retrans). The
@@ -89,20 +109,7 @@ func TestConnLimitInNode(t *testing.T) {
 			ctx := context.Background()
 			node := newNode(t)
 			normal, flooder := routedPod(t, node, 1), routedPod(t, node, 2)
-			ln, err := node.Listen("tcp", "169.254.169.252:988")
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { ln.Close() })
-			go func() {
-				for {
-					c, err := ln.Accept()
-					if err != nil {
-						return
-					}
-					c.Close()
-				}
-			}()
+			acceptAndClose(t, node, "169.254.169.252:988")
 			cfg := Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")},
 				ConnRate: DefaultConnRate, ConnBurst: DefaultConnBurst, Backend: b.backend}
 			if err := inNetns(t, node.Path, func() error { return Install(ctx, cfg, testLogger(t)) }); err != nil {
