@@ -1,14 +1,9 @@
 package proxy
 
 import (
-	"bytes"
-	"encoding/json"
-	"errors"
 	"fmt"
-	"io"
 	"net/http"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -115,62 +110,6 @@ func newAnswerCache(cfg CacheConfig, m *Metrics) (*answerCache, error) {
 	return c, nil
 }
 
-// reqKey identifies identical requests: everything that is sent upstream or that
-// changes what the client gets back. It keys the cache and the coalescing of GETs
-// and long polls (flight.go). The path and query are canonical, so spellings that
-// mean the same share a key; requests whose answers are treated differently
-// (filtered, or served in full to an exposed pod) never do. The client's Host plays
-// no part: ServeHTTP replaces it with the upstream's.
-type reqKey struct {
-	path, query, host string
-	flavor            string // the Metadata-Flavor values, joined by "\x00"
-	flags             uint8
-}
-
-const (
-	keyFlavor   uint8 = 1 << iota // a Metadata-Flavor header was forwarded
-	keyFiltered                   // the answer is a filtered recursive listing
-	keyExposed                    // served in full to an exposed pod
-	keyHead                       // HEAD (long polls): the answer has headers only
-)
-
-func (h *Handler) requestKey(r *http.Request, d policy.Decision) reqKey {
-	k := reqKey{path: d.Path, query: d.RawQuery, host: r.Host}
-	if k.host == "" {
-		k.host = h.upstreamHost
-	}
-	if v := forwardedFlavor(r); v != nil {
-		k.flags |= keyFlavor
-		if len(v) == 1 {
-			k.flavor = v[0]
-		} else {
-			k.flavor = strings.Join(v, "\x00")
-		}
-	}
-	if d.FilterListing {
-		k.flags |= keyFiltered
-	}
-	if d.Rule == policy.RuleExposedPod {
-		k.flags |= keyExposed
-	}
-	if r.Method == http.MethodHead {
-		k.flags |= keyHead
-	}
-	return k
-}
-
-// upstreamRequest is the GET a key stands for, on the lean pool.
-func (k reqKey) upstreamRequest() upstreamRequest {
-	return upstreamRequest{method: http.MethodGet, host: k.host, path: k.path, rawQuery: k.query, flavor: k.flavorValues()}
-}
-
-func (k reqKey) flavorValues() []string {
-	if k.flags&keyFlavor == 0 {
-		return nil
-	}
-	return strings.Split(k.flavor, "\x00")
-}
-
 // cacheKindOf is the table's answer for an allowed decision.
 func (c *answerCache) cacheKindOf(d policy.Decision) cacheKind {
 	if c.disabled || d.Rule != policy.RuleV1 || d.FilterListing || d.WaitForChange {
@@ -183,29 +122,29 @@ func (c *answerCache) cacheKindOf(d policy.Decision) cacheKind {
 	return kind
 }
 
-// serveGET answers an allowed, ordinary GET from pod cl, from the cache or through a
-// coalesced upstream request. It reports false for anything else (HEAD), which the
-// caller forwards itself.
-func (h *Handler) serveGET(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) bool {
-	c := h.cache
-	if c == nil || r.Method != http.MethodGet || d.WaitForChange {
+// serveGET answers an allowed, ordinary GET, from the cache or through a coalesced
+// upstream request. It reports false for anything else (HEAD), which the caller
+// forwards itself.
+func (a *answerer) serveGET(x *exchange) bool {
+	c := a.cache
+	if c == nil || x.r.Method != http.MethodGet || x.d.WaitForChange {
 		return false
 	}
-	key := h.requestKey(r, d)
-	kind := c.cacheKindOf(d)
+	key := a.requestKey(x)
+	kind := c.cacheKindOf(x.d)
 	if kind != notCached {
 		now := c.now()
 		if e := c.get(key); e != nil && now.Before(e.staleAt) {
 			c.stats.hits[kind].Add(1)
 			e.touch(now)
 			if kind == cacheToken && !now.Before(e.refreshAt) {
-				h.startRefresh(key, e, now)
+				a.startRefresh(key, e, now)
 			}
-			e.write(w, now)
+			e.write(x.w, now)
 			return true
 		}
 	}
-	h.coalescedGET(w, r, key, kind, cl)
+	a.coalescedGET(x, key, kind)
 	return true
 }
 
@@ -380,12 +319,12 @@ func (c *answerCache) evictFrom(own map[reqKey]*cacheEntry, now time.Time) {
 // startRefresh starts one background refresh of a token entry, unless one is
 // running, a request for the same key is already in flight (it will refresh the
 // entry), or the last attempt was less than refreshRetry ago.
-func (h *Handler) startRefresh(k reqKey, e *cacheEntry, now time.Time) {
-	c := h.cache
+func (a *answerer) startRefresh(k reqKey, e *cacheEntry, now time.Time) {
+	c := a.cache
 	if now.UnixNano() < e.nextTry.Load() || !e.refreshing.CompareAndSwap(false, true) {
 		return
 	}
-	f := h.gets.startIfNone(k, h.upstreamTimeout) // holds the refresh's own reference
+	f := a.gets.StartIfNone(k) // holds the refresh's own reference
 	if f == nil {
 		e.refreshing.Store(false)
 		return
@@ -393,11 +332,11 @@ func (h *Handler) startRefresh(k reqKey, e *cacheEntry, now time.Time) {
 	c.bg.Add(1)
 	go func() {
 		defer c.bg.Done()
-		stored := h.runGetFlight(k, f, cacheToken, e.owner)
-		switch {
+		stored := a.runGetFlight(f, cacheToken, e.owner)
+		switch rp := f.Result(); {
 		case stored:
 			c.stats.refreshes[refreshRenewed].Add(1)
-		case f.errStatus != 0 || f.status != http.StatusOK:
+		case rp.errStatus != 0 || rp.status != http.StatusOK:
 			c.stats.refreshes[refreshFailed].Add(1)
 		default:
 			c.stats.refreshes[refreshNotCacheable].Add(1)
@@ -408,150 +347,4 @@ func (h *Handler) startRefresh(k reqKey, e *cacheEntry, now time.Time) {
 			e.refreshing.Store(false)
 		}
 	}()
-}
-
-// token is what the cache needs from a token answer.
-type token struct {
-	expiresIn        int64
-	numStart, numEnd int // the expires_in digits in the body
-}
-
-// parseToken reads a token answer: JSON ({"access_token": "...", "expires_in": N,
-// ...}) or alt=text ("access_token ...\nexpires_in N\n..."). Anything else, a
-// missing or empty access_token, a duplicate or non-integer expires_in, or one
-// outside (0, maxTokenLifetime], is not a cacheable token.
-func parseToken(body []byte) (token, bool) {
-	trimmed := strings.TrimLeft(string(body), " \t\r\n")
-	var tok token
-	var ok bool
-	if strings.HasPrefix(trimmed, "{") {
-		tok, ok = parseJSONToken(body)
-	} else {
-		tok, ok = parseTextToken(body)
-	}
-	if !ok || tok.expiresIn <= 0 || time.Duration(tok.expiresIn)*time.Second > maxTokenLifetime {
-		return token{}, false
-	}
-	return tok, true
-}
-
-// parseTextToken reads the alt=text form, one "key value" per line.
-func parseTextToken(body []byte) (token, bool) {
-	var tok token
-	found, hasToken := false, false
-	s := string(body)
-	for off := 0; off < len(s); {
-		line := s[off:]
-		next := len(s)
-		if i := strings.IndexByte(line, '\n'); i >= 0 {
-			line, next = line[:i], off+i+1
-		}
-		key, value, _ := strings.Cut(line, " ")
-		switch {
-		case strings.EqualFold(key, "expires_in"):
-			if found || key != "expires_in" || !allDigits(value) || len(value) > 9 {
-				return token{}, false
-			}
-			found = true
-			tok.expiresIn, _ = strconv.ParseInt(value, 10, 64)
-			tok.numStart = off + len(key) + 1
-			tok.numEnd = tok.numStart + len(value)
-		case strings.EqualFold(key, "access_token"):
-			if hasToken || key != "access_token" || value == "" {
-				return token{}, false
-			}
-			hasToken = true
-		}
-		off = next
-	}
-	return tok, found && hasToken
-}
-
-func allDigits(s string) bool {
-	if s == "" {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
-}
-
-// parseJSONToken reads the JSON form: one object whose top-level access_token is a
-// non-empty string and whose top-level expires_in is a plain integer, each once.
-func parseJSONToken(body []byte) (token, bool) {
-	dec := json.NewDecoder(bytes.NewReader(body))
-	dec.UseNumber()
-	if t, err := dec.Token(); err != nil || t != json.Delim('{') {
-		return token{}, false
-	}
-	var tok token
-	found, hasToken := false, false
-	for dec.More() {
-		kt, err := dec.Token()
-		if err != nil {
-			return token{}, false
-		}
-		key, _ := kt.(string)
-		vt, err := dec.Token()
-		if err != nil {
-			return token{}, false
-		}
-		if d, nested := vt.(json.Delim); nested {
-			if skipNested(dec, d) != nil {
-				return token{}, false
-			}
-		}
-		switch {
-		case strings.EqualFold(key, "expires_in"):
-			n, isNum := vt.(json.Number)
-			if found || key != "expires_in" || !isNum || !allDigits(string(n)) || len(n) > 9 {
-				return token{}, false
-			}
-			end := int(dec.InputOffset())
-			start := end - len(n)
-			if start < 0 || string(body[start:end]) != string(n) {
-				return token{}, false
-			}
-			found = true
-			tok.expiresIn, _ = strconv.ParseInt(string(n), 10, 64)
-			tok.numStart, tok.numEnd = start, end
-		case strings.EqualFold(key, "access_token"):
-			s, isStr := vt.(string)
-			if hasToken || key != "access_token" || !isStr || s == "" {
-				return token{}, false
-			}
-			hasToken = true
-		}
-	}
-	if t, err := dec.Token(); err != nil || t != json.Delim('}') {
-		return token{}, false
-	}
-	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
-		return token{}, false // trailing data
-	}
-	return tok, found && hasToken
-}
-
-// skipNested consumes a nested object or array whose opening delimiter was read.
-func skipNested(dec *json.Decoder, open json.Delim) error {
-	if open != '{' && open != '[' {
-		return errors.New("unexpected closing delimiter")
-	}
-	for depth := 1; depth > 0; {
-		t, err := dec.Token()
-		if err != nil {
-			return err
-		}
-		if d, ok := t.(json.Delim); ok {
-			if d == '{' || d == '[' {
-				depth++
-			} else {
-				depth--
-			}
-		}
-	}
-	return nil
 }

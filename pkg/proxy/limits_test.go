@@ -449,12 +449,12 @@ func TestAuditLineBounded(t *testing.T) {
 func TestLimitsValidate(t *testing.T) {
 	t.Parallel()
 	for _, l := range []Limits{{PodRate: -1}, {PodRate: 10}, {PodMaxConns: -1}, {MaxUpstreamConns: -5}} {
-		if err := l.validate(); err == nil {
+		if err := l.Validate(); err == nil {
 			t.Errorf("%+v accepted", l)
 		}
 	}
 	for _, l := range []Limits{{}, DefaultLimits} {
-		if err := l.validate(); err != nil {
+		if err := l.Validate(); err != nil {
 			t.Errorf("%+v: %v", l, err)
 		}
 	}

@@ -4,8 +4,6 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
-
-	"github.com/metaconceal/metaconceal/pkg/policy"
 )
 
 // Filtered recursive listings fail closed: a request that needs filtering is
@@ -17,11 +15,11 @@ import (
 
 // filteredAnswer checks and filters one upstream answer to a request that needs
 // filtering, and returns the headers and body to send, or a *listingError.
-func (h *Handler) filteredAnswer(path string, status int, upstreamHdr http.Header, body []byte) (http.Header, []byte, error) {
+func (a *answerer) filteredAnswer(path string, status int, upstreamHdr http.Header, body []byte) (http.Header, []byte, error) {
 	if status != http.StatusOK {
 		return nil, nil, &listingError{fmt.Errorf("the metadata server answered %d %s, not a listing", status, http.StatusText(status))}
 	}
-	filtered, err := h.policy.FilterListing(path, body)
+	filtered, err := a.policy.FilterListing(path, body)
 	if err != nil {
 		return nil, nil, &listingError{err}
 	}
@@ -46,39 +44,32 @@ func isHexString(s string) bool {
 	return true
 }
 
-// forwardFiltered serves an ordinary request from pod cl whose answer must be
-// filtered.
-func (h *Handler) forwardFiltered(w http.ResponseWriter, r *http.Request, d policy.Decision, cl *client) {
-	if !h.takeUpstream(w, cl) {
+// forwardFiltered serves an ordinary request whose answer must be filtered.
+func (a *answerer) forwardFiltered(x *exchange) {
+	if !a.takeUpstream(x) {
 		return
 	}
-	defer h.upShare.give(cl.key)
-	req := upstreamRequest{method: http.MethodGet, host: h.upstreamHost, path: d.Path, rawQuery: d.RawQuery, flavor: forwardedFlavor(r)}
-	resp, release, err := h.send(r.Context(), &req)
+	defer a.upShare.give(x.cl.key)
+	req := upstreamRequest{method: http.MethodGet, host: a.upstreamHost, path: x.d.Path, rawQuery: x.d.RawQuery, flavor: forwardedFlavor(x.r)}
+	resp, release, err := a.send(x.r.Context(), &req)
 	if err != nil {
-		h.upstreamFailed(w, r, err, h.upstreamTimeout)
+		a.respond.failed(x, err, a.upstreamTimeout)
 		return
 	}
 	body, err := readLimited(resp.Body)
 	release(err == nil && resp.Body.Close() == nil)
 	var hdr http.Header
 	if err == nil {
-		hdr, body, err = h.filteredAnswer(d.Path, resp.StatusCode, resp.Header, body)
+		hdr, body, err = a.filteredAnswer(x.d.Path, resp.StatusCode, resp.Header, body)
 	} else {
 		err = &listingError{err}
 	}
 	if err != nil {
-		h.withheld(w, r, err)
+		a.respond.withheld(x, err)
 		return
 	}
-	dst := w.Header()
-	for k, v := range hdr {
-		dst[k] = v
-	}
-	w.WriteHeader(http.StatusOK)
-	if r.Method != http.MethodHead {
-		_, _ = w.Write(body)
-	}
+	rp := reply{status: http.StatusOK, header: hdr, body: body}
+	rp.write(x)
 }
 
 // listingError is a recursive listing that could not be filtered.

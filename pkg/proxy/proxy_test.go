@@ -430,7 +430,7 @@ func TestClientDisconnectCancelsUpstream(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("upstream long poll still open 5s after its only client left")
 	}
-	waitFor(t, "the flight to be dropped", func() bool { return f.handler.polls.len() == 0 })
+	waitFor(t, "the flight to be dropped", func() bool { return f.handler.polls.Len() == 0 })
 }
 
 func TestCoalescing(t *testing.T) {
