@@ -8,7 +8,6 @@ import (
 	"time"
 )
 
-
 // countCap grants up to max units, by owner.
 type countCap struct {
 	mu   sync.Mutex
