@@ -25,9 +25,10 @@ type (
 // through a flight (coalesce.go) to the upstream; a HEAD is forwarded on its own.
 type answerer struct {
 	upstreamScheme, upstreamHost string
-	policy                       *policy.Policy // filters listings
-	transport                    http.RoundTripper
-	pool                         *connPool // ordinary requests
+	policy                       *policy.Policy    // filters listings
+	transport                    http.RoundTripper // long polls, readiness
+	upstream                     http.RoundTripper // ordinary requests
+	slots                        slots             // ordinary requests in flight (--max-upstream-conns)
 	upstreamTimeout              time.Duration
 	longPollSlack                time.Duration
 	podMaxLongPolls              int
@@ -73,21 +74,17 @@ func (a *answerer) forward(x *exchange) {
 	if req.host == "" {
 		req.host = a.upstreamHost
 	}
-	resp, release, err := a.send(x.r.Context(), &req)
+	resp, err := a.send(x.r.Context(), &req)
 	if err != nil {
 		a.respond.failed(x, err, a.upstreamTimeout)
 		return
 	}
-	reusable := false
-	defer func() { release(reusable) }()
-
+	defer resp.Body.Close()
 	copyHeader(x.w.Header(), resp.Header)
 	x.w.WriteHeader(resp.StatusCode)
-	if x.head() {
-		reusable = true
-		return
+	if !x.head() {
+		copyBody(x.w, resp)
 	}
-	reusable = copyBody(x.w, resp)
 }
 
 // takeUpstream takes a unit of the pod's share of the upstream requests for a request
@@ -99,17 +96,6 @@ func (a *answerer) takeUpstream(x *exchange) bool {
 		return false
 	}
 	return true
-}
-
-// send sends req on the lean pool, within the upstream timeout, and observes the
-// upstream's latency.
-func (a *answerer) send(ctx context.Context, req *upstreamRequest) (*http.Response, func(reusable bool), error) {
-	start := time.Now()
-	resp, release, err := a.pool.roundTrip(ctx, req, start.Add(a.upstreamTimeout))
-	if err == nil {
-		a.metrics.latencyRequest.Observe(time.Since(start).Seconds())
-	}
-	return resp, release, err
 }
 
 // hopHeaders are connection-level headers (RFC 9110 7.6.1) never copied across.
@@ -135,11 +121,10 @@ const smallBody = 16 << 10
 
 var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
-// copyBody streams the upstream body to the client with a pooled buffer and reports
-// whether it was read whole (the connection can then be reused). A body cut short
-// upstream aborts the client connection, so the client sees a truncated answer and
-// not a complete-looking wrong one.
-func copyBody(w http.ResponseWriter, resp *http.Response) bool {
+// copyBody streams the upstream body to the client with a pooled buffer and closes
+// it. A body cut short upstream aborts the client connection, so the client sees a
+// truncated answer and not a complete-looking wrong one.
+func copyBody(w http.ResponseWriter, resp *http.Response) {
 	bp := bufPool.Get().(*[]byte)
 	defer bufPool.Put(bp)
 	buf := *bp
@@ -151,13 +136,14 @@ func copyBody(w http.ResponseWriter, resp *http.Response) bool {
 			}
 			_, _ = w.Write(buf[:n]) // a client gone mid-answer is not our error
 		}
-		return resp.Body.Close() == nil
+		resp.Body.Close()
+		return
 	}
 	if _, err := io.CopyBuffer(writerOnly{w}, resp.Body, buf); err != nil {
 		resp.Body.Close()
 		panic(http.ErrAbortHandler)
 	}
-	return resp.Body.Close() == nil
+	resp.Body.Close()
 }
 
 // writerOnly hides the ResponseWriter's ReadFrom so io.CopyBuffer uses our buffer.

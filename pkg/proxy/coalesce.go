@@ -77,20 +77,18 @@ func (a *answerer) runGetFlight(f *getFlight, kind cacheKind, owner podKey) bool
 	return stored
 }
 
-// fetchGET sends req on the lean pool and reads the whole answer. The header is the
+// fetchGET sends req upstream and reads the whole answer. The header is the
 // upstream's end-to-end headers with Content-Length set to the body returned.
 func (a *answerer) fetchGET(ctx context.Context, req *upstreamRequest) (int, http.Header, []byte, error) {
-	resp, release, err := a.send(ctx, req)
+	resp, err := a.send(ctx, req)
 	if err != nil {
 		return 0, nil, nil, err
 	}
 	body, err := readLimited(resp.Body)
+	resp.Body.Close()
 	if err != nil {
-		resp.Body.Close()
-		release(false)
 		return 0, nil, nil, err
 	}
-	release(resp.Body.Close() == nil)
 	hdr := make(http.Header, len(resp.Header)+1)
 	copyHeader(hdr, resp.Header)
 	hdr["Content-Length"] = []string{strconv.Itoa(len(body))}

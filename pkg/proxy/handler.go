@@ -46,9 +46,11 @@ type Config struct {
 	Notify  BlockNotifier
 	Log     *slog.Logger
 	Metrics *Metrics
-	// Transport carries long polls and readiness checks; defaults to NewTransport().
-	// Ordinary requests use the proxy's own lean connection pool.
+	// Transport carries every upstream request; defaults to NewTransport().
 	Transport http.RoundTripper
+	// Ordinary, when set, carries the ordinary requests instead of Transport (the
+	// side-by-side benchmark of NewPool).
+	Ordinary http.RoundTripper
 	// UpstreamTimeout bounds a request that is not a long poll.
 	UpstreamTimeout time.Duration
 	// LongPollSlack is added to a long poll's timeout_sec (or to the 3600 s maximum
@@ -139,6 +141,10 @@ func New(cfg Config) (*Handler, error) {
 	if a.transport == nil {
 		a.transport = NewTransport()
 	}
+	a.upstream = cfg.Ordinary
+	if a.upstream == nil {
+		a.upstream = a.transport
+	}
 	if a.upstreamTimeout <= 0 {
 		a.upstreamTimeout = DefaultUpstreamTimeout
 	}
@@ -159,7 +165,7 @@ func New(cfg Config) (*Handler, error) {
 	h.admission = admission{limits: cfg.Limits, clients: h.clients, metrics: h.metrics, respond: h.respond, audit: h.audit}
 	h.decision = newDecider(cfg.Policy, h.metrics, h.audit)
 	a.respond, a.clients, a.releaseConn = h.respond, h.clients, h.releaseConn
-	a.pool = newConnPool(cfg.Upstream, DefaultMaxIdleConnsPerHost, cfg.Limits.MaxUpstreamConns)
+	a.slots = newSlots(cfg.Limits.MaxUpstreamConns)
 	a.upShare = newFairCap(cfg.Limits.MaxUpstreamConns, true)
 	// A new GET flight is one more upstream request: charged to the upstream share.
 	a.gets = flight.New[reqKey, podKey, reply, *parkedPoll](flight.Config[podKey]{Base: h.baseCtx, Cap: capOf(a.upShare)})
@@ -201,7 +207,7 @@ func (h *Handler) Drain() {
 func (h *Handler) Close() {
 	h.polls.Stop()
 	h.cancelBase()
-	h.pool.closeIdle()
+	h.closeIdle()
 	if !h.polls.Wait(5 * time.Second) {
 		h.log.Warn("long poll answers still being written at shutdown")
 	}

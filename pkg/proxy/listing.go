@@ -51,13 +51,13 @@ func (a *answerer) forwardFiltered(x *exchange) {
 	}
 	defer a.upShare.give(x.cl.key)
 	req := upstreamRequest{method: http.MethodGet, host: a.upstreamHost, path: x.d.Path, rawQuery: x.d.RawQuery, flavor: forwardedFlavor(x.r)}
-	resp, release, err := a.send(x.r.Context(), &req)
+	resp, err := a.send(x.r.Context(), &req)
 	if err != nil {
 		a.respond.failed(x, err, a.upstreamTimeout)
 		return
 	}
 	body, err := readLimited(resp.Body)
-	release(err == nil && resp.Body.Close() == nil)
+	resp.Body.Close()
 	var hdr http.Header
 	if err == nil {
 		hdr, body, err = a.filteredAnswer(x.d.Path, resp.StatusCode, resp.Header, body)

@@ -308,6 +308,9 @@ func bench(cfg benchConfig) error {
 	if err := cacheBench(cfg, upstream); err != nil { // cache.go
 		return err
 	}
+	if err := upstreamBench(cfg, upstream, bare); err != nil { // upstream.go
+		return err
+	}
 
 	if cfg.polls > 0 {
 		fmt.Printf("\nlong polls: %d concurrent GET ...?wait_for_change=true&timeout_sec=%d on metaconceal-proxy\n", cfg.polls, cfg.pollTimeout)
@@ -475,7 +478,11 @@ func request(path string) []byte {
 
 // load runs conns keep-alive clients against addr for d.
 func load(addr, path string, conns int, d time.Duration) (*result, error) {
-	req := request(path)
+	return loadEach(addr, func(int) string { return path }, conns, d)
+}
+
+// loadEach is load with a path of its own for each client (pathOf(i) for the i-th).
+func loadEach(addr string, pathOf func(int) string, conns int, d time.Duration) (*result, error) {
 	var (
 		wg      sync.WaitGroup
 		stop    atomic.Bool
@@ -485,7 +492,7 @@ func load(addr, path string, conns int, d time.Duration) (*result, error) {
 	)
 	clients := make([]*client, conns)
 	for i := range clients {
-		clients[i] = &client{addr: addr, req: req}
+		clients[i] = &client{addr: addr, req: request(pathOf(i))}
 		if err := clients[i].dial(); err != nil {
 			dialErr = err
 			break

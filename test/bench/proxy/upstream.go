@@ -1,0 +1,95 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// upstreamBench compares the two upstream clients of metaconceal-proxy with the cache
+// off and cold keys (each connection asks for a token with scopes of its own, so no
+// request is answered from the cache or shares a flight): net/http's Transport (the
+// default) and the hand-written pool (--upstream-pool), beside a bare
+// httputil.ReverseProxy, at each concurrency.
+func upstreamBench(cfg benchConfig, upstream, bare *process) error {
+	off := []string{"--cache=false", "--pod-rate=0", "--pod-max-conns=0", "--pod-max-long-polls=0",
+		"--max-upstream-long-polls=0", "--max-upstream-conns=0"}
+	tr, _, stopTr, err := startProxy("metaconceal-proxy (cache off, Transport)", "http://"+upstream.addr, off...)
+	if err != nil {
+		return err
+	}
+	defer stopTr()
+	pool, _, stopPool, err := startProxy("metaconceal-proxy (cache off, pool)", "http://"+upstream.addr, append(off, "--upstream-pool")...)
+	if err != nil {
+		return err
+	}
+	defer stopPool()
+	coldKey := func(i int) string {
+		return fmt.Sprintf("/computeMetadata/v1/instance/service-accounts/default/token?scopes=https://www.googleapis.com/auth/bench-%d", i)
+	}
+	fmt.Printf("\nupstream clients, cache off, cold keys (a token with scopes of its own per connection), %d rounds of %s, alternating; load average %s\n",
+		cfg.rounds, cfg.roundTime, loadAvg())
+	targets := []*process{bare, tr, pool}
+	labels := map[*process]string{bare: "bare httputil.ReverseProxy", tr: "metaconceal-proxy, Transport", pool: "metaconceal-proxy, pool"}
+	type key struct {
+		p     *process
+		conns int
+	}
+	results := map[key]*result{}
+	for _, t := range targets {
+		if _, err := loadEach(t.addr, coldKey, 50, 500*time.Millisecond); err != nil {
+			return fmt.Errorf("warm-up %s: %w", t.name, err)
+		}
+	}
+	for round := range cfg.rounds {
+		for _, conns := range cfg.conns {
+			order := slices.Clone(targets)
+			for range round % len(order) {
+				order = append(order[1:], order[0])
+			}
+			for _, t := range order {
+				r, err := loadEach(t.addr, coldKey, conns, cfg.roundTime)
+				if err != nil {
+					return fmt.Errorf("%s at %d conns: %w", t.name, conns, err)
+				}
+				k := key{t, conns}
+				if results[k] == nil {
+					results[k] = &result{}
+				}
+				results[k].merge(r)
+			}
+		}
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "target\tconns\treq/s\tp50\tp99\terrors\tvs bare\t")
+	for _, conns := range cfg.conns {
+		bareRPS := results[key{bare, conns}].rps()
+		for _, t := range targets {
+			r := results[key{t, conns}]
+			fmt.Fprintf(tw, "%s\t%d\t%.0f\t%s\t%s\t%d\t%.2fx\t\n", labels[t], conns, r.rps(),
+				fmtDur(r.percentile(50)), fmtDur(r.percentile(99)), r.errors, r.rps()/bareRPS)
+		}
+	}
+	tw.Flush()
+	for _, conns := range cfg.conns {
+		fmt.Printf("pool / Transport at %d conns: %.2fx\n", conns, results[key{pool, conns}].rps()/results[key{tr, conns}].rps())
+	}
+	fmt.Printf("load average after: %s\n", loadAvg())
+	return nil
+}
+
+// loadAvg is the first three fields of /proc/loadavg.
+func loadAvg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
