@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net/netip"
 	"net/url"
 	"os"
@@ -168,23 +169,54 @@ func parseUpstream(raw string) (*url.URL, error) {
 	if err != nil {
 		return nil, fmt.Errorf("--upstream %q: %w", raw, err)
 	}
-	if (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-		return nil, fmt.Errorf("--upstream %q: want an http:// or https:// URL with a host", raw)
-	}
-	if (u.Path != "" && u.Path != "/") || u.RawQuery != "" || u.User != nil {
-		return nil, fmt.Errorf("--upstream %q: want scheme and host only", u.Redacted())
+	if err := proxy.ValidateUpstream(u); err != nil {
+		return nil, fmt.Errorf("--upstream: %w", err)
 	}
 	return u, nil
 }
 
 // guardConfig derives the host guard's config from the flags (pkg/hostguard does the
 // work; the node's IPv6 stack decides whether GCE's IPv6 address is guarded too).
+// Every error names the flag to change.
 func guardConfig(f flagValues, upstream *url.URL) (hostguard.Config, error) {
-	return hostguard.ConfigFrom(hostguard.Settings{
-		Listen: f.listen, ALTSListen: f.altsListen, Upstream: upstream, MetadataAddrs: f.metadataAddrs,
-		Backend: f.iptablesBackend, IPv6: hostguard.IPv6Enabled(),
-		ConnRate: f.guardConnRate, ConnBurst: f.guardConnBurst,
-	})
+	s := hostguard.Settings{Upstream: upstream, IPv6: hostguard.IPv6Enabled()}
+	var err error
+	if s.Listen, err = addrPorts("--listen", f.listen); err != nil {
+		return hostguard.Config{}, err
+	}
+	if s.ALTSListen, err = addrPorts("--alts-listen", f.altsListen); err != nil {
+		return hostguard.Config{}, err
+	}
+	for _, a := range f.metadataAddrs {
+		ip, err := netip.ParseAddr(a)
+		if err != nil {
+			return hostguard.Config{}, fmt.Errorf("--metadata-addr %q: %w", a, err)
+		}
+		s.MetadataAddrs = append(s.MetadataAddrs, ip)
+	}
+	if s.Backend, err = xtables.ParseBackend(f.iptablesBackend); err != nil {
+		return hostguard.Config{}, fmt.Errorf("--iptables-backend: %w", err)
+	}
+	if f.guardConnRate < 0 || f.guardConnBurst < 0 {
+		return hostguard.Config{}, fmt.Errorf("--guard-conn-rate %d, --guard-conn-burst %d: want 0 or more", f.guardConnRate, f.guardConnBurst)
+	}
+	s.ConnRate, s.ConnBurst = uint32(min(f.guardConnRate, math.MaxUint32)), uint32(min(f.guardConnBurst, math.MaxUint32))
+	cfg, err := hostguard.ConfigFrom(s)
+	var se *hostguard.SettingError
+	if errors.As(err, &se) {
+		if flag, ok := guardSettingFlags[se.Setting]; ok {
+			return cfg, fmt.Errorf("%s: %w", flag, err)
+		}
+	}
+	return cfg, err
+}
+
+// guardSettingFlags names the flag behind each hostguard.Settings field that can be
+// wrong.
+var guardSettingFlags = map[string]string{
+	"Listen": "--listen", "ALTSListen": "--alts-listen", "MetadataAddrs": "--metadata-addr",
+	"Backend": "--iptables-backend", "ConnRate": "--guard-conn-rate", "ConnBurst": "--guard-conn-burst",
+	"Upstream": "--upstream",
 }
 
 // addrPorts parses an address flag's values.
@@ -251,7 +283,7 @@ func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 var optionFlags = map[string]string{
 	"Listen": "--listen", "ALTS.Listen": "--alts-listen", "MetricsListen": "--metrics-listen",
 	"Upstream": "--upstream", "Policy": "--policy", "ShutdownGrace": "--shutdown-grace",
-	"Cache.FactTTL": "--cache-ttl", "ALTS.HandshakeTimeout": "--alts-handshake-timeout",
+	"Cache": "--cache-ttl", "Limits": "--pod-* and --max-upstream-*", "ALTS.HandshakeTimeout": "--alts-handshake-timeout",
 	"ALTS.IdleTimeout": "--alts-idle-timeout", "Guard.Reconcile": "--guard-reconcile-interval",
 	"Events": "--pod-events",
 }

@@ -65,7 +65,7 @@ func TestBadFlagLeavesNoGuard(t *testing.T) {
 	}{
 		{"upstream not a URL", []string{"--upstream", "169.254.169.254"}, "--upstream"},
 		{"upstream with a path", []string{"--upstream", "http://169.254.169.254/computeMetadata/v1/"}, "--upstream"},
-		{"upstream port", []string{"--upstream", "http://169.254.169.254:0"}, "--upstream port"},
+		{"upstream port", []string{"--upstream", "http://169.254.169.254:0"}, "--upstream: hostguard: upstream port"},
 		{"policy file", []string{"--policy", missing}, "--policy"},
 		{"recursive", []string{"--recursive", "sometimes"}, "--recursive"},
 		{"metrics listen", []string{"--metrics-listen", "localhost"}, "--metrics-listen"},

@@ -16,6 +16,8 @@ import (
 	"net/http"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"golang.org/x/sync/errgroup"
 
 	"github.com/metaconceal/metaconceal/pkg/altsrelay"
@@ -53,7 +55,8 @@ func New(o Options) (*App, error) {
 		return nil, &OptionError{Option: "Policy", Err: err}
 	}
 	a.metrics = proxy.NewMetrics()
-	for _, c := range o.Collectors {
+	process := []prometheus.Collector{collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{})}
+	for _, c := range append(process, o.Collectors...) {
 		if err := a.metrics.Registry.Register(c); err != nil {
 			return nil, fmt.Errorf("registering a collector: %w", err)
 		}

@@ -46,10 +46,15 @@ func TestNewRefusesOptions(t *testing.T) {
 		{"Listen", "invalid AddrPort", func(o *Options) { o.Listen = []netip.AddrPort{{}} }},
 		{"ALTS.Listen", "invalid AddrPort", func(o *Options) { o.ALTS.Listen = []netip.AddrPort{{}} }},
 		{"MetricsListen", `"localhost"`, func(o *Options) { o.MetricsListen = "localhost" }},
-		{"Upstream", "no upstream", func(o *Options) { o.Upstream = nil }},
+		{"Upstream", "http:// or https:// URL", func(o *Options) { o.Upstream = nil }},
+		{"Upstream", "scheme and host only", func(o *Options) {
+			o.Upstream = &url.URL{Scheme: "http", Host: "10.0.0.1", Path: "/computeMetadata/v1/"}
+		}},
 		{"ShutdownGrace", "-1s", func(o *Options) { o.ShutdownGrace = -time.Second }},
-		{"Cache.FactTTL", "0s", func(o *Options) { o.Cache.FactTTL = 0 }},
-		{"Cache.FactTTL", "11m0s", func(o *Options) { o.Cache.FactTTL = 11 * time.Minute }},
+		{"Cache", "0s", func(o *Options) { o.Cache.FactTTL = 0 }},
+		{"Cache", "-1s", func(o *Options) { o.Cache.FactTTL = -time.Second }},
+		{"Cache", "11m0s", func(o *Options) { o.Cache.FactTTL = 11 * time.Minute }},
+		{"Limits", "burst of 0", func(o *Options) { o.Limits = proxy.Limits{PodRate: 1} }},
 		{"ALTS.HandshakeTimeout", "0s", func(o *Options) { o.ALTS.HandshakeTimeout = 0 }},
 		{"ALTS.IdleTimeout", "-1s", func(o *Options) { o.ALTS.IdleTimeout = -time.Second }},
 		{"Policy", "policy file", func(o *Options) { o.Policy.File.ConcealPaths = []string{"../kube-env"} }},
@@ -89,6 +94,18 @@ func TestCollectorsRegistered(t *testing.T) {
 	}
 	if err := a.metrics.Registry.Register(c); !errors.As(err, new(prometheus.AlreadyRegisteredError)) {
 		t.Errorf("collector not registered: registering it again gave %v", err)
+	}
+	// The process-wide collectors are the app's to register, not pkg/proxy's.
+	families, err := a.metrics.Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found := map[string]bool{}
+	for _, f := range families {
+		found[f.GetName()] = true
+	}
+	if !found["go_goroutines"] || !found["process_start_time_seconds"] {
+		t.Error("the Go and process collectors are not registered")
 	}
 	o.Collectors = []prometheus.Collector{c, c}
 	if _, err := New(o); err == nil {

@@ -35,8 +35,8 @@ type Options struct {
 	StateDir string
 	// Policy is the request policy (pkg/policy; reading a policy file is the caller's).
 	Policy policy.Config
-	// Cache configures the answer cache; FactTTL is required (0 < FactTTL <=
-	// proxy.MaxFactTTL).
+	// Cache configures the answer cache (proxy.CacheConfig.Validate); FactTTL is
+	// required.
 	Cache proxy.CacheConfig
 	// Limits are the per-pod and global limits.
 	Limits proxy.Limits
@@ -111,14 +111,20 @@ func (o Options) validate() error {
 			return optionErr("MetricsListen", "metrics address %q: %w", o.MetricsListen, err)
 		}
 	}
-	if o.Upstream == nil {
-		return optionErr("Upstream", "no upstream")
+	if err := proxy.ValidateUpstream(o.Upstream); err != nil {
+		return &OptionError{Option: "Upstream", Err: err}
 	}
 	if o.ShutdownGrace < 0 {
 		return optionErr("ShutdownGrace", "shutdown grace %s: want 0 or more", o.ShutdownGrace)
 	}
-	if ttl := o.Cache.FactTTL; ttl <= 0 || ttl > proxy.MaxFactTTL {
-		return optionErr("Cache.FactTTL", "cache TTL %s: want more than 0 and at most %s", ttl, proxy.MaxFactTTL)
+	if o.Cache.FactTTL == 0 { // the proxy's default; here every option is explicit
+		return optionErr("Cache", "cache TTL 0s: want more than 0")
+	}
+	if err := o.Cache.Validate(); err != nil {
+		return &OptionError{Option: "Cache", Err: err}
+	}
+	if err := o.Limits.Validate(); err != nil {
+		return &OptionError{Option: "Limits", Err: err}
 	}
 	if o.ALTS.HandshakeTimeout <= 0 {
 		return optionErr("ALTS.HandshakeTimeout", "ALTS handshake timeout %s: want more than 0", o.ALTS.HandshakeTimeout)

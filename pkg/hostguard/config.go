@@ -12,29 +12,41 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
-// Settings are the proxy's command-line settings the guard is derived from.
+// Settings are what the guard's config is derived from: where the proxy and its
+// ALTS relay listen, its upstream, and the operator's choices.
 type Settings struct {
-	// Listen are the proxy's --listen values (IP:port).
-	Listen []string
-	// ALTSListen are the ALTS relay's --alts-listen values (IP:port); none means the
-	// relay is off and the guard rejects the ALTS port instead of redirecting it.
-	ALTSListen []string
-	// Upstream is the real metadata server (--upstream): its host, when an IP, is the
-	// address pods try to reach, and its port the port.
+	// Listen are the proxy's listen addresses.
+	Listen []netip.AddrPort
+	// ALTSListen are the ALTS relay's listen addresses; none means the relay is off
+	// and the guard rejects the ALTS port instead of redirecting it.
+	ALTSListen []netip.AddrPort
+	// Upstream is the real metadata server: its host, when an IP, is the address
+	// pods try to reach, and its port the port.
 	Upstream *url.URL
-	// MetadataAddrs are explicit --metadata-addr values; they replace the defaults.
-	MetadataAddrs []string
-	// Backend is --iptables-backend: "auto" (iptables on PATH), "nft" or "legacy";
-	// empty means "auto" (xtables.ParseBackend).
-	Backend string
-	// ConnRate and ConnBurst are --guard-conn-rate and --guard-conn-burst: new TCP
-	// connections per second and burst per source IP to the listen addresses (0
-	// rate: no limit; see ChainLimit).
-	ConnRate, ConnBurst int
+	// MetadataAddrs, when set, replace the default guarded addresses.
+	MetadataAddrs []netip.Addr
+	// Backend selects the iptables programs; empty is xtables.BackendAuto.
+	Backend xtables.Backend
+	// ConnRate and ConnBurst are the new TCP connections per second and burst per
+	// source IP to the listen addresses (0 rate: no limit; see ChainLimit).
+	ConnRate, ConnBurst uint32
 	// IPv6 says whether the node has an IPv6 stack (IPv6Enabled on a real node). With
 	// it, GCE's IPv6 metadata address is guarded too by default.
 	IPv6 bool
 }
+
+// A SettingError is a Settings value the guard cannot use. Setting names the field
+// ("ConnBurst"), so that a caller can say which of its own settings to change; the
+// error itself names the value.
+type SettingError struct {
+	Setting string
+	Err     error
+}
+
+func (e *SettingError) Error() string { return e.Err.Error() }
+func (e *SettingError) Unwrap() error { return e.Err }
+
+func settingErr(setting string, err error) error { return &SettingError{Setting: setting, Err: err} }
 
 // IPv6Enabled reports whether the current network namespace has an IPv6 stack
 // (booting with ipv6.disable=1 removes it, and ip6tables cannot be programmed then).
@@ -52,47 +64,36 @@ func IPv6Enabled() bool {
 // one every packet to it is rejected (fail closed), so that a dual-stack pod that
 // bypassed its own rules gets nothing over IPv6.
 func ConfigFrom(s Settings) (Config, error) {
-	var cfg Config
-	backend, err := xtables.ParseBackend(s.Backend)
-	if err != nil {
-		return cfg, fmt.Errorf("--iptables-backend: %w", err)
+	cfg := Config{ListenAddrs: s.Listen, ALTSListenAddrs: s.ALTSListen, MetadataAddrs: s.MetadataAddrs, Backend: s.Backend}
+	if cfg.Backend == "" {
+		cfg.Backend = xtables.BackendAuto
 	}
-	cfg.Backend = backend
+	if err := cfg.Backend.Validate(); err != nil {
+		return cfg, settingErr("Backend", fmt.Errorf("hostguard: %w", err))
+	}
 	if len(s.Listen) == 0 {
-		return cfg, errors.New("hostguard: no --listen address to redirect to")
+		return cfg, settingErr("Listen", errors.New("hostguard: no listen address to redirect to"))
 	}
-	for _, l := range s.Listen {
-		ap, err := netip.ParseAddrPort(l)
-		if err != nil {
-			return cfg, fmt.Errorf("--listen %q: the host guard needs an IP:port: %w", l, err)
-		}
-		cfg.ListenAddrs = append(cfg.ListenAddrs, ap)
+	if err := checkTargets("listen address", s.Listen, gce.Proxy); err != nil {
+		return cfg, settingErr("Listen", err)
 	}
-	for _, l := range s.ALTSListen {
-		ap, err := netip.ParseAddrPort(l)
-		if err != nil {
-			return cfg, fmt.Errorf("--alts-listen %q: the host guard needs an IP:port: %w", l, err)
-		}
-		cfg.ALTSListenAddrs = append(cfg.ALTSListenAddrs, ap)
+	if err := checkTargets("ALTS relay listen address", s.ALTSListen, gce.ALTSRelay); err != nil {
+		return cfg, settingErr("ALTSListen", err)
 	}
-	for _, a := range s.MetadataAddrs {
-		ip, err := netip.ParseAddr(a)
-		if err != nil {
-			return cfg, fmt.Errorf("--metadata-addr %q: %w", a, err)
-		}
-		cfg.MetadataAddrs = append(cfg.MetadataAddrs, ip)
+	if err := checkMetadataAddrs(s.MetadataAddrs); err != nil {
+		return cfg, settingErr("MetadataAddrs", err)
 	}
-	if s.ConnRate < 0 || s.ConnRate > maxConnRate {
-		return cfg, fmt.Errorf("--guard-conn-rate %d: want 0 (off) to %d", s.ConnRate, maxConnRate)
+	if s.ConnRate > maxConnRate {
+		return cfg, settingErr("ConnRate", fmt.Errorf("hostguard: connection rate %d per second per source: want 0 (off) to %d", s.ConnRate, maxConnRate))
 	}
-	if s.ConnRate > 0 && (s.ConnBurst < 1 || s.ConnBurst > maxConnBurst) {
-		return cfg, fmt.Errorf("--guard-conn-burst %d: want 1-%d when --guard-conn-rate is set", s.ConnBurst, maxConnBurst)
+	if err := validateConnLimit(s.ConnRate, s.ConnBurst); err != nil {
+		return cfg, settingErr("ConnBurst", err)
 	}
 	if s.ConnRate > 0 {
-		cfg.ConnRate, cfg.ConnBurst = uint32(s.ConnRate), uint32(s.ConnBurst)
+		cfg.ConnRate, cfg.ConnBurst = s.ConnRate, s.ConnBurst
 	}
 	if s.Upstream == nil {
-		return cfg, errors.New("hostguard: no upstream to derive the metadata address and port from")
+		return cfg, settingErr("Upstream", errors.New("hostguard: no upstream to derive the metadata address and port from"))
 	}
 	if len(cfg.MetadataAddrs) == 0 {
 		ip, err := netip.ParseAddr(s.Upstream.Hostname())
@@ -107,7 +108,7 @@ func ConfigFrom(s Settings) (Config, error) {
 	if p := s.Upstream.Port(); p != "" {
 		port, err := strconv.ParseUint(p, 10, 16)
 		if err != nil || port == 0 {
-			return cfg, fmt.Errorf("--upstream port %q: want 1-65535", p)
+			return cfg, settingErr("Upstream", fmt.Errorf("hostguard: upstream port %q: want 1-65535", p))
 		}
 		cfg.MetadataPort = uint16(port)
 	}

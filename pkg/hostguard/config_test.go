@@ -1,6 +1,7 @@
 package hostguard
 
 import (
+	"errors"
 	"net/netip"
 	"net/url"
 	"slices"
@@ -25,52 +26,58 @@ func TestConfigFrom(t *testing.T) {
 		err      string
 	}{
 		{name: "GCE with IPv6: the IPv6 metadata address is guarded (rejected) without an IPv6 listener",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, IPv6: true},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, IPv6: true},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4, v6}},
 		{name: "dual stack listener",
-			s:      Settings{Listen: []string{"169.254.169.252:988", "[fd20:ce::252]:988"}, Upstream: gceUp, IPv6: true},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988"), netip.MustParseAddrPort("[fd20:ce::252]:988")}, Upstream: gceUp, IPv6: true},
 			listen: []netip.AddrPort{proxy, netip.MustParseAddrPort("[fd20:ce::252]:988")}, metadata: []netip.Addr{v4, v6}},
 		{name: "node without IPv6",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}},
 		{name: "--metadata-addr replaces the defaults",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"10.9.9.9"}, IPv6: true},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, MetadataAddrs: []netip.Addr{netip.MustParseAddr("10.9.9.9")}, IPv6: true},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{netip.MustParseAddr("10.9.9.9")}},
 		{name: "upstream port and IP",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:8080"}},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:8080"}},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{netip.MustParseAddr("10.1.2.3")}, port: 8080},
 		{name: "upstream by name: GCE's address",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "metadata.google.internal"}},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: &url.URL{Scheme: "http", Host: "metadata.google.internal"}},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}},
 		{name: "auto is the default backend",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "auto"},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, Backend: xtables.BackendAuto},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}, backend: xtables.BackendAuto},
 		{name: "empty backend: auto, the old default's spelling",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: ""},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, Backend: ""},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}, backend: xtables.BackendAuto},
 		{name: "legacy backend",
-			s:      Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "legacy"},
+			s:      Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, Backend: xtables.BackendLegacy},
 			listen: []netip.AddrPort{proxy}, metadata: []netip.Addr{v4}, backend: xtables.BackendLegacy},
-		{name: "host name listen address", s: Settings{Listen: []string{"metadata.local:988"}, Upstream: gceUp}, err: "--listen"},
-		{name: "no listen address", s: Settings{Upstream: gceUp}, err: "no --listen"},
-		{name: "loopback first", s: Settings{Listen: []string{"127.0.0.1:988"}, Upstream: gceUp}, err: "loopback"},
-		{name: "port zero", s: Settings{Listen: []string{"169.254.169.252:0"}, Upstream: gceUp}, err: "non-zero port"},
-		{name: "bad metadata address", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"x"}}, err: "--metadata-addr"},
-		{name: "unspecified metadata address", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, MetadataAddrs: []string{"0.0.0.0"}}, err: "not a specific address"},
-		{name: "bad upstream port", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:0"}}, err: "--upstream port"},
-		{name: "no upstream", s: Settings{Listen: []string{"169.254.169.252:988"}}, err: "upstream"},
-		{name: "connection rate below 0", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: -1, ConnBurst: 5}, err: "--guard-conn-rate"},
-		{name: "connection rate too fast", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: 2_000_000, ConnBurst: 5}, err: "--guard-conn-rate"},
-		{name: "connection rate without a burst", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: 100}, err: "--guard-conn-burst"},
-		{name: "connection burst too large", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, ConnRate: 100, ConnBurst: 10_001}, err: "--guard-conn-burst"},
-		{name: "unknown backend", s: Settings{Listen: []string{"169.254.169.252:988"}, Upstream: gceUp, Backend: "ebpf"}, err: "backend"},
+		{name: "invalid listen address", s: Settings{Listen: []netip.AddrPort{{}}, Upstream: gceUp}, err: "Listen:specific address"},
+		{name: "no listen address", s: Settings{Upstream: gceUp}, err: "Listen:no listen address"},
+		{name: "loopback first", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:988")}, Upstream: gceUp}, err: "Listen:loopback"},
+		{name: "port zero", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:0")}, Upstream: gceUp}, err: "Listen:non-zero port"},
+		{name: "loopback ALTS relay first", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, ALTSListen: []netip.AddrPort{netip.MustParseAddrPort("127.0.0.1:987")}, Upstream: gceUp}, err: "ALTSListen:loopback"},
+		{name: "invalid metadata address", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, MetadataAddrs: []netip.Addr{{}}}, err: "MetadataAddrs:not a specific address"},
+		{name: "unspecified metadata address", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, MetadataAddrs: []netip.Addr{netip.IPv4Unspecified()}}, err: "MetadataAddrs:not a specific address"},
+		{name: "bad upstream port", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: &url.URL{Scheme: "http", Host: "10.1.2.3:0"}}, err: "Upstream:upstream port \"0\""},
+		{name: "no upstream", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}}, err: "Upstream:upstream"},
+		{name: "connection rate too fast", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, ConnRate: 2_000_000, ConnBurst: 5}, err: "ConnRate:connection rate 2000000"},
+		{name: "connection rate without a burst", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, ConnRate: 100}, err: "ConnBurst:connection burst 0"},
+		{name: "connection burst too large", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, ConnRate: 100, ConnBurst: 10_001}, err: "ConnBurst:connection burst 10001"},
+		{name: "unknown backend", s: Settings{Listen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}, Upstream: gceUp, Backend: xtables.Backend("ebpf")}, err: "Backend:ebpf"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			cfg, err := ConfigFrom(tc.s)
 			if tc.err != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.err) {
-					t.Fatalf("ConfigFrom(%+v) = %+v, %v; want an error naming %q", tc.s, cfg, err, tc.err)
+				// The error names the value; SettingError names the field.
+				setting, text, _ := strings.Cut(tc.err, ":")
+				var se *SettingError
+				if !errors.As(err, &se) || se.Setting != setting || !strings.Contains(err.Error(), text) {
+					t.Fatalf("ConfigFrom(%+v) = %+v, %v; want a SettingError for %s naming %q", tc.s, cfg, err, setting, text)
+				}
+				if strings.Contains(err.Error(), "--") {
+					t.Errorf("ConfigFrom error %q names a command-line flag", err)
 				}
 				return
 			}

@@ -120,10 +120,8 @@ func (c Config) normalized() (Config, error) {
 	if len(c.MetadataAddrs) == 0 {
 		c.MetadataAddrs = []netip.Addr{DefaultMetadataAddr}
 	}
-	for _, a := range c.MetadataAddrs {
-		if !a.IsValid() || a.IsUnspecified() {
-			return c, fmt.Errorf("hostguard: metadata address %q is not a specific address", a)
-		}
+	if err := checkMetadataAddrs(c.MetadataAddrs); err != nil {
+		return c, err
 	}
 	if c.MetadataPort == 0 {
 		c.MetadataPort = gce.MetadataPort
@@ -142,6 +140,16 @@ func (c Config) normalized() (Config, error) {
 		return c, fmt.Errorf("hostguard: %w", err)
 	}
 	return c, nil
+}
+
+// checkMetadataAddrs refuses guarded addresses that are not specific.
+func checkMetadataAddrs(addrs []netip.Addr) error {
+	for _, a := range addrs {
+		if !a.IsValid() || a.IsUnspecified() {
+			return fmt.Errorf("hostguard: metadata address %q is not a specific address", a)
+		}
+	}
+	return nil
 }
 
 // checkTargets validates listen addresses of which the first of each family is a DNAT

@@ -137,21 +137,22 @@ func TestInstallPayloadPorts(t *testing.T) {
 	}
 }
 
-// --alts-listen reaches the guard's config as the 8080 DNAT targets; a bad one is
-// reported before anything is installed.
+// The ALTS relay's listen addresses reach the guard's config as the 8080 DNAT
+// targets; a bad one is reported before anything is installed.
 func TestConfigFromALTSListen(t *testing.T) {
 	t.Parallel()
 	up := &url.URL{Scheme: "http", Host: "169.254.169.254"}
-	cfg, err := ConfigFrom(Settings{Listen: []string{"169.254.169.252:988"}, ALTSListen: []string{"169.254.169.252:987"}, Upstream: up})
+	listen := []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")}
+	cfg, err := ConfigFrom(Settings{Listen: listen, ALTSListen: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:987")}, Upstream: up})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if want := []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:987")}; !slices.Equal(cfg.ALTSListenAddrs, want) {
 		t.Errorf("ALTS targets %v, want %v", cfg.ALTSListenAddrs, want)
 	}
-	for _, bad := range []string{"relay:987", "127.0.0.1:987", "169.254.169.252:0"} {
-		if _, err := ConfigFrom(Settings{Listen: []string{"169.254.169.252:988"}, ALTSListen: []string{bad}, Upstream: up}); err == nil {
-			t.Errorf("--alts-listen %q accepted", bad)
+	for _, bad := range []netip.AddrPort{{}, netip.MustParseAddrPort("127.0.0.1:987"), netip.MustParseAddrPort("169.254.169.252:0")} {
+		if _, err := ConfigFrom(Settings{Listen: listen, ALTSListen: []netip.AddrPort{bad}, Upstream: up}); err == nil {
+			t.Errorf("ALTS relay address %v accepted", bad)
 		}
 	}
 }

@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"cmp"
 	"fmt"
 	"net/http"
 	"strconv"
@@ -71,6 +72,21 @@ type answerCache struct {
 	bg sync.WaitGroup // background refreshes running
 }
 
+// Validate refuses a TTL out of range and entry bounds that are negative or
+// inconsistent.
+func (cfg CacheConfig) Validate() error {
+	if cfg.FactTTL < 0 || cfg.FactTTL > MaxFactTTL {
+		return fmt.Errorf("proxy: cache TTL %s out of range: 0 (default %s) to %s", cfg.FactTTL, DefaultFactTTL, MaxFactTTL)
+	}
+	if cfg.MaxEntries < 0 || cfg.MaxEntriesPerPod < 0 {
+		return fmt.Errorf("proxy: cache max entries %d (per pod %d): want numbers >= 0 (0: the default)", cfg.MaxEntries, cfg.MaxEntriesPerPod)
+	}
+	if n := cmp.Or(cfg.MaxEntries, DefaultMaxCacheEntries); cfg.MaxEntriesPerPod > n {
+		return fmt.Errorf("proxy: cache max entries per pod %d is more than the cache's %d", cfg.MaxEntriesPerPod, n)
+	}
+	return nil
+}
+
 func newAnswerCache(cfg CacheConfig, m *Metrics) (*answerCache, error) {
 	c := &answerCache{
 		disabled:   cfg.Disabled,
@@ -81,23 +97,17 @@ func newAnswerCache(cfg CacheConfig, m *Metrics) (*answerCache, error) {
 		entries:    make(map[reqKey]*cacheEntry),
 		byPod:      make(map[podKey]map[reqKey]*cacheEntry),
 	}
-	switch {
-	case c.factTTL < 0 || c.factTTL > MaxFactTTL:
-		return nil, fmt.Errorf("proxy: cache TTL %s out of range: 0 (default %s) to %s", c.factTTL, DefaultFactTTL, MaxFactTTL)
-	case c.factTTL == 0:
-		c.factTTL = DefaultFactTTL
+	if err := cfg.Validate(); err != nil {
+		return nil, err
 	}
-	if c.maxEntries < 0 || c.maxPerPod < 0 {
-		return nil, fmt.Errorf("proxy: cache max entries %d (per pod %d): want numbers >= 0 (0: the default)", c.maxEntries, c.maxPerPod)
+	if c.factTTL == 0 {
+		c.factTTL = DefaultFactTTL
 	}
 	if c.maxEntries == 0 {
 		c.maxEntries = DefaultMaxCacheEntries
 	}
 	if c.maxPerPod == 0 {
 		c.maxPerPod = max(1, c.maxEntries/DefaultCachePodShareDiv)
-	}
-	if c.maxPerPod > c.maxEntries {
-		return nil, fmt.Errorf("proxy: cache max entries per pod %d is more than the cache's %d", c.maxPerPod, c.maxEntries)
 	}
 	if c.now == nil {
 		c.now = time.Now

@@ -2,7 +2,6 @@ package proxy
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
 
 	"github.com/metaconceal/metaconceal/pkg/policy"
 )
@@ -26,8 +25,8 @@ type Metrics struct {
 	clientConns     prometheus.Gauge
 }
 
-// NewMetrics registers the proxy's series, plus the Go and process collectors, in a
-// registry of their own.
+// NewMetrics registers the proxy's series in a registry of their own. Process-wide
+// collectors (Go runtime, process) are the binary's to add (internal/proxyapp does).
 func NewMetrics() *Metrics {
 	reg := prometheus.NewRegistry()
 	m := &Metrics{Registry: reg}
@@ -82,8 +81,7 @@ func NewMetrics() *Metrics {
 	})
 	reg.MustRegister(m.refused, m.auditDropped, m.clientConns)
 	reg.MustRegister(requests, m.blockedByNS, m.upstreamLatency, m.upstreamErrors,
-		m.longPollsOpen, m.upstreamPolls, m.coalesced,
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		m.longPollsOpen, m.upstreamPolls, m.coalesced)
 	return m
 }
 

@@ -126,3 +126,18 @@ func TestReplyRawMatchesWrite(t *testing.T) {
 		t.Errorf("raw failure to a HEAD %q; want 504 without body", raw)
 	}
 }
+
+// The proxy's registry holds its own series only: process-wide collectors are the
+// binary's (internal/proxyapp).
+func TestMetricsRegisterNoProcessCollectors(t *testing.T) {
+	t.Parallel()
+	families, err := NewMetrics().Registry.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range families {
+		if !strings.HasPrefix(f.GetName(), "metaconceal_proxy_") {
+			t.Errorf("NewMetrics registers %s", f.GetName())
+		}
+	}
+}
