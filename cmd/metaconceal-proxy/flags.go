@@ -61,7 +61,6 @@ type flagValues struct {
 	upstreamTimeout time.Duration
 	shutdownGrace   time.Duration
 	cache           bool
-	upstreamPool    bool
 	cacheTTL        time.Duration
 	gcPercent       int // gc.go
 	gcLimitMiB      int
@@ -96,7 +95,6 @@ func parseFlags(args []string, stderr io.Writer) (flagValues, error) {
 	fs.DurationVar(&f.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
 	fs.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open ordinary requests may finish before connections are closed (held long polls are answered 503 at once, so clients retry)")
 	fs.BoolVar(&f.cache, "cache", true, "cache service-account tokens (until a safety margin before expiry) and VM-lifetime facts (project-id, instance id/zone/name/..., for --cache-ttl); --cache=false sends every request upstream (identical concurrent GETs still share one)")
-	fs.BoolVar(&f.upstreamPool, "upstream-pool", false, "benchmarks only: send ordinary requests on the hand-written connection pool instead of net/http's Transport")
 	f.kube.Register(fs, eventsHelp)
 	fs.DurationVar(&f.cacheTTL, "cache-ttl", proxy.DefaultFactTTL, fmt.Sprintf("how long VM-lifetime facts are served from the cache (at most %s)", proxy.MaxFactTTL))
 	fs.IntVar(&f.gcPercent, "gc-percent", defaultGCPercent, "Go garbage collection target, as GOGC (GOGC in the environment wins): the live heap is small and mostly static, so a higher target than Go's 100 saves CPU")
@@ -235,7 +233,7 @@ func addrPorts(name string, l cliflag.List) ([]netip.AddrPort, error) {
 // appOptions turns the flags into the app's options; every error names its flag.
 func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 	o := proxyapp.Options{
-		MetricsListen: f.metricsListen, UpstreamTimeout: f.upstreamTimeout, UpstreamPool: f.upstreamPool, StateDir: f.stateDir,
+		MetricsListen: f.metricsListen, UpstreamTimeout: f.upstreamTimeout, StateDir: f.stateDir,
 		Cache: proxy.CacheConfig{Disabled: !f.cache, FactTTL: f.cacheTTL}, Limits: f.limits,
 		ALTS:          proxyapp.ALTSOptions{HandshakeTimeout: f.altsHandshakeTimeout, IdleTimeout: f.altsIdleTimeout},
 		ShutdownGrace: f.shutdownGrace, Log: log,

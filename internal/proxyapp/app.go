@@ -121,12 +121,7 @@ func (a *App) Run(ctx context.Context) error {
 		return err
 	}
 	defer stopEvents()
-	var ordinary http.RoundTripper
-	if o.UpstreamPool {
-		ordinary = proxy.NewPool(o.Upstream)
-	}
 	handler, err := proxy.New(proxy.Config{
-		Ordinary:        ordinary,
 		Notify:          notify,
 		Upstream:        o.Upstream,
 		Policy:          a.policy,

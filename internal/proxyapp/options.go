@@ -28,9 +28,6 @@ type Options struct {
 	Upstream *url.URL
 	// UpstreamTimeout bounds an upstream answer that is not a long poll.
 	UpstreamTimeout time.Duration
-	// UpstreamPool sends ordinary requests on proxy.NewPool instead of the default
-	// transport (benchmarks only: make bench-proxy compares them).
-	UpstreamPool bool
 	// StateDir is the CNI plugin's state dir, which names the pod behind a source IP.
 	StateDir string
 	// Policy is the request policy (pkg/policy; reading a policy file is the caller's).

@@ -46,10 +46,11 @@ type Config struct {
 	Notify  BlockNotifier
 	Log     *slog.Logger
 	Metrics *Metrics
-	// Transport carries every upstream request; defaults to NewTransport().
+	// Transport carries long polls and readiness checks; defaults to NewTransport().
 	Transport http.RoundTripper
-	// Ordinary, when set, carries the ordinary requests instead of Transport (the
-	// side-by-side benchmark of NewPool).
+	// Ordinary carries the ordinary requests (not long polls); defaults to
+	// NewPool(Upstream), which answers 1.6x what net/http's Transport does on this
+	// path with the cache off (docs/figures.md). Any http.RoundTripper works.
 	Ordinary http.RoundTripper
 	// UpstreamTimeout bounds a request that is not a long poll.
 	UpstreamTimeout time.Duration
@@ -143,7 +144,7 @@ func New(cfg Config) (*Handler, error) {
 	}
 	a.upstream = cfg.Ordinary
 	if a.upstream == nil {
-		a.upstream = a.transport
+		a.upstream = NewPool(cfg.Upstream)
 	}
 	if a.upstreamTimeout <= 0 {
 		a.upstreamTimeout = DefaultUpstreamTimeout

@@ -148,9 +148,9 @@ var (
 // longAgo is a deadline in the past: setting it unblocks pending I/O at once.
 var longAgo = time.Unix(1, 0)
 
-// NewPool returns the hand-written keep-alive pool for u as an http.RoundTripper
-// (the side-by-side benchmark's other candidate; see docs/figures.md). It sends GET
-// and HEAD only, the request's Host, path, query and Metadata-Flavor header only.
+// NewPool returns the hand-written keep-alive pool for u as an http.RoundTripper,
+// the default for ordinary requests (Config.Ordinary). It sends GET and HEAD only,
+// and of the request only its Host, path, query and Metadata-Flavor header.
 func NewPool(u *url.URL) http.RoundTripper { return newConnPool(u, DefaultMaxIdleConnsPerHost) }
 
 // RoundTrip sends req within its context's deadline. Closing the body gives the

@@ -9,31 +9,26 @@ import (
 	"time"
 )
 
-// upstreamBench compares the two upstream clients of metaconceal-proxy with the cache
-// off and cold keys (each connection asks for a token with scopes of its own, so no
-// request is answered from the cache or shares a flight): net/http's Transport (the
-// default) and the hand-written pool (--upstream-pool), beside a bare
-// httputil.ReverseProxy, at each concurrency.
+// upstreamBench measures metaconceal-proxy's path to the upstream with the cache off
+// and cold keys (each connection asks for a token with scopes of its own, so no
+// request is answered from the cache or shares a flight), beside a bare
+// httputil.ReverseProxy, at each concurrency. (It compared net/http's Transport with
+// the hand-written pool side by side when the pool was kept: docs/figures.md.)
 func upstreamBench(cfg benchConfig, upstream, bare *process) error {
 	off := []string{"--cache=false", "--pod-rate=0", "--pod-max-conns=0", "--pod-max-long-polls=0",
 		"--max-upstream-long-polls=0", "--max-upstream-conns=0"}
-	tr, _, stopTr, err := startProxy("metaconceal-proxy (cache off, Transport)", "http://"+upstream.addr, off...)
+	mc, _, stop, err := startProxy("metaconceal-proxy (cache off)", "http://"+upstream.addr, off...)
 	if err != nil {
 		return err
 	}
-	defer stopTr()
-	pool, _, stopPool, err := startProxy("metaconceal-proxy (cache off, pool)", "http://"+upstream.addr, append(off, "--upstream-pool")...)
-	if err != nil {
-		return err
-	}
-	defer stopPool()
+	defer stop()
 	coldKey := func(i int) string {
 		return fmt.Sprintf("/computeMetadata/v1/instance/service-accounts/default/token?scopes=https://www.googleapis.com/auth/bench-%d", i)
 	}
-	fmt.Printf("\nupstream clients, cache off, cold keys (a token with scopes of its own per connection), %d rounds of %s, alternating; load average %s\n",
+	fmt.Printf("\nupstream path, cache off, cold keys (a token with scopes of its own per connection), %d rounds of %s, alternating; load average %s\n",
 		cfg.rounds, cfg.roundTime, loadAvg())
-	targets := []*process{bare, tr, pool}
-	labels := map[*process]string{bare: "bare httputil.ReverseProxy", tr: "metaconceal-proxy, Transport", pool: "metaconceal-proxy, pool"}
+	targets := []*process{bare, mc}
+	labels := map[*process]string{bare: "bare httputil.ReverseProxy", mc: "metaconceal-proxy, cache off"}
 	type key struct {
 		p     *process
 		conns int
@@ -74,9 +69,6 @@ func upstreamBench(cfg benchConfig, upstream, bare *process) error {
 		}
 	}
 	tw.Flush()
-	for _, conns := range cfg.conns {
-		fmt.Printf("pool / Transport at %d conns: %.2fx\n", conns, results[key{pool, conns}].rps()/results[key{tr, conns}].rps())
-	}
 	fmt.Printf("load average after: %s\n", loadAvg())
 	return nil
 }
