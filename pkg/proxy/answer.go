@@ -28,7 +28,7 @@ type answerer struct {
 	policy                       *policy.Policy    // filters listings
 	transport                    http.RoundTripper // long polls, readiness
 	upstream                     http.RoundTripper // ordinary requests
-	slots                        slots             // ordinary requests in flight (--max-upstream-conns)
+	slots                        slots             // ordinary requests in flight (Limits.MaxUpstreamConns)
 	upstreamTimeout              time.Duration
 	longPollSlack                time.Duration
 	podMaxLongPolls              int
@@ -36,7 +36,7 @@ type answerer struct {
 	cache   *answerCache
 	gets    *flightGroup // ordinary GETs in flight, coalesced (coalesce.go)
 	polls   *flightGroup // long polls in flight, coalesced (longpoll.go)
-	upShare *fairCap     // pods' fair shares of --max-upstream-conns (faircap.go)
+	upShare *fairCap     // pods' fair shares of MaxUpstreamConns (faircap.go)
 
 	metrics     *Metrics
 	respond     *responder

@@ -5,7 +5,7 @@ import (
 	"sync"
 )
 
-// Fair shares of the node-wide caps (--max-upstream-long-polls, --max-upstream-conns).
+// Fair shares of the node-wide caps (Limits.MaxUpstreamLongPolls, MaxUpstreamConns).
 // A cap is first come, first served only up to a point: no pod holds more than its
 // share of it, and the last part of it, the reserve, goes only to pods that hold
 // little of it. So a pod (or a few) taking all they can leaves room for the others:
@@ -101,7 +101,7 @@ func (c *fairCap) give(k podKey) {
 }
 
 // errFlightsFull: a new distinct flight would pass the group's cap
-// (--max-upstream-long-polls).
+// (Limits.MaxUpstreamLongPolls).
 var errFlightsFull = errors.New("upstream long polls at their cap")
 
 // errFlightsShare: a new distinct flight would take the pod past its fair share of

@@ -74,8 +74,8 @@ type connInfoKey struct{}
 // server on a listener of its own) are identified and counted here, and a request
 // on one over the cap is answered 429 and its connection closed.
 func (h *Handler) ConnContext(ctx context.Context, c net.Conn) context.Context {
-	if tc, ok := c.(*trackedConn); ok {
-		return context.WithValue(ctx, connInfoKey{}, tc.ci) // counted by the Listener
+	if _, ok := c.(*trackedConn); ok {
+		return connContext(ctx, c) // counted by the Listener
 	}
 	src := h.identify(c.RemoteAddr().String())
 	cl := h.clients.acquire(src)
@@ -84,6 +84,15 @@ func (h *Handler) ConnContext(ctx context.Context, c net.Conn) context.Context {
 	ci := &connInfo{client: cl, src: src, over: h.limits.PodMaxConns > 0 && int(n) > h.limits.PodMaxConns}
 	h.conns.Store(c, ci)
 	return context.WithValue(ctx, connInfoKey{}, ci)
+}
+
+// connContext passes the pod of a connection accepted through Handler.Listener to
+// its requests, whatever handler serves them (NewServer).
+func connContext(ctx context.Context, c net.Conn) context.Context {
+	if tc, ok := c.(*trackedConn); ok {
+		return context.WithValue(ctx, connInfoKey{}, tc.ci)
+	}
+	return ctx
 }
 
 // ConnState is the http.Server hook that gives back a closed connection. A hijacked

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
 	"sync/atomic"
@@ -462,4 +464,36 @@ func TestConnectionFloodReset(t *testing.T) {
 	if m := scrape(t, f); !strings.Contains(m, fmt.Sprintf(`metaconceal_proxy_refused_requests_total{namespace="team-a",reason="pod_conns"} %d`, 3*connRefusalsPerSecond)) {
 		t.Errorf("every refusal counted:\n%s", grepLines(m, "refused"))
 	}
+}
+
+// A wrapped Handler keeps its per-pod caps: connections accepted through
+// Handler.Listener carry their pod to the request whatever wraps the Handler, and
+// NewServer says when it cannot count connections itself.
+func TestWrappedHandlerKeepsPodCaps(t *testing.T) {
+	t.Parallel()
+	var logs syncBuffer
+	var seen atomic.Pointer[connInfo]
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) { c.Limits = Limits{PodMaxConns: 1} })
+	wrapped := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		ci, _ := r.Context().Value(connInfoKey{}).(*connInfo)
+		seen.Store(ci)
+		f.handler.ServeHTTP(w, r)
+	})
+	srv := httptest.NewUnstartedServer(wrapped)
+	srv.Config = NewServer(wrapped, slog.New(slog.NewTextHandler(&logs, nil)))
+	srv.Listener = f.handler.Listener(srv.Listener)
+	srv.Start()
+	t.Cleanup(srv.Close)
+	if !strings.Contains(logs.String(), "handler is wrapped") {
+		t.Errorf("NewServer with a wrapped handler logged %q; want a warning that it cannot count connections", logs.String())
+	}
+	held := dialFrom(t, "127.0.0.1", srv.URL)
+	if a := held.get("/computeMetadata/v1/project/project-id"); a.status != http.StatusOK {
+		t.Fatalf("first connection: %d %q", a.status, a.body)
+	}
+	if ci := seen.Load(); ci == nil || ci.src.pod.Name != "web-0" {
+		t.Errorf("the wrapped handler's request carries connection %+v; want the pod the Listener identified", ci)
+	}
+	over := dialFrom(t, "127.0.0.1", srv.URL)
+	wantRefused(t, "a second connection over the cap, wrapped handler", over.read(), http.StatusTooManyRequests)
 }

@@ -37,17 +37,22 @@ func NewServer(h http.Handler, log *slog.Logger) *http.Server {
 		DisableGeneralOptionsHandler: true,
 		ErrorLog:                     slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
+	// Per-pod connection accounting does not depend on h's type: a connection
+	// accepted through Handler.Listener carries its pod (and is counted against its
+	// caps) however h is wrapped. Without a wrapped listener, a *Handler counts the
+	// connection itself; anything else cannot, and says so.
+	srv.ConnContext = connContext
 	if ph, ok := h.(*Handler); ok {
-		// Per-pod connection accounting: each connection is identified once, when
-		// accepted, and given back when it closes.
 		srv.ConnContext = ph.ConnContext
 		srv.ConnState = ph.ConnState
+	} else {
+		log.Warn("the proxy's handler is wrapped: only connections accepted through Handler.Listener count against the per-pod caps")
 	}
 	return srv
 }
 
 // AdminMux serves /metrics, /healthz (the process is up) and /readyz (the upstream
-// answers) for the --metrics-listen address.
+// answers) for the admin address.
 func AdminMux(h *Handler) *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(h.metrics.Registry, promhttp.HandlerOpts{}))
@@ -64,7 +69,7 @@ func AdminMux(h *Handler) *http.ServeMux {
 	return mux
 }
 
-// NewAdminServer returns the http.Server for --metrics-listen.
+// NewAdminServer returns the http.Server for the admin address (AdminMux).
 func NewAdminServer(h *Handler, log *slog.Logger) *http.Server {
 	return &http.Server{
 		Handler:           AdminMux(h),
@@ -87,7 +92,7 @@ func Listen(ctx context.Context, addr string) (net.Listener, error) {
 	ln, err := lc.Listen(ctx, "tcp", addr)
 	if errors.Is(err, syscall.EADDRNOTAVAIL) {
 		host, _, _ := net.SplitHostPort(addr)
-		return nil, fmt.Errorf("listen on %s: %w (add it to lo, e.g. `ip addr add %s/32 dev lo`, or run with --host-guard, which does so): %w",
+		return nil, fmt.Errorf("listen on %s: %w (add it to lo, e.g. `ip addr add %s/32 dev lo`, or let the host guard add it): %w",
 			addr, ErrAddressNotConfigured, host, err)
 	}
 	if err != nil {

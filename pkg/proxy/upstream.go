@@ -24,7 +24,7 @@ type upstreamRequest struct {
 }
 
 // errUpstreamBusy: no upstream slot came free in time.
-var errUpstreamBusy = errors.New("every upstream connection (--max-upstream-conns) stayed busy")
+var errUpstreamBusy = errors.New("every upstream slot (the cap on ordinary requests in flight) stayed busy")
 
 // upstreamSlotWait bounds the wait for an upstream slot: when every slot stays busy
 // that long the upstream is overloaded, and a quick 503 with Retry-After serves the
