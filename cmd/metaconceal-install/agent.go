@@ -25,6 +25,7 @@ import (
 
 	"github.com/metaconceal/metaconceal/internal/buildinfo"
 	"github.com/metaconceal/metaconceal/internal/kubeflags"
+	"github.com/metaconceal/metaconceal/pkg/cri"
 	"github.com/metaconceal/metaconceal/pkg/nodegate"
 	"github.com/metaconceal/metaconceal/pkg/podevents"
 	"github.com/metaconceal/metaconceal/pkg/repair"
@@ -232,10 +233,10 @@ func (a *agentOptions) newGate(client kubernetes.Interface, confDir string, reg 
 // runs the repair loop.
 func (a *agentOptions) runRepair(ctx context.Context, mode repair.Mode, confDir string, events *podevents.Recorder, m *repair.Metrics, log *slog.Logger) error {
 	log = log.With("part", "repair")
-	var cri *repair.CRI
+	var runtime *cri.Client
 	for {
 		var err error
-		if cri, err = repair.DialCRI(ctx, a.criSocket, 10*time.Second); err == nil {
+		if runtime, err = cri.Dial(ctx, a.criSocket, 10*time.Second); err == nil {
 			break
 		}
 		log.Error("cannot reach the container runtime; retrying", "err", err, "retry", a.repairInterval.String())
@@ -245,9 +246,9 @@ func (a *agentOptions) runRepair(ctx context.Context, mode repair.Mode, confDir 
 		case <-time.After(a.repairInterval):
 		}
 	}
-	defer cri.Close()
+	defer runtime.Close()
 	cfg := repair.Config{
-		Mode: mode, Sandboxes: cri, ConfDir: confDir, StateDir: a.stateDir,
+		Mode: mode, Sandboxes: runtime, ConfDir: confDir, StateDir: a.stateDir,
 		Interval: a.repairInterval, Metrics: m, PluginLog: pluginLogWriter{log}, Log: log,
 	}
 	if events != nil {

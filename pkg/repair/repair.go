@@ -33,6 +33,8 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/cniplugin"
 	"github.com/metaconceal/metaconceal/pkg/podevents"
 	"github.com/metaconceal/metaconceal/pkg/state"
+
+	"github.com/metaconceal/metaconceal/pkg/cri"
 )
 
 // Mode says what to do with an unprotected pod.
@@ -56,7 +58,10 @@ func ParseMode(s string) (Mode, error) {
 // DefaultInterval is the repair period.
 const DefaultInterval = 30 * time.Second
 
-// Sandboxes is where the sandboxes come from; *CRI is the real one.
+// Sandbox is one pod sandbox as the runtime reports it (pkg/cri).
+type Sandbox = cri.Sandbox
+
+// Sandboxes is where the sandboxes come from; *cri.Client is the real one.
 type Sandboxes interface {
 	ReadySandboxes(ctx context.Context) ([]Sandbox, error)
 	Sandbox(ctx context.Context, id string) (Sandbox, bool, error)

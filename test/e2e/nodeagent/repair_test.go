@@ -21,6 +21,7 @@ import (
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
 	"github.com/metaconceal/metaconceal/pkg/cniplugin"
+	"github.com/metaconceal/metaconceal/pkg/cri"
 	"github.com/metaconceal/metaconceal/pkg/podevents"
 	"github.com/metaconceal/metaconceal/pkg/repair"
 	"github.com/metaconceal/metaconceal/pkg/state"
@@ -130,16 +131,16 @@ func TestRepairPreexistingPods(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	cri, err := repair.DialCRI(ctx, rt.Socket, 10*time.Second)
+	runtime, err := cri.Dial(ctx, rt.Socket, 10*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer cri.Close()
+	defer runtime.Close()
 	sink := &eventLog{}
 	reg := prometheus.NewRegistry()
 	metrics := repair.NewMetrics(reg)
 	newRepairer := func(mode repair.Mode) *repair.Repairer {
-		r, err := repair.New(repair.Config{Mode: mode, Sandboxes: cri, ConfDir: confDir, StateDir: stateDir,
+		r, err := repair.New(repair.Config{Mode: mode, Sandboxes: runtime, ConfDir: confDir, StateDir: stateDir,
 			Events: sink, Metrics: metrics, PluginLog: io.Discard, Log: slog.New(slog.NewTextHandler(testWriter{t}, nil))})
 		if err != nil {
 			t.Fatal(err)
@@ -247,7 +248,7 @@ func TestRepairPreexistingPods(t *testing.T) {
 	}
 	writeConflist(after)
 	loopCtx, stopLoop := context.WithCancel(ctx)
-	loop, err := repair.New(repair.Config{Mode: repair.ModeRepair, Sandboxes: cri, ConfDir: confDir, StateDir: stateDir,
+	loop, err := repair.New(repair.Config{Mode: repair.ModeRepair, Sandboxes: runtime, ConfDir: confDir, StateDir: stateDir,
 		Interval: 200 * time.Millisecond, Events: sink, Metrics: metrics, PluginLog: io.Discard})
 	if err != nil {
 		t.Fatal(err)

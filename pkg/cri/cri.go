@@ -1,4 +1,7 @@
-package repair
+// Package cri reads pod sandboxes from the container runtime over its CRI socket (CRI
+// v1): which are ready, their pod, IPs and network namespace. The node agent's repair
+// loop (pkg/repair) is its user.
+package cri
 
 import (
 	"context"
@@ -15,7 +18,7 @@ import (
 	runtimeapi "k8s.io/cri-api/pkg/apis/runtime/v1"
 )
 
-// Sandbox is what repair needs to know of one pod sandbox.
+// Sandbox is what the node agent needs to know of one pod sandbox.
 type Sandbox struct {
 	ID                   string
 	Namespace, Name, UID string // from the sandbox metadata (kubelet's pod)
@@ -27,58 +30,59 @@ type Sandbox struct {
 }
 
 func (s Sandbox) String() string {
-	return s.Namespace + "/" + s.Name + " (sandbox " + shortID(s.ID) + ")"
+	return s.Namespace + "/" + s.Name + " (sandbox " + ShortID(s.ID) + ")"
 }
 
-func shortID(id string) string {
+// ShortID is the first 13 characters of a sandbox or container id, for logs.
+func ShortID(id string) string {
 	if len(id) > 13 {
 		return id[:13]
 	}
 	return id
 }
 
-// CRI lists pod sandboxes through the container runtime's CRI socket.
-type CRI struct {
+// Client lists pod sandboxes through the container runtime's CRI socket.
+type Client struct {
 	conn    *grpc.ClientConn
 	rt      runtimeapi.RuntimeServiceClient
 	timeout time.Duration
 }
 
-// DialCRI connects to the CRI socket at endpoint (a path, or unix:///path) and checks
+// Dial connects to the CRI socket at endpoint (a path, or unix:///path) and checks
 // that it answers CRI v1.
-func DialCRI(ctx context.Context, endpoint string, timeout time.Duration) (*CRI, error) {
+func Dial(ctx context.Context, endpoint string, timeout time.Duration) (*Client, error) {
 	path := strings.TrimPrefix(strings.TrimPrefix(endpoint, "unix://"), "unix:")
 	if path == "" || !strings.HasPrefix(path, "/") {
-		return nil, fmt.Errorf("repair: CRI endpoint %q: want an absolute socket path", endpoint)
+		return nil, fmt.Errorf("cri: CRI endpoint %q: want an absolute socket path", endpoint)
 	}
 	if timeout <= 0 {
 		timeout = 10 * time.Second
 	}
 	conn, err := grpc.NewClient("unix://"+path, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, fmt.Errorf("repair: CRI endpoint %s: %w", path, err)
+		return nil, fmt.Errorf("cri: CRI endpoint %s: %w", path, err)
 	}
-	c := &CRI{conn: conn, rt: runtimeapi.NewRuntimeServiceClient(conn), timeout: timeout}
+	c := &Client{conn: conn, rt: runtimeapi.NewRuntimeServiceClient(conn), timeout: timeout}
 	vctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	if _, err := c.rt.Version(vctx, &runtimeapi.VersionRequest{}); err != nil {
-		return nil, errors.Join(fmt.Errorf("repair: CRI v1 at %s does not answer: %w", path, err), conn.Close())
+		return nil, errors.Join(fmt.Errorf("cri: CRI v1 at %s does not answer: %w", path, err), conn.Close())
 	}
 	return c, nil
 }
 
 // Close closes the connection.
-func (c *CRI) Close() error { return c.conn.Close() }
+func (c *Client) Close() error { return c.conn.Close() }
 
 // ReadySandboxes lists the sandboxes in state READY with their status.
-func (c *CRI) ReadySandboxes(ctx context.Context) ([]Sandbox, error) {
+func (c *Client) ReadySandboxes(ctx context.Context) ([]Sandbox, error) {
 	lctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	resp, err := c.rt.ListPodSandbox(lctx, &runtimeapi.ListPodSandboxRequest{Filter: &runtimeapi.PodSandboxFilter{
 		State: &runtimeapi.PodSandboxStateValue{State: runtimeapi.PodSandboxState_SANDBOX_READY},
 	}})
 	if err != nil {
-		return nil, fmt.Errorf("repair: list pod sandboxes: %w", err)
+		return nil, fmt.Errorf("cri: list pod sandboxes: %w", err)
 	}
 	var out []Sandbox
 	var errs []error
@@ -96,7 +100,7 @@ func (c *CRI) ReadySandboxes(ctx context.Context) ([]Sandbox, error) {
 }
 
 // Sandbox reads one sandbox's status; found is false when the runtime no longer has it.
-func (c *CRI) Sandbox(ctx context.Context, id string) (sb Sandbox, found bool, err error) {
+func (c *Client) Sandbox(ctx context.Context, id string) (sb Sandbox, found bool, err error) {
 	sctx, cancel := context.WithTimeout(ctx, c.timeout)
 	defer cancel()
 	resp, err := c.rt.PodSandboxStatus(sctx, &runtimeapi.PodSandboxStatusRequest{PodSandboxId: id, Verbose: true})
@@ -104,7 +108,7 @@ func (c *CRI) Sandbox(ctx context.Context, id string) (sb Sandbox, found bool, e
 		return Sandbox{}, false, nil
 	}
 	if err != nil {
-		return Sandbox{}, false, fmt.Errorf("repair: status of sandbox %s: %w", shortID(id), err)
+		return Sandbox{}, false, fmt.Errorf("cri: status of sandbox %s: %w", ShortID(id), err)
 	}
 	sb, err = FromStatus(resp.GetStatus(), resp.GetInfo())
 	return sb, true, err
@@ -115,7 +119,7 @@ func (c *CRI) Sandbox(ctx context.Context, id string) (sb Sandbox, found bool, e
 // path of the network namespace) or its netNamespacePath.
 func FromStatus(st *runtimeapi.PodSandboxStatus, info map[string]string) (Sandbox, error) {
 	if st == nil {
-		return Sandbox{}, errors.New("repair: empty sandbox status")
+		return Sandbox{}, errors.New("cri: empty sandbox status")
 	}
 	md := st.GetMetadata()
 	sb := Sandbox{
@@ -137,7 +141,7 @@ func FromStatus(st *runtimeapi.PodSandboxStatus, info map[string]string) (Sandbo
 	}
 	path, err := netnsFromInfo(info)
 	if err != nil {
-		return sb, fmt.Errorf("repair: sandbox %s: %w", sb, err)
+		return sb, fmt.Errorf("cri: sandbox %s: %w", sb, err)
 	}
 	sb.Netns = path
 	return sb, nil
