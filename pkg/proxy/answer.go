@@ -27,7 +27,7 @@ type answerer struct {
 	upstreamScheme, upstreamHost string
 	policy                       *policy.Policy    // filters listings
 	transport                    http.RoundTripper // long polls, readiness
-	upstream                     http.RoundTripper // ordinary requests
+	upstream                     upstream          // ordinary requests (upstream.go)
 	slots                        slots             // ordinary requests in flight (Limits.MaxUpstreamConns)
 	upstreamTimeout              time.Duration
 	longPollSlack                time.Duration

@@ -48,9 +48,9 @@ type Config struct {
 	Metrics *Metrics
 	// Transport carries long polls and readiness checks; defaults to NewTransport().
 	Transport http.RoundTripper
-	// Ordinary carries the ordinary requests (not long polls); defaults to
-	// NewPool(Upstream), which answers 1.6x what net/http's Transport does on this
-	// path with the cache off (docs/figures.md). Any http.RoundTripper works.
+	// Ordinary, when set, carries the ordinary requests (not long polls) instead of
+	// the proxy's own keep-alive pool, which answers 1.6x what net/http's Transport
+	// does on this path with the cache off (docs/figures.md).
 	Ordinary http.RoundTripper
 	// UpstreamTimeout bounds a request that is not a long poll.
 	UpstreamTimeout time.Duration
@@ -142,9 +142,10 @@ func New(cfg Config) (*Handler, error) {
 	if a.transport == nil {
 		a.transport = NewTransport()
 	}
-	a.upstream = cfg.Ordinary
-	if a.upstream == nil {
-		a.upstream = NewPool(cfg.Upstream)
+	if cfg.Ordinary != nil {
+		a.upstream = roundTripper{rt: cfg.Ordinary, upstreamScheme: cfg.Upstream.Scheme, host: cfg.Upstream.Host}
+	} else {
+		a.upstream = newConnPool(cfg.Upstream, DefaultMaxIdleConnsPerHost)
 	}
 	if a.upstreamTimeout <= 0 {
 		a.upstreamTimeout = DefaultUpstreamTimeout

@@ -148,38 +148,26 @@ var (
 // longAgo is a deadline in the past: setting it unblocks pending I/O at once.
 var longAgo = time.Unix(1, 0)
 
-// NewPool returns the hand-written keep-alive pool for u as an http.RoundTripper,
-// the default for ordinary requests (Config.Ordinary). It sends GET and HEAD only,
-// and of the request only its Host, path, query and Metadata-Flavor header.
-func NewPool(u *url.URL) http.RoundTripper { return newConnPool(u, DefaultMaxIdleConnsPerHost) }
-
-// RoundTrip sends req within its context's deadline. Closing the body gives the
-// connection back when the whole body was read.
-func (p *connPool) RoundTrip(req *http.Request) (*http.Response, error) {
-	ctx := req.Context()
-	deadline, ok := ctx.Deadline()
-	if !ok {
-		deadline = time.Now().Add(DefaultUpstreamTimeout)
-	}
-	ur := upstreamRequest{method: req.Method, host: req.Host, path: req.URL.Path, rawQuery: req.URL.RawQuery, flavor: req.Header["Metadata-Flavor"]}
-	if ur.host == "" {
-		ur.host = req.URL.Host
-	}
-	resp, release, err := p.roundTripSlot(ctx, &ur, deadline)
+// send sends req on the pool (the upstream interface, upstream.go). Closing the
+// answer's body gives the connection back when the whole body was read, then gives
+// back the slot.
+func (p *connPool) send(ctx context.Context, req *upstreamRequest, deadline time.Time, slot slots) (*http.Response, error) {
+	resp, release, err := p.roundTripSlot(ctx, req, deadline)
 	if err != nil {
 		return nil, err
 	}
-	resp.Body = &poolBody{ReadCloser: resp.Body, release: release}
+	resp.Body = &poolBody{ReadCloser: resp.Body, release: release, slot: slot}
 	return resp, nil
 }
 
 // CloseIdleConnections closes every idle connection.
 func (p *connPool) CloseIdleConnections() { p.closeIdle() }
 
-// poolBody gives its connection back to the pool when closed.
+// poolBody gives its connection back to the pool, and its slot, when closed.
 type poolBody struct {
 	io.ReadCloser
 	release func(reusable bool)
+	slot    slots
 	done    bool
 }
 
@@ -188,6 +176,7 @@ func (b *poolBody) Close() error {
 	if !b.done {
 		b.done = true
 		b.release(err == nil)
+		b.slot.release()
 	}
 	return err
 }

@@ -8,9 +8,12 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"strings"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/metaconceal/metaconceal/pkg/policy"
 )
 
 // poolUpstream is an upstream that counts its connections and echoes what it got.
@@ -29,16 +32,11 @@ func poolUpstream(t *testing.T, h http.HandlerFunc) (*url.URL, *atomic.Int32) {
 	return u, &conns
 }
 
-func poolGet(t *testing.T, rt http.RoundTripper, u *url.URL, target string, hdr http.Header, d time.Duration) (*http.Response, error) {
+func poolGet(t *testing.T, p *connPool, target string, flavor []string, d time.Duration) (*http.Response, error) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), d)
-	t.Cleanup(cancel)
-	req, err := http.NewRequestWithContext(ctx, "GET", u.String()+target, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header = hdr
-	return rt.RoundTrip(req)
+	path, query, _ := strings.Cut(target, "?")
+	req := &upstreamRequest{method: "GET", host: "metadata.google.internal", path: path, rawQuery: query, flavor: flavor}
+	return p.send(context.Background(), req, time.Now().Add(d), nil)
 }
 
 // The pool keeps a connection for the next request once its answer was read whole
@@ -58,9 +56,9 @@ func TestPoolReusesConnectionsReadWhole(t *testing.T) {
 			u, conns := poolUpstream(t, func(w http.ResponseWriter, r *http.Request) {
 				_, _ = io.WriteString(w, "0123456789")
 			})
-			p := NewPool(u)
+			p := newConnPool(u, DefaultMaxIdleConnsPerHost)
 			for range 2 {
-				resp, err := poolGet(t, p, u, "/x", nil, 5*time.Second)
+				resp, err := poolGet(t, p, "/x", nil, 5*time.Second)
 				if err != nil {
 					t.Fatal(err)
 				}
@@ -78,26 +76,25 @@ func TestPoolReusesConnectionsReadWhole(t *testing.T) {
 	}
 }
 
-// The pool sends the request's Host, path, query and Metadata-Flavor, and nothing
-// else of it.
-func TestPoolSendsOnlyWhatItIsGiven(t *testing.T) {
+// The pool writes the canonical request it is given: Host, path, query and
+// Metadata-Flavor.
+func TestPoolWritesTheRequestGiven(t *testing.T) {
 	t.Parallel()
 	got := make(chan *http.Request, 1)
 	u, _ := poolUpstream(t, func(w http.ResponseWriter, r *http.Request) { got <- r })
-	hdr := http.Header{"Metadata-Flavor": {"Google"}, "X-Forwarded-For": {"10.0.0.9"}, "Authorization": {"Bearer x"}}
-	resp, err := poolGet(t, NewPool(u), u, "/computeMetadata/v1/instance/tags?alt=json", hdr, 5*time.Second)
+	resp, err := poolGet(t, newConnPool(u, 1), "/computeMetadata/v1/instance/tags?alt=json", []string{"Google"}, 5*time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
 	resp.Body.Close()
 	r := <-got
-	if r.URL.RequestURI() != "/computeMetadata/v1/instance/tags?alt=json" || r.Header.Get("Metadata-Flavor") != "Google" ||
-		r.Header.Get("X-Forwarded-For") != "" || r.Header.Get("Authorization") != "" {
-		t.Errorf("upstream got %s with %v; want the path and query with Metadata-Flavor only", r.URL.RequestURI(), r.Header)
+	if r.Host != "metadata.google.internal" || r.URL.RequestURI() != "/computeMetadata/v1/instance/tags?alt=json" ||
+		len(r.Header["Metadata-Flavor"]) != 1 || r.Header.Get("Metadata-Flavor") != "Google" {
+		t.Errorf("upstream got Host %q %s with %v; want the Host, path and query with Metadata-Flavor: Google", r.Host, r.URL.RequestURI(), r.Header)
 	}
 }
 
-// A request ends at its context's deadline.
+// A request ends at its deadline.
 func TestPoolDeadline(t *testing.T) {
 	t.Parallel()
 	release := make(chan struct{})
@@ -108,9 +105,27 @@ func TestPoolDeadline(t *testing.T) {
 		case <-r.Context().Done():
 		}
 	})
-	_, err := poolGet(t, NewPool(u), u, "/slow", nil, 200*time.Millisecond)
+	_, err := poolGet(t, newConnPool(u, 1), "/slow", nil, 200*time.Millisecond)
 	var ne net.Error
 	if !errors.Is(err, context.DeadlineExceeded) && !(errors.As(err, &ne) && ne.Timeout()) {
 		t.Errorf("slow upstream: %v; want a timeout", err)
+	}
+}
+
+// Config.Ordinary puts any http.RoundTripper in the pool's place (net/http's
+// Transport here), with the cache off so that every request goes upstream.
+func TestOrdinaryRoundTripper(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
+		c.Ordinary = NewTransport()
+		c.Cache.Disabled = true
+	})
+	for range 2 {
+		if a := raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/project/project-id", flavor); a.status != http.StatusOK || a.body == "" {
+			t.Fatalf("GET project-id through the Transport: %d %q", a.status, a.body)
+		}
+	}
+	if n := len(f.receivedURIs()); n != 2 {
+		t.Errorf("upstream received %d requests; want 2 (cache off)", n)
 	}
 }

@@ -108,11 +108,12 @@ func (s *responder) bodyRefused(x *exchange) {
 			// Read what the client may still send (up to 64 KiB, for a second) before
 			// closing: closing with unread data resets the connection, and the client
 			// could lose the answer.
+			ci := x.conn // not x: the exchange stays on its handler's stack
 			go func() {
 				_ = conn.SetReadDeadline(time.Now().Add(time.Second))
 				_, _ = io.CopyN(io.Discard, conn, 64<<10)
 				conn.Close()
-				s.releaseConn(x.conn)
+				s.releaseConn(ci)
 			}()
 			return
 		}

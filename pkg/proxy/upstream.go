@@ -8,11 +8,12 @@ import (
 	"time"
 )
 
-// The upstream is one interface, http.RoundTripper, with two implementations:
-// net/http's Transport (NewTransport) carries long polls and readiness checks, and the
-// hand-written keep-alive pool (NewPool, pool.go) the ordinary requests, where it
-// answers 1.6x what the Transport does with the cache off and cold keys (measured side
-// by side, docs/figures.md). What the answer stage adds around it is here: the canonical request (built from a
+// Ordinary requests go upstream through one interface, upstream, with two
+// implementations: the hand-written keep-alive pool (pool.go), the default, which
+// answers 1.6x what net/http's Transport does with the cache off and cold keys
+// (measured side by side, docs/figures.md), and any http.RoundTripper
+// (Config.Ordinary; net/http's Transport). Long polls and readiness checks use
+// Config.Transport. What the answer stage adds around the interface is here: the canonical request (built from a
 // reqKey or a decision, never from the client's raw target), the upstream timeout,
 // the latency metric, and the slots that cap the ordinary requests in flight
 // (--max-upstream-conns).
@@ -69,6 +70,38 @@ func (s slots) release() {
 	}
 }
 
+// upstream sends one ordinary request by the deadline. Closing the answer's body
+// gives back the connection (when read whole) and then slot.
+type upstream interface {
+	send(ctx context.Context, req *upstreamRequest, deadline time.Time, slot slots) (*http.Response, error)
+}
+
+// roundTripper is an http.RoundTripper as the upstream (Config.Ordinary).
+type roundTripper struct {
+	rt                   http.RoundTripper
+	upstreamScheme, host string
+}
+
+func (u roundTripper) send(ctx context.Context, req *upstreamRequest, deadline time.Time, slot slots) (*http.Response, error) {
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	out, _ := http.NewRequestWithContext(ctx, req.method, "", nil) // "" cannot fail to parse
+	out.URL.Scheme = u.upstreamScheme
+	out.URL.Host = u.host
+	out.URL.Path = req.path
+	out.URL.RawQuery = req.rawQuery
+	out.Host = req.host
+	if req.flavor != nil {
+		out.Header["Metadata-Flavor"] = req.flavor
+	}
+	resp, err := u.rt.RoundTrip(out)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	resp.Body = &sentBody{ReadCloser: resp.Body, done: func() { cancel(); slot.release() }}
+	return resp, nil
+}
+
 // send sends req upstream within a slot and the upstream timeout, and observes the
 // upstream's latency. Closing the answer's body gives back the slot (and, read
 // whole, the connection).
@@ -78,24 +111,12 @@ func (a *answerer) send(ctx context.Context, req *upstreamRequest) (*http.Respon
 	if err := a.slots.acquire(ctx, deadline); err != nil {
 		return nil, err
 	}
-	ctx, cancel := context.WithDeadline(ctx, deadline)
-	out, _ := http.NewRequestWithContext(ctx, req.method, "", nil) // "" cannot fail to parse
-	out.URL.Scheme = a.upstreamScheme
-	out.URL.Host = a.upstreamHost
-	out.URL.Path = req.path
-	out.URL.RawQuery = req.rawQuery
-	out.Host = req.host
-	if req.flavor != nil {
-		out.Header["Metadata-Flavor"] = req.flavor
-	}
-	resp, err := a.upstream.RoundTrip(out)
+	resp, err := a.upstream.send(ctx, req, deadline, a.slots)
 	if err != nil {
-		cancel()
 		a.slots.release()
 		return nil, err
 	}
 	a.metrics.latencyRequest.Observe(time.Since(start).Seconds())
-	resp.Body = &sentBody{ReadCloser: resp.Body, done: func() { cancel(); a.slots.release() }}
 	return resp, nil
 }
 
@@ -117,9 +138,16 @@ func (b *sentBody) Close() error {
 
 // closeIdle closes the upstream's idle connections, when it keeps any.
 func (a *answerer) closeIdle() {
-	for _, rt := range []http.RoundTripper{a.upstream, a.transport} {
+	for _, rt := range []any{a.upstream, a.transport} {
 		if c, ok := rt.(interface{ CloseIdleConnections() }); ok {
 			c.CloseIdleConnections()
 		}
+	}
+}
+
+// CloseIdleConnections closes the round tripper's idle connections, when it keeps any.
+func (u roundTripper) CloseIdleConnections() {
+	if c, ok := u.rt.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
 	}
 }
