@@ -9,17 +9,18 @@ import (
 	"math"
 	"net"
 	"net/http"
-	"net/netip"
 	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/metaconceal/metaconceal/pkg/podindex"
 )
 
-// One pod cannot starve another: every limit below is kept per client (the source
-// pod, from its state record via the pod index; the source IP where there is none),
+// One pod cannot starve another: every limit below is kept per client (the pod the
+// kernel attested, identity.go; one shared client for every unattributed connection),
 // so a pod's share does not depend on what other pods do, and the global caps on what
 // goes upstream are sized so that every pod at its own cap still fits and are shared
 // fairly when they fill (fairCap, at the end of this file).
@@ -90,21 +91,11 @@ const (
 )
 
 // podKey names one pod for every per-pod budget: the limits here, the fair shares of
-// the node-wide caps (fairCap) and the entries it may add to the cache. Today it is
-// built from the source address (podKeyOf): the pod its state record names, else the
-// IP. Attested identity (issue 17, part 1) changes only how it is built; nothing
-// that uses it needs to change.
+// the node-wide caps (fairCap) and the entries it may add to the cache. podKeyOf
+// (identity.go) builds it: the attested pod, or the one key every unattributed
+// connection shares.
 type podKey struct {
 	namespace, name string
-	ip              netip.Addr // zero for a pod
-}
-
-// podKeyOf is the pod key of a source.
-func podKeyOf(src source) podKey {
-	if src.pod.Name == "" {
-		return podKey{ip: src.addr}
-	}
-	return podKey{namespace: src.pod.Namespace, name: src.pod.Name}
 }
 
 // client is what the proxy keeps per pod (or source IP).
@@ -171,10 +162,7 @@ func (cs *clients) acquire(src source) *client {
 }
 
 func (cs *clients) newClient(key podKey, src source) *client {
-	ns := src.pod.Namespace
-	if ns == "" {
-		ns = "unknown"
-	}
+	ns := nsLabel(src)
 	now := time.Now()
 	c := &client{key: key, src: src, ns: ns, tokens: float64(cs.limits.PodBurst), last: now,
 		auditTokens: auditBurst, auditLast: now, refused: make(map[string]prometheus.Counter, len(refusalReasons))}
@@ -311,24 +299,6 @@ type connInfo struct {
 
 type connInfoKey struct{}
 
-// identify names the client behind a remote address.
-func (h *Handler) identify(remote string) source {
-	ap, err := netip.ParseAddrPort(remote)
-	if err != nil {
-		return source{ip: remote}
-	}
-	return h.identifyAddr(ap.Addr())
-}
-
-func (h *Handler) identifyAddr(addr netip.Addr) source {
-	addr = addr.Unmap()
-	s := source{ip: addr.String(), addr: addr}
-	if h.pods != nil {
-		s.pod, _ = h.pods.Lookup(addr)
-	}
-	return s
-}
-
 // ConnContext is the http.Server hook that passes each connection's client to its
 // requests. Connections accepted through Listener are already counted; others (a
 // server on a listener of its own) are identified and counted here, and a request
@@ -461,11 +431,16 @@ func (h *Handler) clientConnsOpen() int {
 // connections as fast as it can costs the proxy an accept, a lookup and one write
 // each. Connections are given back when closed, hijacked ones (parked long polls)
 // included.
-func (h *Handler) Listener(ln net.Listener) net.Listener { return &podListener{Listener: ln, h: h} }
+// Its connections are unattributed (the proxy's own port); ListenerFor wraps the
+// attested ones (identity.go).
+func (h *Handler) Listener(ln net.Listener) net.Listener {
+	return h.ListenerFor(ln, podindex.Unattributed)
+}
 
 type podListener struct {
 	net.Listener
-	h *Handler
+	h  *Handler
+	in podindex.Ingress // what the guard's rules say about every connection here
 }
 
 // trackedConn is an accepted connection counted against its pod.
@@ -511,7 +486,7 @@ func (l *podListener) Accept() (net.Conn, error) {
 		}
 		var src source
 		if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-			src = h.identifyAddr(ta.AddrPort().Addr())
+			src = h.identifyConn(ta.AddrPort().Addr(), l.in)
 		} else {
 			src = h.identify(c.RemoteAddr().String())
 		}

@@ -92,6 +92,7 @@ type Handler struct {
 	exposedPolicy                *policy.Policy // for pods the plugin left unconcealed
 	pods                         PodLookup
 	notify                       BlockNotifier
+	unattributed                 unattributedLog // counted and logged, rate-limited (identity.go)
 	log                          *slog.Logger
 	metrics                      *Metrics
 	transport                    http.RoundTripper
@@ -251,9 +252,10 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	_, forwardedFor := r.Header["X-Forwarded-For"]
 	d := h.policy.Evaluate(r.Method, r.RequestURI, forwardedFor)
-	if (d.Verdict != policy.Allow || d.FilterListing) && src.pod.Exposed {
-		// Only requests the policy restricts need to know whether the pod is exposed
-		// (mode EXPOSED, excluded namespace): then it is served in full.
+	h.countUnattributed(src, d.Path)
+	if (d.Verdict != policy.Allow || d.FilterListing) && src.exposed {
+		// Only requests the policy restricts need to know whether the connection came
+		// from an exposed pod (the guard's rules at its SYN): then it is served in full.
 		d = h.decideExposed(r, forwardedFor, d, src, cl)
 	}
 	h.metrics.countRequest(d.Rule)
@@ -285,13 +287,6 @@ func (h *Handler) decideExposed(r *http.Request, forwardedFor bool, d policy.Dec
 			slog.String("path", clip(e.Path, maxAuditField)))
 	}
 	return e
-}
-
-// source is who sent a request: its IP and, from the state records, its pod.
-type source struct {
-	ip   string
-	addr netip.Addr
-	pod  podindex.Pod // zero when the IP has no state record
 }
 
 func (h *Handler) block(w http.ResponseWriter, r *http.Request, d policy.Decision, src source, cl *client) {
@@ -328,7 +323,7 @@ func (h *Handler) auditLimited(r *http.Request, d policy.Decision, src source, c
 	ok, dropped := h.clients.allowAudit(cl, time.Now())
 	if !ok {
 		h.metrics.blockedByNS.WithLabelValues(cl.ns, d.Verdict.String()).Inc()
-		if h.notify != nil {
+		if h.notify != nil && src.attested {
 			h.notify.Blocked(src.pod, d)
 		}
 		return
@@ -352,11 +347,7 @@ func (h *Handler) logDropped(src source, dropped int64) {
 
 // audit logs one line per concealed or denied request, naming the pod.
 func (h *Handler) audit(r *http.Request, d policy.Decision, src source) {
-	nsLabel := src.pod.Namespace
-	if nsLabel == "" {
-		nsLabel = "unknown"
-	}
-	h.metrics.blockedByNS.WithLabelValues(nsLabel, d.Verdict.String()).Inc()
+	h.metrics.blockedByNS.WithLabelValues(nsLabel(src), d.Verdict.String()).Inc()
 	target := clip(r.RequestURI, maxAuditField)
 	h.log.LogAttrs(context.Background(), slog.LevelWarn, "metadata request blocked",
 		slog.String("verdict", d.Verdict.String()),
@@ -364,11 +355,12 @@ func (h *Handler) audit(r *http.Request, d policy.Decision, src source) {
 		slog.String("pod_namespace", src.pod.Namespace),
 		slog.String("pod_name", src.pod.Name),
 		slog.String("source_ip", src.ip),
+		slog.Bool("attested", src.attested),
 		slog.String("method", clip(r.Method, 16)),
 		slog.String("path", clip(d.Path, maxAuditField)),
 		slog.String("target", target),
 	)
-	if h.notify != nil {
+	if h.notify != nil && src.attested { // Events only on pods the kernel vouched for
 		h.notify.Blocked(src.pod, d)
 	}
 }

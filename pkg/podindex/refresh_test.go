@@ -1,0 +1,79 @@
+package podindex
+
+import (
+	"context"
+	"net/netip"
+	"sync"
+	"testing"
+
+	"github.com/metaconceal/metaconceal/pkg/state"
+)
+
+// blockingAttestor records what it is handed and, while gate is open, blocks.
+type blockingAttestor struct {
+	mu      sync.Mutex
+	calls   [][]state.Record
+	entered chan struct{}
+	gate    chan struct{}
+	err     error
+}
+
+func (b *blockingAttestor) Attest(_ context.Context, recs []state.Record) error {
+	b.mu.Lock()
+	b.calls = append(b.calls, recs)
+	b.mu.Unlock()
+	if b.entered != nil {
+		b.entered <- struct{}{}
+	}
+	if b.gate != nil {
+		<-b.gate
+	}
+	return b.err
+}
+
+// TestLookupDoesNotWaitOnAttest: while the attestor (an iptables-restore) is stuck,
+// lookups answer from the snapshot at once, and the new pod is already known.
+// Without the refresher (lookups reloading and attesting inline, as before issue 19)
+// the lookup below would block on the gate and the test would time out.
+func TestLookupDoesNotWaitOnAttest(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	a := &blockingAttestor{entered: make(chan struct{}, 1), gate: make(chan struct{})}
+	x := New(dir, nil, WithAttestor(a))
+	if err := state.Write(dir, state.Record{ContainerID: "c1", IfName: "eth0", IPs: []string{"10.0.0.2"}, HostIf: "veth1", PodNamespace: "ns", PodName: "p"}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); x.Refresh(false) }()
+	<-a.entered // the refresher is inside Attest, and stays there
+	for range 1000 {
+		if pod, ok := x.Lookup(netip.MustParseAddr("10.0.0.2")); !ok || pod.Name != "p" {
+			t.Fatalf("Lookup during a blocked Attest = %+v, %v; want pod p from the published snapshot", pod, ok)
+		}
+		if _, ok := x.Lookup(netip.MustParseAddr("10.0.0.9")); ok {
+			t.Fatal("unknown IP found")
+		}
+	}
+	close(a.gate)
+	<-done
+	if len(a.calls) != 1 || len(a.calls[0]) != 1 || a.calls[0][0].HostIf != "veth1" {
+		t.Errorf("Attest got %+v; want the one record", a.calls)
+	}
+}
+
+// TestRefreshRetriesFailedAttest: a failed Attest is applied again at the next
+// refresh even when the records did not change; an unchanged, applied set is not.
+func TestRefreshRetriesFailedAttest(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	a := &blockingAttestor{err: context.DeadlineExceeded}
+	x := New(dir, nil, WithAttestor(a))
+	x.Refresh(false)
+	x.Refresh(false)
+	a.err = nil
+	x.Refresh(false)
+	x.Refresh(false)
+	if len(a.calls) != 3 {
+		t.Errorf("Attest calls = %d; want 3 (two failed, one success, then nothing to do)", len(a.calls))
+	}
+}
