@@ -2,9 +2,12 @@ package podindex
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"net/netip"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/metaconceal/metaconceal/pkg/state"
 )
@@ -46,13 +49,28 @@ func TestLookupDoesNotWaitOnAttest(t *testing.T) {
 	done := make(chan struct{})
 	go func() { defer close(done); x.Refresh(false) }()
 	<-a.entered // the refresher is inside Attest, and stays there
-	for range 1000 {
-		if pod, ok := x.Lookup(netip.MustParseAddr("10.0.0.2")); !ok || pod.Name != "p" {
-			t.Fatalf("Lookup during a blocked Attest = %+v, %v; want pod p from the published snapshot", pod, ok)
+	looked := make(chan error, 1)
+	go func() {
+		for range 1000 {
+			if pod, ok := x.Lookup(netip.MustParseAddr("10.0.0.2")); !ok || pod.Name != "p" {
+				looked <- fmt.Errorf("Lookup during a blocked Attest = %+v, %v; want pod p from the published snapshot", pod, ok)
+				return
+			}
+			if _, ok := x.Lookup(netip.MustParseAddr("10.0.0.9")); ok {
+				looked <- errors.New("unknown IP found")
+				return
+			}
 		}
-		if _, ok := x.Lookup(netip.MustParseAddr("10.0.0.9")); ok {
-			t.Fatal("unknown IP found")
+		looked <- nil
+	}()
+	select {
+	case err := <-looked:
+		if err != nil {
+			t.Fatal(err)
 		}
+	case <-time.After(10 * time.Second): // a liveness bound, not a measurement: 1000 lookups take microseconds
+		close(a.gate)
+		t.Fatal("lookups waited on the blocked Attest")
 	}
 	close(a.gate)
 	<-done
