@@ -167,8 +167,8 @@ func (a *App) Run(ctx context.Context) error {
 			return nil
 		})
 		// Pod identity and the attestation rules follow the state dir in the
-		// refresher, never on an accept: a new pod is attested within one interval
-		// plus one iptables-restore (docs/figures.md).
+		// refresher, never on an accept: a new pod is attested one iptables-restore
+		// after its record appears (inotify; the interval is the fallback).
 		a.pods.Refresh(true)
 		g.Go(func() error { a.pods.Run(loops, RefreshInterval, int(time.Minute/RefreshInterval)); return nil })
 	}

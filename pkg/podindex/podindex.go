@@ -9,9 +9,9 @@
 // names the pod behind that IP.
 //
 // Lookups never wait: they read an immutable snapshot through an atomic pointer, with
-// no file system access and no lock. The refresher (Run, in its own goroutine) stats
-// the state dir every interval and, when it changed, reads every record, publishes a
-// new snapshot, and then hands the records to the Attestor (the host guard), which
+// no file system access and no lock. The refresher (Run, refresh.go, in its own
+// goroutine) wakes on the state dir's changes (inotify) and every interval, and, when
+// the dir changed, reads every record, publishes a new snapshot, and then hands the records to the Attestor (the host guard), which
 // rewrites its rules. The snapshot is published first, so a connection attested by the
 // new rules always finds its pod; a pod whose record is not yet in the snapshot is
 // served as unattributed, never held.
@@ -119,21 +119,6 @@ func (x *Index) Refresh(force bool) {
 		return
 	}
 	x.attestErr = false
-}
-
-// Run calls Refresh every interval until ctx is done, forcing a reload every
-// forceEvery intervals (0: never).
-func (x *Index) Run(ctx context.Context, interval time.Duration, forceEvery int) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for n := 1; ; n++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			x.Refresh(forceEvery > 0 && n%forceEvery == 0)
-		}
-	}
 }
 
 // Lookup returns the pod that owns ip in the current snapshot. It never blocks and

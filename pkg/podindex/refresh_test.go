@@ -95,3 +95,36 @@ func TestRefreshRetriesFailedAttest(t *testing.T) {
 		t.Errorf("Attest calls = %d; want 3 (two failed, one success, then nothing to do)", len(a.calls))
 	}
 }
+
+// TestRunFollowsTheStateDir: the refresher picks up a new record and hands it to the
+// attestor. The interval is an hour, so only the inotify wake-up can do it in time.
+func TestRunFollowsTheStateDir(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	a := &blockingAttestor{}
+	x := New(dir, nil, WithAttestor(a))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); x.Run(ctx, time.Hour, 0) }()
+	t.Cleanup(func() { cancel(); <-done })
+	// Written until seen: the watch may be added just after the first write.
+	deadline := time.Now().Add(10 * time.Second)
+	for i := 0; ; i++ {
+		if err := state.Write(dir, state.Record{ContainerID: fmt.Sprint("c", i), IfName: "eth0", IPs: []string{fmt.Sprintf("10.0.%d.2", i)}, PodName: "p"}); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(20 * time.Millisecond)
+		a.mu.Lock()
+		n := len(a.calls)
+		a.mu.Unlock()
+		if n > 0 {
+			break
+		}
+		if time.Now().After(deadline) { // a liveness bound: inotify answers in microseconds
+			t.Fatal("the refresher did not pick up new records within 10 s with an hour's interval")
+		}
+	}
+	if _, ok := x.Lookup(netip.MustParseAddr("10.0.0.2")); !ok {
+		t.Error("the new record's IP is not in the snapshot after the refresh")
+	}
+}
