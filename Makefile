@@ -96,6 +96,8 @@ bench-cni: deps build
 
 bench-proxy: deps build
 	$(GO) run ./test/bench/proxy
+	# Attested identity: record to rule, and one connection with 110 attachments (root).
+	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkRecordToRule|BenchmarkConnection' -benchtime 300x ./test/bypass/
 
 # Cluster e2e (test/cluster, docs/cluster-e2e.md): a real one-node Kubernetes cluster
 # on this machine, conf/deploy applied with kubectl, the scenarios of

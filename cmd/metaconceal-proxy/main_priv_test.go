@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"context"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -12,6 +11,7 @@ import (
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
 	"github.com/metaconceal/metaconceal/pkg/hostguard"
+	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
 // guardTraces returns what of the host guard the node netns holds: rules and labelled
@@ -25,7 +25,7 @@ func guardTraces(t *testing.T, node *simnode.Node) string {
 			t.Fatalf("%s in the node netns: %v", save, err)
 		}
 		for l := range strings.SplitSeq(out, "\n") {
-			if strings.Contains(l, hostguard.Chain) || strings.Contains(l, hostguard.SpoofChain) {
+			if strings.Contains(l, hostguard.Chain) || strings.Contains(l, hostguard.SpoofChain) || strings.Contains(l, hostguard.AttestChain) {
 				traces = append(traces, l)
 			}
 		}
@@ -94,7 +94,7 @@ func TestBadFlagLeavesNoGuard(t *testing.T) {
 	}
 }
 
-// TestRemoveHostGuardSubcommand installs the guard (with anti-spoofing rules) in a
+// TestRemoveHostGuardSubcommand installs the guard (with attestation rules) in a
 // simulated node and takes it away with `remove-host-guard`, then again with the
 // deprecated flag, which still works and says it is deprecated.
 func TestRemoveHostGuardSubcommand(t *testing.T) {
@@ -132,13 +132,12 @@ func TestRemoveHostGuardSubcommand(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			_, err = sg.Protect(context.Background(), hostguard.Claims{netip.MustParseAddr("10.0.0.2"): {"lo"}})
-			return err
+			return sg.Attest(context.Background(), []state.Record{{ContainerID: "c", IfName: "eth0", IPs: []string{"10.0.0.2"}, HostIf: "lo"}})
 		})
 		if err != nil {
 			t.Fatalf("installing the guard in the node: %v", err)
 		}
-		if traces := guardTraces(t, node); !strings.Contains(traces, hostguard.SpoofChain) || !strings.Contains(traces, hostguard.AddrLabel) {
+		if traces := guardTraces(t, node); !strings.Contains(traces, hostguard.SpoofChain) || !strings.Contains(traces, "-s 10.0.0.2/32 -i lo") || !strings.Contains(traces, hostguard.AddrLabel) {
 			t.Fatalf("guard not fully installed:\n%s", traces)
 		}
 	}

@@ -38,6 +38,10 @@ type App struct {
 	guard   *hostguard.Guard // nil without the host guard
 	pods    *podindex.Index
 	relay   *altsrelay.Relay // nil without ALTS listen addresses
+	// attested are the listeners the guard's attestation rules send pods'
+	// connections to (pkg/hostguard, attest.go); none without the guard, so that every
+	// connection is then unattributed (fail closed).
+	attested []hostguard.AttestedListener
 }
 
 // New validates o, every option before anything is changed, and builds the parts
@@ -72,9 +76,11 @@ func New(o Options) (*App, error) {
 		if err != nil { // the config is valid: what is left is the interval
 			return nil, &OptionError{Option: "Guard.Reconcile", Err: err}
 		}
-		// Exposed pods are served in full only once the anti-spoofing rules hold for
-		// their IPs (see pkg/podindex).
-		podOpts = append(podOpts, podindex.WithProtector(a.guard.Spoof()))
+		// The refresher keeps the attestation rules in line with the records.
+		podOpts = append(podOpts, podindex.WithAttestor(a.guard.Spoof()))
+		if a.attested, err = cfg.AttestedListeners(); err != nil {
+			return nil, &OptionError{Option: "Guard.Config", Err: err}
+		}
 	}
 	a.pods = podindex.New(o.StateDir, a.log, podOpts...)
 	if len(o.ALTS.Listen) > 0 {
@@ -96,12 +102,22 @@ func New(o Options) (*App, error) {
 // listeners are the open sockets of one Run.
 type listeners struct {
 	proxy, alts []net.Listener
+	attested    []attestedListener
 	admin       net.Listener // nil without MetricsListen
+}
+
+// attestedListener is one open listener of App.attested.
+type attestedListener struct {
+	hostguard.AttestedListener
+	ln net.Listener
 }
 
 func (l *listeners) close() {
 	for _, ln := range append(l.proxy, l.alts...) {
 		ln.Close()
+	}
+	for _, al := range l.attested {
+		al.ln.Close()
 	}
 	if l.admin != nil {
 		l.admin.Close()
@@ -153,10 +169,11 @@ func (a *App) Run(ctx context.Context) error {
 			<-loops.Done()
 			return nil
 		})
-		// Anti-spoofing rules follow the state dir also when no request asks: a
-		// departed exposed pod's rule must not block its IP's next owner.
+		// Pod identity and the attestation rules follow the state dir in the
+		// refresher, never on an accept: a new pod is attested one iptables-restore
+		// after its record appears (inotify; the interval is the fallback).
 		a.pods.Refresh(true)
-		g.Go(func() error { a.pods.Run(loops, time.Second, 60); return nil })
+		g.Go(func() error { a.pods.Run(loops, RefreshInterval, int(time.Minute/RefreshInterval)); return nil })
 	}
 	lns, err := a.listen(ctx)
 	if err != nil {
@@ -167,10 +184,17 @@ func (a *App) Run(ctx context.Context) error {
 
 	srv := proxy.NewServer(handler, log)
 	for _, ln := range lns.proxy {
-		g.Go(func() error { return served(srv.Serve(handler.Listener(ln))) }) // per-pod connection caps
+		g.Go(func() error { return served(srv.Serve(handler.Listener(ln))) }) // unattributed; per-pod connection caps
 	}
 	for _, ln := range lns.alts {
 		g.Go(func() error { return served(a.relay.Serve(ln)) })
+	}
+	for _, al := range lns.attested {
+		if al.Relay {
+			g.Go(func() error { return served(a.relay.ServeIngress(al.ln, al.Ingress)) })
+		} else {
+			g.Go(func() error { return served(srv.Serve(handler.ListenerFor(al.ln, al.Ingress))) })
+		}
 	}
 	var admin *http.Server
 	if lns.admin != nil {
@@ -218,6 +242,17 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			return nil, &OptionError{Option: "ALTS.Listen", Err: err}
 		}
 		lns.alts = append(lns.alts, ln)
+	}
+	for _, al := range a.attested {
+		if al.Relay && a.relay == nil {
+			continue
+		}
+		ln, err := proxy.Listen(ctx, al.Addr.String())
+		if err != nil {
+			lns.close()
+			return nil, &OptionError{Option: "Guard.Config", Err: fmt.Errorf("%s listener: %w", al.Ingress, err)}
+		}
+		lns.attested = append(lns.attested, attestedListener{AttestedListener: al, ln: ln})
 	}
 	if o.MetricsListen != "" {
 		ln, err := proxy.Listen(ctx, o.MetricsListen)

@@ -62,6 +62,11 @@ type ALTSOptions struct {
 	HandshakeTimeout, IdleTimeout time.Duration
 }
 
+// RefreshInterval is how often the pod index looks at the state dir (one stat) and,
+// when it changed, re-reads the records and re-applies the attestation rules; inotify
+// wakes it at once in between (pkg/podindex, refresh.go).
+const RefreshInterval = 100 * time.Millisecond
+
 // GuardOptions configure the host guard (pkg/hostguard).
 type GuardOptions struct {
 	// Config is the guard's config; its ListenAddrs and ALTSListenAddrs are replaced

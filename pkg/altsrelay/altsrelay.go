@@ -66,8 +66,12 @@ const (
 	DefaultIdleTimeout = 5 * time.Minute
 )
 
-// unknownNamespace labels connections whose source IP has no state record.
-const unknownNamespace = "unknown"
+// unknownNamespace labels attested connections whose record names no namespace;
+// unattributedNamespace the connections the host guard did not attest.
+const (
+	unknownNamespace      = "unknown"
+	unattributedNamespace = "unattributed"
+)
 
 // Pods names the pod behind a source IP; *podindex.Index implements it.
 type Pods interface {
@@ -88,7 +92,8 @@ type Config struct {
 	// DialTimeout bounds connecting upstream (default DefaultDialTimeout).
 	DialTimeout time.Duration
 	// MaxConns caps the connections open at once (default DefaultMaxConns);
-	// MaxPerPod caps them per source IP (default DefaultMaxPerPod). A connection over
+	// MaxPerPod caps them per attested pod, and for all unattributed connections
+	// together (default DefaultMaxPerPod). A connection over
 	// a cap is closed at once and counted.
 	MaxConns  int
 	MaxPerPod int
@@ -110,9 +115,9 @@ type Relay struct {
 	mu        sync.Mutex
 	listeners map[net.Listener]bool
 	conns     map[*relayed]bool
-	perSource map[netip.Addr]int
-	closing   bool // no new connections (Shutdown or Close ran)
-	closed    bool // open connections are being cut (Close ran)
+	perPod    map[string]int // by relayed.key
+	closing   bool           // no new connections (Shutdown or Close ran)
+	closed    bool           // open connections are being cut (Close ran)
 	wg        sync.WaitGroup
 	cut       atomic.Int64
 }
@@ -121,6 +126,7 @@ type relayed struct {
 	client, upstream net.Conn // upstream is set under Relay.mu once dialed
 	src              netip.Addr
 	ns, pod          string
+	key              string // the budget it counts against: the attested pod, or "unattributed"
 
 	start time.Time
 	state atomic.Int32 // stateHandshaking, stateRelaying or stateEnded
@@ -186,7 +192,7 @@ func New(cfg Config) (*Relay, error) {
 		return nil, err
 	}
 	return &Relay{cfg: cfg, log: log, metrics: m, listeners: map[net.Listener]bool{},
-		conns: map[*relayed]bool{}, perSource: map[netip.Addr]int{},
+		conns: map[*relayed]bool{}, perPod: map[string]int{},
 		audit: newAuditor(log, m.auditDropped.Inc)}, nil
 }
 
@@ -194,8 +200,15 @@ func New(cfg Config) (*Relay, error) {
 var ErrClosed = errors.New("altsrelay: relay closed")
 
 // Serve accepts connections on ln until Shutdown or Close, relaying each. It returns
-// ErrClosed after those, or the accept error that stopped it.
-func (r *Relay) Serve(ln net.Listener) error {
+// ErrClosed after those, or the accept error that stopped it. Its connections are
+// unattributed (the relay's own port); ServeIngress serves the attested port.
+func (r *Relay) Serve(ln net.Listener) error { return r.ServeIngress(ln, podindex.Unattributed) }
+
+// ServeIngress is Serve for a listener whose connections all have ingress in: on the
+// attested listener (the host guard's rules sent them there, pkg/hostguard) a
+// connection counts against the pod its source IP names; everything else counts
+// against one budget shared by every unattributed connection.
+func (r *Relay) ServeIngress(ln net.Listener, in podindex.Ingress) error {
 	r.mu.Lock()
 	if r.closing {
 		r.mu.Unlock()
@@ -230,7 +243,7 @@ func (r *Relay) Serve(ln net.Listener) error {
 			return fmt.Errorf("altsrelay: accept on %s: %w", ln.Addr(), err)
 		}
 		backoff = 0
-		r.handle(c)
+		r.handle(c, in)
 	}
 }
 
@@ -252,11 +265,11 @@ func (r *Relay) admit(rc *relayed) (refused string) {
 		return "shutting_down"
 	case len(r.conns) >= r.cfg.MaxConns:
 		return "node_limit"
-	case r.perSource[rc.src] >= r.cfg.MaxPerPod:
+	case r.perPod[rc.key] >= r.cfg.MaxPerPod:
 		return "pod_limit"
 	}
 	r.conns[rc] = true
-	r.perSource[rc.src]++
+	r.perPod[rc.key]++
 	r.wg.Add(1)
 	return ""
 }
@@ -265,22 +278,26 @@ func (r *Relay) release(rc *relayed) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	delete(r.conns, rc)
-	if r.perSource[rc.src]--; r.perSource[rc.src] <= 0 {
-		delete(r.perSource, rc.src)
+	if r.perPod[rc.key]--; r.perPod[rc.key] <= 0 {
+		delete(r.perPod, rc.key)
 	}
 	r.wg.Done()
 }
 
-func (r *Relay) handle(c net.Conn) {
-	rc := &relayed{client: c, src: sourceOf(c), ns: unknownNamespace, start: time.Now()}
-	if r.cfg.Pods != nil && rc.src.IsValid() {
+func (r *Relay) handle(c net.Conn, in podindex.Ingress) {
+	rc := &relayed{client: c, src: sourceOf(c), ns: unattributedNamespace, key: unattributedNamespace, start: time.Now()}
+	if in != podindex.Unattributed && r.cfg.Pods != nil && rc.src.IsValid() {
+		// A snapshot read: never waits (pkg/podindex).
 		if pod, ok := r.cfg.Pods.Lookup(rc.src); ok {
-			rc.ns, rc.pod = pod.Namespace, pod.Name
+			rc.ns, rc.pod, rc.key = pod.Namespace, pod.Name, "pod "+pod.Namespace+"/"+pod.Name
+			if rc.ns == "" {
+				rc.ns = unknownNamespace
+			}
 		}
 	}
 	if reason := r.admit(rc); reason != "" {
 		r.metrics.refused.WithLabelValues(reason).Inc()
-		r.audit.refused(rc.src, rc.ns, rc.pod, slog.String("reason", reason))
+		r.audit.refused(rc.key, rc.src, rc.ns, rc.pod, slog.String("reason", reason))
 		c.Close()
 		return
 	}
@@ -333,7 +350,7 @@ func (r *Relay) refused(rc *relayed, rf *refusal) {
 	if rf.method != "" || rf.path != "" || rf.contentType != "" {
 		attrs = append(attrs, slog.String("method", rf.method), slog.String("path", rf.path), slog.String("content_type", rf.contentType))
 	}
-	r.audit.refused(rc.src, rc.ns, rc.pod, attrs...)
+	r.audit.refused(rc.key, rc.src, rc.ns, rc.pod, attrs...)
 }
 
 // cutConn closes both sides of a connection at once.

@@ -43,7 +43,7 @@ func start(t *testing.T, cfg Config) (*Relay, string, *prometheus.Registry) {
 		t.Fatal(err)
 	}
 	done := make(chan error, 1)
-	go func() { done <- r.Serve(ln) }()
+	go func() { done <- r.ServeIngress(ln, podindex.Attested) }() // loopback plays the attested listener
 	t.Cleanup(func() {
 		r.Close()
 		if err := <-done; !errors.Is(err, ErrClosed) {
@@ -442,6 +442,43 @@ func TestRelayPerPodCapOtherPodServed(t *testing.T) {
 	}
 }
 
+// Connections on the relay's own port are unattributed, whatever their source: two
+// addresses (one of them a recorded pod's, as a forger would use it) share one
+// MaxPerPod budget, so a third address is refused, while an attested pod's handshake
+// is still relayed. Per source IP, as before issue 17, the third would be served.
+func TestRelayUnattributedShareOneBudget(t *testing.T) {
+	t.Parallel()
+	_, upLn := standIn(t)
+	podA, podB := netip.MustParseAddr("127.0.0.1"), netip.MustParseAddr("127.0.0.2")
+	r, addr, _ := start(t, Config{Upstream: upLn.Addr().String(), MaxPerPod: 2,
+		Pods: pods{podA: {Namespace: "team-a", Name: "victim"}, podB: {Namespace: "team-b", Name: "grpc-client"}}})
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = r.Serve(ln) }() // ends with the relay's Close
+	unattributed := ln.Addr().String()
+	for _, src := range []string{"127.0.0.1", "127.0.0.3"} {
+		h := newH2Conn(t, dialFrom(t, src, unattributed))
+		if got, err := h.exchange(1); err != nil || got != fakegce.ALTSHandshakerAnswer {
+			t.Fatalf("unattributed connection from %s: %q, %v", src, got, err)
+		}
+	}
+	if err := closedByPeer(dialFrom(t, "127.0.0.4", unattributed)); err != nil {
+		t.Fatalf("a third unattributed address: %v; want refused (one shared budget)", err)
+	}
+	if got := refusedCount(r, "pod_limit"); got != 1 {
+		t.Errorf("refused{pod_limit} = %v, want 1", got)
+	}
+	if got := testutil.ToFloat64(r.metrics.connections.WithLabelValues(unattributedNamespace)); got != 2 {
+		t.Errorf("connections{namespace=unattributed} = %v, want 2", got)
+	}
+	h := newH2Conn(t, dialFrom(t, podB.String(), addr))
+	if got, err := h.exchange(1); err != nil || got != fakegce.ALTSHandshakerAnswer {
+		t.Fatalf("attested pod B's handshake while the unattributed budget is full: %q, %v", got, err)
+	}
+}
+
 // Refusals are audited, naming the pod, within the source's audit rate; the rest are
 // counted and reported with the next line.
 func TestRelayAuditLines(t *testing.T) {
@@ -570,8 +607,8 @@ func TestRelayUnreachableUpstream(t *testing.T) {
 	if got := testutil.ToFloat64(r.metrics.upstreamErrors); got != 1 {
 		t.Errorf("upstream errors = %v, want 1", got)
 	}
-	if got := testutil.ToFloat64(r.metrics.connections.WithLabelValues(unknownNamespace)); got != 1 {
-		t.Errorf("connections{namespace=unknown} = %v, want 1", got)
+	if got := testutil.ToFloat64(r.metrics.connections.WithLabelValues(unattributedNamespace)); got != 1 {
+		t.Errorf("connections{namespace=unattributed} (no pods known) = %v, want 1", got)
 	}
 }
 

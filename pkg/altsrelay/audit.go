@@ -26,6 +26,7 @@ type auditSource struct {
 	lim     *rate.Limiter
 	dropped int64 // since the last line or summary
 	ns, pod string
+	src     netip.Addr // the last source seen, for the summary
 }
 
 // auditor writes refusal lines within each source's budget.
@@ -34,23 +35,25 @@ type auditor struct {
 	dropped func() // counts one dropped line
 
 	mu        sync.Mutex
-	bySource  map[netip.Addr]*auditSource
+	bySource  map[string]*auditSource // by the connection's budget key (relayed.key)
 	overflow  *auditSource
 	lastSweep time.Time
 }
 
 func newAuditor(log *slog.Logger, dropped func()) *auditor {
-	return &auditor{log: log, dropped: dropped, bySource: map[netip.Addr]*auditSource{}, lastSweep: time.Now()}
+	return &auditor{log: log, dropped: dropped, bySource: map[string]*auditSource{}, lastSweep: time.Now()}
 }
 
-// refused writes one audit line for a refused connection from src, or counts it.
-func (a *auditor) refused(src netip.Addr, ns, pod string, attrs ...slog.Attr) {
+// refused writes one audit line for a refused connection from src, or counts it,
+// within the budget of key (an attested pod, or all unattributed sources together:
+// forged addresses do not multiply the lines).
+func (a *auditor) refused(key string, src netip.Addr, ns, pod string, attrs ...slog.Attr) {
 	now := time.Now()
 	a.mu.Lock()
 	if now.Sub(a.lastSweep) >= auditSweepEvery {
 		a.sweepLocked(now)
 	}
-	s := a.bySource[src]
+	s := a.bySource[key]
 	if s == nil {
 		if len(a.bySource) >= maxAuditSources {
 			if a.overflow == nil {
@@ -59,9 +62,10 @@ func (a *auditor) refused(src netip.Addr, ns, pod string, attrs ...slog.Attr) {
 			s = a.overflow
 		} else {
 			s = &auditSource{lim: rate.NewLimiter(auditRate, auditBurst), ns: ns, pod: pod}
-			a.bySource[src] = s
+			a.bySource[key] = s
 		}
 	}
+	s.src = src
 	if !s.lim.AllowN(now, 1) {
 		s.dropped++
 		a.mu.Unlock()
@@ -86,15 +90,15 @@ func (a *auditor) refused(src netip.Addr, ns, pod string, attrs ...slog.Attr) {
 // full again (forgetting them changes nothing).
 func (a *auditor) sweepLocked(now time.Time) {
 	a.lastSweep = now
-	for src, s := range a.bySource {
+	for key, s := range a.bySource {
 		if s.dropped > 0 {
 			a.log.LogAttrs(context.Background(), slog.LevelWarn, "ALTS relay: audit lines dropped: this source exceeded its audit rate",
 				slog.Int64("dropped", s.dropped), slog.String("pod_namespace", s.ns), slog.String("pod_name", s.pod),
-				slog.String("source_ip", src.String()), slog.Int("audit_rate_per_second", auditRate))
+				slog.String("last_source_ip", s.src.String()), slog.Int("audit_rate_per_second", auditRate))
 			s.dropped = 0
 		}
 		if s.lim.TokensAt(now) >= auditBurst {
-			delete(a.bySource, src)
+			delete(a.bySource, key)
 		}
 	}
 }

@@ -96,6 +96,9 @@ type Config struct {
 	// ConnBurst is how many new connections a source may open at once before
 	// ConnRate applies (1-10000 when ConnRate is set).
 	ConnBurst uint32
+	// Attest are the ports of the attested listeners (attest.go); zero is
+	// DefaultAttestPorts.
+	Attest AttestPorts
 	// KeepConntrack skips deleting the conntrack entries of pod connections that
 	// reached the metadata server directly (tests that inspect them use it).
 	KeepConntrack bool
@@ -130,6 +133,10 @@ func (c Config) normalized() (Config, error) {
 		c.ALTSPort = gce.ALTSPort
 	}
 
+	var err error
+	if c.Attest, err = c.Attest.normalized(c); err != nil {
+		return c, err
+	}
 	if err := validateConnLimit(c.ConnRate, c.ConnBurst); err != nil {
 		return c, err
 	}
@@ -273,6 +280,13 @@ var tableChains = map[string][]string{
 	xtables.TableFilter: {Chain, ChainFrom, ChainLimit},
 }
 
+// spoofChains are the chains of the attestation part (spoof.go, attest.go) that
+// built-in chains jump to, per table.
+var spoofChains = map[string][]string{
+	xtables.TableNAT:    {AttestChain},
+	xtables.TableFilter: {SpoofChain},
+}
+
 // tableOrder is the order of the tables in a restore input.
 var tableOrder = []string{xtables.TableRaw, xtables.TableNAT, xtables.TableFilter}
 
@@ -377,8 +391,17 @@ func (f family) hooks(spoof []hookSpec) []hookSpec {
 	if f.limitOn() {
 		out = append(out, sourceJump)
 	}
+	for _, h := range spoof { // attestation decides before the guard's own DNAT
+		if h.table == xtables.TableNAT {
+			out = append(out, h)
+		}
+	}
 	out = append(out, natJump, forwardJump, fromJump)
-	out = append(out, spoof...)
+	for _, h := range spoof {
+		if h.table != xtables.TableNAT {
+			out = append(out, h)
+		}
+	}
 	if f.limitOn() {
 		out = append(out, limitJump)
 	}
@@ -475,17 +498,14 @@ func jumpsToAny(rule string, chains []string) bool {
 func staleHooks(snap xtables.Snapshot) (stale map[string][]string, spoof []hookSpec) {
 	stale = map[string][]string{}
 	for _, table := range tableOrder {
-		ours := tableChains[table]
-		if table == xtables.TableFilter {
-			ours = append(slices.Clone(ours), SpoofChain)
-		}
+		ours := slices.Concat(tableChains[table], spoofChains[table])
 		for _, builtin := range builtins[table] {
 			for _, r := range snap.ChainRules(table, builtin) {
 				if !jumpsToAny(" "+r, ours) {
 					continue
 				}
 				stale[table] = append(stale[table], "-D "+builtin+" "+r)
-				if xtables.JumpsTo(" "+r, SpoofChain) {
+				if jumpsToAny(" "+r, spoofChains[table]) {
 					spoof = append(spoof, hookSpec{table: table, builtin: builtin, spec: r})
 				}
 			}

@@ -56,11 +56,11 @@ func validateConnLimit(rate, burst uint32) error {
 	return nil
 }
 
-// limitTargets are the listen addresses of the family (the proxy's, then the relay's),
-// each once.
+// limitTargets are the listen addresses of the family (the proxy's, the relay's, then
+// the attested ones), each once.
 func limitTargets(c Config, v6 bool) []netip.AddrPort {
 	var out []netip.AddrPort
-	for _, ap := range slices.Concat(c.ListenAddrs, c.ALTSListenAddrs) {
+	for _, ap := range slices.Concat(c.ListenAddrs, c.ALTSListenAddrs, attestTargets(c, v6)) {
 		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 		if ap.Addr().Is6() == v6 && !slices.Contains(out, ap) {
 			out = append(out, ap)

@@ -201,8 +201,8 @@ func TestConnLimitTurnedOff(t *testing.T) {
 				t.Fatal(err)
 			}
 			lines := guardLines(t, node, b.save)
-			if n := countContaining(lines, "-A "+ChainLimit+" "); n != 2 {
-				t.Errorf("%d limit rules with the relay on, want 2 (proxy and relay):\n%s", n, strings.Join(lines, "\n"))
+			if n := countContaining(lines, "-A "+ChainLimit+" "); n != 5 {
+				t.Errorf("%d limit rules with the relay on, want 5 (proxy, relay, and the three attested ports):\n%s", n, strings.Join(lines, "\n"))
 			}
 			cfg.ConnRate, cfg.ConnBurst = 0, 0
 			if err := inNetns(t, node.Path, func() error { return Install(ctx, cfg, nil) }); err != nil {

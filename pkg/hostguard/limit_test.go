@@ -26,11 +26,15 @@ func TestLimitPayload(t *testing.T) {
 			":" + ChainLimit + " - [0:0]": 1,
 			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb0-988 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
 			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb1-987 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
+			"-A " + ChainLimit + " -d 169.254.169.252/32 -p tcp -m tcp --dport 984 -m hashlimit --hashlimit-above 100/sec --hashlimit-burst 200 --hashlimit-mode srcip --hashlimit-name mcgb2-984 --hashlimit-htable-size 8192 --hashlimit-htable-max 65536": 1,
 			"-I INPUT 1 ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN": 1,
 			"*raw\n:" + ChainSource + " - [0:0]\n-F " + ChainSource + "\n" +
 				"-A " + ChainSource + " -d 169.254.169.254/32 -p tcp -m multiport --dports 80,8080 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
 				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 988 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
 				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 987 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
+				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 984 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
+				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 985 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
+				"-A " + ChainSource + " -d 169.254.169.252/32 -p tcp -m tcp --dport 986 -m rpfilter --invert -m comment --comment \"metaconceal host guard\" -j DROP\n" +
 				"-I PREROUTING 1 ! -i lo -p tcp -m tcp --tcp-flags FIN,SYN,RST,ACK SYN -m comment --comment \"metaconceal host guard\" -j " + ChainSource + "\nCOMMIT\n": 1,
 			"-X " + ChainLimit: 0,
 		}},
@@ -60,8 +64,8 @@ func TestLimitPayload(t *testing.T) {
 			}
 			if tc.rate > 0 {
 				p6 := fams[1].installPayload(nil)
-				if !strings.Contains(p6, "-A "+ChainLimit+" -d fd20:ce::252/128 -p tcp -m tcp --dport 988 ") || strings.Count(p6, "-A "+ChainLimit) != 1 {
-					t.Errorf("IPv6 payload: want one rule for fd20:ce::252:988:\n%s", p6)
+				if !strings.Contains(p6, "-A "+ChainLimit+" -d fd20:ce::252/128 -p tcp -m tcp --dport 988 ") || strings.Count(p6, "-A "+ChainLimit) != 3 {
+					t.Errorf("IPv6 payload: want three rules, for fd20:ce::252:988 and its attested ports 984 and 985 (no IPv6 relay):\n%s", p6)
 				}
 			}
 		})

@@ -48,7 +48,7 @@ type Options struct {
 
 // Guard is the host guard as desired state, with one lifecycle: Install puts it in
 // place (chains, jumps, listen addresses on lo, and the anti-spoofing chain of
-// Spoof), Run re-asserts all of it every Interval, and Spoof's Protect changes the
+// Spoof), Run re-asserts all of it every Interval, and Spoof's Attest changes the
 // anti-spoofing part of it. It is safe for concurrent use.
 //
 // One pass (Reconcile) costs one iptables-save per family when the guard is whole. When
@@ -127,7 +127,7 @@ func New(cfg Config, opts Options) (*Guard, error) {
 	return g, nil
 }
 
-// Spoof is the anti-spoofing part of the guard, the podindex.Protector.
+// Spoof is the attestation part of the guard, the podindex.Attestor.
 func (g *Guard) Spoof() *SpoofGuard { return g.spoof }
 
 // in runs fn in the Guard's network namespace.
@@ -143,8 +143,8 @@ func (g *Guard) in(fn func() error) error {
 }
 
 // Install puts the whole guard in place (see the package doc and Install), and the
-// anti-spoofing chain with the claims Protect was last given (none yet: an empty
-// chain, so no pod is served as exposed until Protect says so).
+// attestation chains with the records Attest was last given (none yet: an empty
+// AttestChain, so every connection is unattributed until Attest says otherwise).
 func (g *Guard) Install(ctx context.Context) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -154,13 +154,8 @@ func (g *Guard) Install(ctx context.Context) error {
 		}
 		g.spoof.mu.Lock()
 		defer g.spoof.mu.Unlock()
-		claims := g.spoof.claims
-		if claims == nil {
-			claims = Claims{}
-		}
 		clear(g.spoof.last) // rewrite whatever an earlier run left
-		_, err := g.spoof.protect(ctx, claims)
-		return err
+		return g.spoof.attest(ctx, g.spoof.records)
 	})
 }
 
@@ -205,7 +200,7 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 		g.log.Warn("host guard repaired: listen addresses put back on lo", "addrs", added)
 	}
 	errs := []error{err}
-	// Protect changes the anti-spoofing part: not while a pass reads and writes it.
+	// Attest changes the attestation part: not while a pass reads and writes it.
 	g.spoof.mu.Lock()
 	defer g.spoof.mu.Unlock()
 	for _, f := range g.fams {
@@ -270,9 +265,11 @@ func (g *Guard) desired(f family, sf *spoofFamily) ([]chainSpec, []hookSpec, map
 	ours := map[string][]string{}
 	if sf != nil {
 		rules, known := g.spoof.last[f.v6]
-		chains = append(chains, chainSpec{table: xtables.TableFilter, name: SpoofChain, rules: rules, anyRules: !known})
+		chains = append(chains, sf.chains(rules, known)...)
 		spoofHooks = sf.hooks()
-		ours[xtables.TableFilter] = []string{SpoofChain}
+		for table, cs := range spoofChains {
+			ours[table] = slices.Clone(cs)
+		}
 	}
 	if len(f.metadata) == 0 {
 		return chains, spoofHooks, ours

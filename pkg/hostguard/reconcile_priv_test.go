@@ -16,6 +16,7 @@ import (
 
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
 const (
@@ -39,6 +40,10 @@ func reconcileNode(t *testing.T, podIf, podNet string) (*simnode.Node, string) {
 	for addr, h := range map[string]http.HandlerFunc{
 		"169.254.169.254:80": func(w http.ResponseWriter, r *http.Request) { _, _ = io.WriteString(w, kubeEnvSecret) },
 		"169.254.169.252:988": func(w http.ResponseWriter, r *http.Request) {
+			http.Error(w, concealedBody, http.StatusForbidden)
+		},
+		// The attested listener: the pod's record sends its connections there.
+		"169.254.169.252:984": func(w http.ResponseWriter, r *http.Request) {
 			http.Error(w, concealedBody, http.StatusForbidden)
 		},
 	} {
@@ -127,6 +132,7 @@ func flushGuardChains(t *testing.T, node *simnode.Node, iptables string) {
 	t.Helper()
 	for _, c := range []struct{ table, chain string }{
 		{"raw", ChainSource}, {"nat", Chain}, {"filter", Chain}, {"filter", ChainFrom}, {"filter", ChainLimit}, {"filter", SpoofChain},
+		{"nat", AttestChain}, {"nat", AttestPodChain}, {"nat", AttestExposedChain},
 	} {
 		if _, err := node.Exec(context.Background(), iptables, "-t", c.table, "-F", c.chain); err != nil {
 			t.Fatal(err)
@@ -160,7 +166,7 @@ func counterSum(t *testing.T, reg *prometheus.Registry, name string, labels map[
 }
 
 // TestReconcileRestoresGuard: in a simulated node with the guard installed (limit on,
-// an exposed pod's anti-spoofing rules in place), a few passes over the whole guard
+// a pod's attestation rules in place), a few passes over the whole guard
 // write nothing; then the guard's jumps deleted by hand, separately its chains flushed
 // by hand, and the proxy's listen address deleted from lo each open the way to the
 // metadata server (controls, before the loop runs) and are back within the default
@@ -188,13 +194,13 @@ func TestReconcileRestoresGuard(t *testing.T) {
 				t.Fatalf("Install: %v", err)
 			}
 			pod := netip.MustParseAddr(podNet + ".2")
-			if prot, err := g.Spoof().Protect(ctx, Claims{pod: {fmt.Sprintf("mcr%d", i)}}); err != nil || !prot[pod] {
-				t.Fatalf("Protect: %v, %v", prot, err)
+			if err := g.Spoof().Attest(ctx, []state.Record{{ContainerID: "c", IfName: "eth0", IPs: []string{pod.String()}, HostIf: fmt.Sprintf("mcr%d", i)}}); err != nil {
+				t.Fatalf("Attest: %v", err)
 			}
 			wantConcealed(t, "installed", podPath)
 			whole := metaconcealLines(t, node, b.save)
-			if !slices.ContainsFunc(whole, func(l string) bool { return strings.HasPrefix(l, "-A "+SpoofChain+" -s "+pod.String()) }) {
-				t.Fatalf("no anti-spoofing rule for the exposed pod:\n%s", strings.Join(whole, "\n"))
+			if !slices.ContainsFunc(whole, func(l string) bool { return strings.HasPrefix(l, "-A "+AttestChain+" -s "+pod.String()) }) {
+				t.Fatalf("no attestation rule for the exposed pod:\n%s", strings.Join(whole, "\n"))
 			}
 
 			// A whole guard: one iptables-save per pass, no write.
@@ -431,7 +437,7 @@ func BenchmarkReconcile(b *testing.B) {
 				if err := g.Install(ctx); err != nil {
 					b.Fatal(err)
 				}
-				if _, err := g.Spoof().Protect(ctx, Claims{netip.MustParseAddr("10.0.0.2"): {"mcbr1"}}); err != nil {
+				if err := g.Spoof().Attest(ctx, []state.Record{{ContainerID: "c", IfName: "eth0", IPs: []string{"10.0.0.2"}, HostIf: "mcbr1"}}); err != nil {
 					b.Fatal(err)
 				}
 				iptables := strings.TrimSuffix(be.save, "-save")
@@ -482,7 +488,7 @@ func TestReconcileDualStack(t *testing.T) {
 	if err := g.Install(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.Spoof().Protect(ctx, Claims{netip.MustParseAddr("fd00:1::2"): {"lo"}, netip.MustParseAddr("10.0.0.2"): {"lo"}}); err != nil {
+	if err := g.Spoof().Attest(ctx, []state.Record{{ContainerID: "c", IfName: "eth0", IPs: []string{"fd00:1::2", "10.0.0.2"}, HostIf: "lo"}}); err != nil {
 		t.Fatal(err)
 	}
 	if rep, err := g.Reconcile(ctx); err != nil || rep.Restores != 0 {
@@ -527,8 +533,8 @@ func TestGuardStaysInItsNetns(t *testing.T) {
 	if _, err := g.Reconcile(ctx); err == nil || !strings.Contains(err.Error(), "another network namespace") {
 		t.Errorf("pass from the machine's own namespace: %v; want a refusal", err)
 	}
-	if _, err := g.Spoof().Protect(ctx, Claims{}); err == nil || !strings.Contains(err.Error(), "another network namespace") {
-		t.Errorf("Protect from the machine's own namespace: %v; want a refusal", err)
+	if err := g.Spoof().Attest(ctx, nil); err == nil || !strings.Contains(err.Error(), "another network namespace") {
+		t.Errorf("Attest from the machine's own namespace: %v; want a refusal", err)
 	}
 	if err := simnode.In(node.Path, func() error {
 		_, err := g.Reconcile(ctx)

@@ -16,58 +16,55 @@ import (
 	"github.com/coreos/go-iptables/iptables"
 	"github.com/vishvananda/netlink"
 
+	"github.com/metaconceal/metaconceal/pkg/state"
 	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
-// SpoofChain is the anti-spoofing chain in the filter table. INPUT jumps to it for
-// traffic to the proxy's listen addresses (pods' metadata traffic arrives there after
-// the guard's DNAT). For every exposed pod IP it lets traffic through only when it
-// arrives on the pod's own host-side interface, and drops the rest: a pod that spoofs
-// an exposed pod's IP (ARP and its own TCP with CAP_NET_RAW, or an IP alias) cannot
-// borrow its exposed access.
+// SpoofChain is the filter chain that INPUT jumps to for traffic to the proxy's and the
+// relay's listen addresses. It drops TCP to the attested ports (attest.go) that no
+// DNAT of AttestPodChain or AttestExposedChain sent there: only the kernel's
+// attestation at connection set-up leads to them.
 //
-// Assumptions, per main plugin:
-//   - bridge (the host veth is a bridge port): the ingress port is matched with
-//     `-m physdev --physdev-in`, which needs br_netfilter with
-//     net.bridge.bridge-nf-call-iptables (and -ip6tables) = 1 in the node netns, as
-//     Kubernetes requires anyway. Where it is 0, a bridged pod's IP is not protected
-//     and the proxy serves that pod as concealed.
+// The per-attachment part, AttestChain, matches each attachment's host interface:
+//   - bridge (the host veth is a bridge port): `-m physdev --physdev-in`, which needs
+//     br_netfilter with net.bridge.bridge-nf-call-iptables (and -ip6tables) = 1 in the
+//     node netns, as Kubernetes requires anyway. Where it is 0, a bridged pod's
+//     connections are not attested: unattributed.
 //   - routed veths (ptp, Calico style): the host veth is the ingress interface itself
 //     (`-i`); the route to the pod's IP points at it.
 //   - no host interface known (an older record, a main plugin that reports none, an
-//     interface that is gone): the IP is not protected and the proxy serves it as
-//     concealed (fail closed).
+//     interface that is gone): not attested, so unattributed (fail closed).
 const SpoofChain = "METACONCEAL-SPOOF"
 
-// spoofComment tags the anti-spoofing rules in iptables-save output.
+// spoofComment tags the SpoofChain rules in iptables-save output.
 const spoofComment = "metaconceal anti-spoof"
 
-// Claims maps an exposed pod IP to the host-side interfaces its traffic may arrive
-// through (normally one; two when two state records claim the IP).
-type Claims = map[netip.Addr][]string
-
-// SpoofGuard keeps SpoofChain in line with the exposed pods. It is safe for concurrent
-// use; Protect calls are serialised.
+// SpoofGuard keeps the attestation part of the guard (AttestChain, AttestPodChain,
+// AttestExposedChain in nat, SpoofChain in filter) in line with the state records. It
+// is safe for concurrent use; Attest calls are serialised.
 type SpoofGuard struct {
 	fams []spoofFamily
 	log  *slog.Logger
-	// NetnsPath, when set, is the network namespace Protect works in; empty means the
+	// NetnsPath, when set, is the network namespace Attest works in; empty means the
 	// caller's (the proxy runs in the node's). Tests set it to a simulated node.
 	NetnsPath string
 
-	mu     sync.Mutex
-	last   map[bool][]string // per family (v6): the rules last applied; unchanged ones are not reapplied
-	claims Claims            // the claims of the last Protect: the desired state the Guard re-asserts
-	home   netnsID           // set by Guard: without NetnsPath, Protect runs only in that namespace
+	mu      sync.Mutex
+	last    map[bool][]string // per family (v6): AttestChain's rules last applied; unchanged ones are not reapplied
+	records []state.Record    // the records of the last Attest: the desired state the Guard re-asserts
+	home    netnsID           // set by Guard: without NetnsPath, Attest runs only in that namespace
 }
 
 type spoofFamily struct {
 	family
-	dsts []netip.Addr // the proxy's listen addresses of this family
+	dsts       []netip.Addr     // the proxy's and the relay's listen addresses of this family
+	listen     []netip.AddrPort // the proxy's listen addresses of this family
+	altsListen []netip.AddrPort // the relay's
+	ports      AttestPorts
 }
 
-// NewSpoofGuard returns the anti-spoofing guard for cfg's listen addresses (the
-// proxy's and the ALTS relay's). Nothing is changed until Protect.
+// NewSpoofGuard returns the attestation part of the guard for cfg. Nothing is changed
+// until Attest.
 func NewSpoofGuard(cfg Config, log *slog.Logger) (*SpoofGuard, error) {
 	cfg, err := cfg.normalized()
 	if err != nil {
@@ -78,17 +75,31 @@ func NewSpoofGuard(cfg Config, log *slog.Logger) (*SpoofGuard, error) {
 	}
 	g := &SpoofGuard{log: log, last: map[bool][]string{}}
 	for _, f := range families(cfg) {
-		sf := spoofFamily{family: f}
+		sf := spoofFamily{family: f, ports: cfg.Attest}
 		for _, ap := range slices.Concat(cfg.ListenAddrs, cfg.ALTSListenAddrs) {
 			if a := ap.Addr().Unmap(); a.Is6() == f.v6 && !slices.Contains(sf.dsts, a) {
 				sf.dsts = append(sf.dsts, a)
 			}
 		}
+		sf.listen = familyAddrs(cfg.ListenAddrs, f.v6)
+		sf.altsListen = familyAddrs(cfg.ALTSListenAddrs, f.v6)
 		if len(sf.dsts) > 0 {
 			g.fams = append(g.fams, sf)
 		}
 	}
 	return g, nil
+}
+
+// familyAddrs are the addresses of one family in addrs, unmapped, each once.
+func familyAddrs(addrs []netip.AddrPort, v6 bool) []netip.AddrPort {
+	var out []netip.AddrPort
+	for _, ap := range addrs {
+		ap = netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+		if ap.Addr().Is6() == v6 && !slices.Contains(out, ap) {
+			out = append(out, ap)
+		}
+	}
+	return out
 }
 
 // ingress is how one claimed interface is matched.
@@ -152,161 +163,128 @@ func bridgeNFCalls(v6 bool) bool {
 	return err == nil && strings.TrimSpace(string(b)) == "1"
 }
 
-// spoofRules renders the chain's rules for the claims of one family, and says which
-// IPs they protect. IPs are rendered in order, so equal claims give equal rules.
-func spoofRules(v6 bool, claims Claims, resolve func(v6 bool, names []string) ([]ingress, []string)) ([]string, map[netip.Addr]bool, map[netip.Addr][]string) {
-	ips := make([]netip.Addr, 0, len(claims))
-	for ip := range claims {
-		if ip.Unmap().Is6() == v6 {
-			ips = append(ips, ip)
-		}
-	}
-	slices.SortFunc(ips, func(a, b netip.Addr) int { return a.Compare(b) })
-	var rules []string
-	protected := map[netip.Addr]bool{}
-	problems := map[netip.Addr][]string{}
-	comment := []string{"-m", "comment", "--comment", spoofComment}
-	for _, ip := range ips {
-		ins, probs := resolve(v6, claims[ip])
-		if len(probs) > 0 {
-			problems[ip] = probs
-		}
-		if len(ins) == 0 {
-			continue // nothing to let through: not protected, so not served as exposed
-		}
-		src := []string{"-s", xtables.HostPrefix(ip.Unmap())}
-		for _, in := range ins {
-			match := []string{"-i", in.name}
-			if in.bridgePort {
-				match = []string{"-m", "physdev", "--physdev-in", in.name}
-			}
-			rules = append(rules, xtables.Line("-A", SpoofChain, slices.Concat(src, match, comment, []string{"-j", "RETURN"})))
-		}
-		rules = append(rules, xtables.Line("-A", SpoofChain, slices.Concat(src, comment, []string{"-j", "DROP"})))
-		protected[ip.Unmap()] = true
-	}
-	return rules, protected, problems
-}
-
 // spoofJump is the INPUT rule that sends traffic to one listen address through the chain.
 func spoofJump(dst netip.Addr) []string {
 	return []string{"-d", xtables.HostPrefix(dst), "-m", "comment", "--comment", spoofComment, "-j", SpoofChain}
 }
 
-// spoofJumps returns, as iptables-restore "-D" lines, every INPUT rule that jumps to
-// SpoofChain.
-func (f family) spoofJumps(ipt *iptables.IPTables) ([]string, error) {
-	rules, err := ipt.List("filter", "INPUT")
+// ourJumps returns, as iptables-restore "-D" lines, every rule of table's builtin
+// that jumps to chain.
+func (f family) ourJumps(ipt *iptables.IPTables, table, builtin, chain string) ([]string, error) {
+	rules, err := ipt.List(table, builtin)
 	if err != nil {
-		return nil, fmt.Errorf("hostguard: %s: listing filter INPUT: %w", f.names.Iptables, err)
+		return nil, fmt.Errorf("hostguard: %s: listing %s %s: %w", f.names.Iptables, table, builtin, err)
 	}
 	var lines []string
 	for _, r := range rules {
-		if xtables.JumpsTo(r, SpoofChain) {
+		if xtables.JumpsTo(r, chain) {
 			lines = append(lines, "-D"+strings.TrimPrefix(r, "-A"))
 		}
 	}
 	return lines, nil
 }
 
-// Protect rewrites SpoofChain, in the current network namespace (the node's), so that
-// traffic to the proxy from each claimed IP is accepted only through one of its
-// interfaces, and returns the IPs that are now protected. An IP that is not returned
-// must not be served as exposed: its interface is unknown or cannot be matched. On
-// error nothing is protected.
-func (g *SpoofGuard) Protect(ctx context.Context, claims Claims) (map[netip.Addr]bool, error) {
+// Attest rewrites AttestChain, in the current network namespace (the node's), so
+// that connections to the proxy and the relay from each record's IPs, arriving on its
+// host interface, are attested (see attest.go). Attachments whose interface cannot be
+// matched are logged and left unattributed. Unchanged rules are not rewritten.
+func (g *SpoofGuard) Attest(ctx context.Context, recs []state.Record) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	run := func() error { return g.attest(ctx, recs) }
 	if g.NetnsPath == "" {
-		var (
-			protected map[netip.Addr]bool
-			err       error
-		)
-		if homeErr := inHome(g.home, func() error { protected, err = g.protect(ctx, claims); return nil }); homeErr != nil {
-			return nil, homeErr
-		}
-		return protected, err
+		return inHome(g.home, run)
 	}
-	var (
-		protected map[netip.Addr]bool
-		err       error
-	)
-	nsErr := ns.WithNetNSPath(g.NetnsPath, func(ns.NetNS) error {
-		protected, err = g.protect(ctx, claims)
-		return nil
-	})
-	if nsErr != nil {
-		return nil, fmt.Errorf("hostguard: entering %s: %w", g.NetnsPath, nsErr)
+	var err error
+	if nsErr := ns.WithNetNSPath(g.NetnsPath, func(ns.NetNS) error { err = run(); return nil }); nsErr != nil {
+		return fmt.Errorf("hostguard: entering %s: %w", g.NetnsPath, nsErr)
 	}
-	return protected, err
+	return err
 }
 
-func (g *SpoofGuard) protect(ctx context.Context, claims Claims) (map[netip.Addr]bool, error) {
-	g.claims = claims
+func (g *SpoofGuard) attest(ctx context.Context, recs []state.Record) error {
+	g.records = recs
 	in := newInspector()
-	protected := map[netip.Addr]bool{}
 	for _, f := range g.fams {
-		rules, prot, problems := spoofRules(f.v6, claims, in.resolve)
-		for ip, probs := range problems {
-			g.log.Warn("exposed pod IP: some host interfaces cannot be matched; without any, it is served as concealed",
-				"ip", ip.String(), "protected", prot[ip], "problems", probs)
+		rules, n, problems := attestRules(f.v6, recs, in.resolve)
+		for key, probs := range problems {
+			g.log.Warn("attachment's connections cannot be attested (served as unattributed)", "record", key, "problems", probs)
 		}
 		// Unchanged rules are not rewritten: the Guard's reconciliation (reconcile.go)
 		// puts back what someone removed.
-		if last, ok := g.last[f.v6]; !ok || !slices.Equal(last, rules) {
-			delete(g.last, f.v6)
-			if err := f.applySpoof(ctx, rules, f.dsts); err != nil {
-				return nil, err
-			}
-			g.last[f.v6] = rules
-			g.log.Info("anti-spoofing rules updated", "iptables", f.names.Iptables, "exposed_ips", len(prot), "rules", len(rules))
+		if last, ok := g.last[f.v6]; ok && slices.Equal(last, rules) {
+			continue
 		}
-		for ip := range prot {
-			protected[ip] = true
+		delete(g.last, f.v6)
+		if err := f.apply(ctx, rules); err != nil {
+			return err
 		}
+		g.last[f.v6] = rules
+		g.log.Info("attestation rules updated", "iptables", f.names.Iptables, "records", len(recs), "rules", n)
 	}
-	return protected, nil
+	return nil
 }
 
 func newInspector() *inspector {
 	return &inspector{bridgeNF: map[bool]bool{false: bridgeNFCalls(false), true: bridgeNFCalls(true)}}
 }
 
-// hooks are the family's INPUT jumps into SpoofChain, top to bottom.
+// hooks are the family's jumps into the attestation chains, top to bottom: nat
+// PREROUTING into AttestChain, INPUT into SpoofChain (one per listen address).
 func (f spoofFamily) hooks() []hookSpec {
-	var out []hookSpec
+	out := []hookSpec{attestJump}
 	for _, d := range f.dsts {
 		out = append(out, hook(xtables.TableFilter, "INPUT", spoofJump(d)))
 	}
 	return out
 }
 
-// applySpoof replaces the chain's rules and its jumps in one iptables-restore.
-func (f spoofFamily) applySpoof(ctx context.Context, rules []string, dsts []netip.Addr) error {
+// chains are the family's attestation chains; attest are AttestChain's rules, and
+// known says whether they are known (else only its existence counts).
+func (f spoofFamily) chains(attest []string, known bool) []chainSpec {
+	return []chainSpec{
+		{table: xtables.TableNAT, name: AttestPodChain, rules: f.attestDNATs(AttestPodChain, false)},
+		{table: xtables.TableNAT, name: AttestExposedChain, rules: f.attestDNATs(AttestExposedChain, true)},
+		{table: xtables.TableNAT, name: AttestChain, rules: attest, anyRules: !known},
+		{table: xtables.TableFilter, name: SpoofChain, rules: f.spoofRules()},
+	}
+}
+
+// apply replaces the attestation chains' rules and their jumps in one
+// iptables-restore (both tables).
+func (f spoofFamily) apply(ctx context.Context, attest []string) error {
 	ipt, err := f.ipt()
 	if err != nil {
 		return err
 	}
-	stale, err := f.spoofJumps(ipt)
+	staleNAT, err := f.ourJumps(ipt, xtables.TableNAT, "PREROUTING", AttestChain)
 	if err != nil {
 		return err
 	}
+	staleFilter, err := f.ourJumps(ipt, xtables.TableFilter, "INPUT", SpoofChain)
+	if err != nil {
+		return err
+	}
+	stale := map[string][]string{xtables.TableNAT: staleNAT, xtables.TableFilter: staleFilter}
+	chains, hooks := f.chains(attest, true), f.hooks()
 	var b strings.Builder
-	b.WriteString("*filter\n:" + SpoofChain + " - [0:0]\n-F " + SpoofChain + "\n")
-	for _, r := range rules {
-		b.WriteString(r + "\n")
+	for _, table := range []string{xtables.TableNAT, xtables.TableFilter} {
+		b.WriteString("*" + table + "\n")
+		for _, c := range chains {
+			if c.table == table {
+				writeChain(&b, c)
+			}
+		}
+		for _, l := range stale[table] {
+			b.WriteString(l + "\n")
+		}
+		writeHooks(&b, table, hooks)
+		b.WriteString("COMMIT\n")
 	}
-	for _, l := range stale {
-		b.WriteString(l + "\n")
-	}
-	for i := len(dsts) - 1; i >= 0; i-- { // top to bottom in the order of dsts
-		b.WriteString(xtables.Line("-I", "INPUT", append([]string{"1"}, spoofJump(dsts[i])...)) + "\n")
-	}
-	b.WriteString("COMMIT\n")
 	return f.restore(ctx, b.String())
 }
 
-// removeSpoof takes SpoofChain and its jumps away in every family (part of Remove).
+// removeSpoof takes the attestation chains and their jumps away in every family (part of Remove).
 func removeSpoof(ctx context.Context, cfg Config, log *slog.Logger) error {
 	var errs []error
 	for _, f := range families(cfg) {
@@ -329,29 +307,51 @@ func (f family) removeSpoof(ctx context.Context, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	exists, err := ipt.ChainExists("filter", SpoofChain)
-	if err != nil {
-		return fmt.Errorf("hostguard: %s: looking for chain %s: %w", f.names.Iptables, SpoofChain, err)
+	var b strings.Builder
+	removed := 0
+	for _, t := range []struct {
+		table, builtin string
+		chains         []string
+	}{
+		{xtables.TableNAT, "PREROUTING", []string{AttestChain, AttestPodChain, AttestExposedChain}},
+		{xtables.TableFilter, "INPUT", []string{SpoofChain}},
+	} {
+		lines, err := f.ourJumps(ipt, t.table, t.builtin, t.chains[0])
+		if err != nil {
+			return err
+		}
+		var existing []string
+		for _, c := range t.chains {
+			exists, err := ipt.ChainExists(t.table, c)
+			if err != nil {
+				return fmt.Errorf("hostguard: %s: looking for chain %s: %w", f.names.Iptables, c, err)
+			}
+			if exists {
+				existing = append(existing, c)
+			}
+		}
+		if len(existing) == 0 && len(lines) == 0 {
+			continue
+		}
+		b.WriteString("*" + t.table + "\n")
+		for _, l := range lines {
+			b.WriteString(l + "\n")
+		}
+		for _, c := range existing { // flush all first: AttestChain jumps to the others
+			b.WriteString("-F " + c + "\n")
+		}
+		for _, c := range existing {
+			b.WriteString("-X " + c + "\n")
+		}
+		b.WriteString("COMMIT\n")
+		removed += len(lines)
 	}
-	lines, err := f.spoofJumps(ipt)
-	if err != nil {
-		return err
-	}
-	if !exists && len(lines) == 0 {
+	if b.Len() == 0 {
 		return nil
 	}
-	var b strings.Builder
-	b.WriteString("*filter\n")
-	for _, l := range lines {
-		b.WriteString(l + "\n")
-	}
-	if exists {
-		b.WriteString("-F " + SpoofChain + "\n-X " + SpoofChain + "\n")
-	}
-	b.WriteString("COMMIT\n")
 	if err := f.restore(ctx, b.String()); err != nil {
 		return err
 	}
-	log.Info("anti-spoofing rules removed", "iptables", f.names.Iptables, "jumps_removed", len(lines))
+	log.Info("attestation rules removed", "iptables", f.names.Iptables, "jumps_removed", removed)
 	return nil
 }

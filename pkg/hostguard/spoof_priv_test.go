@@ -2,18 +2,20 @@ package hostguard
 
 import (
 	"context"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/internal/testutil"
+	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
-// TestSpoofGuardInNode protects a bridged pod IP, a routed one and one whose interface
-// is gone, in a simulated node, then fails closed for bridge ports when bridged packets
-// bypass iptables, withdraws every claim, and removes the chain.
-func TestSpoofGuardInNode(t *testing.T) {
+// TestAttestInNode attests a bridged pod, a routed one and one whose interface is
+// gone, in a simulated node, then leaves bridge ports out when bridged packets bypass
+// iptables, withdraws every record, and removes the chains.
+func TestAttestInNode(t *testing.T) {
 	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save", "sysctl")
 	t.Cleanup(func() { assertHostUntouched(t) })
 	t.Parallel()
@@ -38,16 +40,19 @@ func TestSpoofGuardInNode(t *testing.T) {
 		g.NetnsPath = node.Path
 		return g
 	}
-	bridged, routed, gone := netip.MustParseAddr("10.0.0.2"), netip.MustParseAddr("10.0.0.3"), netip.MustParseAddr("10.0.0.4")
-	claims := Claims{bridged: {"mcsvb1"}, routed: {"mcsvr1"}, gone: {"mcsgone"}}
-	spoofLines := func() []string {
-		out, err := node.Exec(ctx, "iptables-save", "-t", "filter")
+	recs := []state.Record{
+		{ContainerID: "b", IfName: "eth0", IPs: []string{"10.0.0.2"}, HostIf: "mcsvb1", Exposed: true},
+		{ContainerID: "r", IfName: "eth0", IPs: []string{"10.0.0.3"}, HostIf: "mcsvr1"},
+		{ContainerID: "g", IfName: "eth0", IPs: []string{"10.0.0.4"}, HostIf: "mcsgone"},
+	}
+	lines := func(table string) []string {
+		out, err := node.Exec(ctx, "iptables-save", "-t", table)
 		if err != nil {
 			t.Fatal(err)
 		}
 		var lines []string
 		for l := range strings.SplitSeq(out, "\n") {
-			if strings.Contains(l, SpoofChain) {
+			if strings.Contains(l, "METACONCEAL-ATTEST") || strings.Contains(l, SpoofChain) {
 				lines = append(lines, l)
 			}
 		}
@@ -65,59 +70,62 @@ func TestSpoofGuardInNode(t *testing.T) {
 
 	g := newGuard()
 	for i := range 2 {
-		prot, err := g.Protect(ctx, claims)
-		if err != nil {
-			t.Fatalf("Protect #%d: %v", i+1, err)
-		}
-		if !prot[bridged] || !prot[routed] || prot[gone] {
-			t.Errorf("Protect #%d protected %v; want the bridged and the routed IP, not the one whose interface is gone", i+1, prot)
+		if err := g.Attest(ctx, recs); err != nil {
+			t.Fatalf("Attest #%d: %v", i+1, err)
 		}
 	}
-	lines := spoofLines()
-	for sub, n := range map[string]int{
-		"-A INPUT -d 169.254.169.252/32":                1,
-		"-s 10.0.0.2/32 -m physdev --physdev-in mcsvb1": 1,
-		"-s 10.0.0.3/32 -i mcsvr1":                      1,
-		"-s 10.0.0.4/32":                                0,
-		"-j DROP":                                       2,
+	nat, filter := lines("nat"), lines("filter")
+	for _, c := range []struct {
+		lines []string
+		sub   string
+		n     int
+	}{
+		{nat, "-A PREROUTING -p tcp", 1},
+		{nat, "-s 10.0.0.2/32 -m physdev --physdev-in mcsvb1", 1},
+		{nat, "-j METACONCEAL-ATTEST-EXPOSED", 1},
+		{nat, "-s 10.0.0.3/32 -i mcsvr1", 1},
+		{nat, "-s 10.0.0.4/32", 0},
+		{nat, "--to-destination 169.254.169.252:984", 2},
+		{filter, "-A INPUT -d 169.254.169.252/32", 1},
+		{filter, "! --ctstate DNAT", 1},
 	} {
-		if got := contains(lines, sub); got != n {
-			t.Errorf("%d lines with %q, want %d:\n%s", got, sub, n, strings.Join(lines, "\n"))
+		if got := contains(c.lines, c.sub); got != c.n {
+			t.Errorf("%d lines with %q, want %d:\n%s", got, c.sub, c.n, strings.Join(c.lines, "\n"))
 		}
 	}
 
-	// Bridged packets that bypass iptables cannot be matched by port: fail closed.
+	// Bridged packets that bypass iptables cannot be matched by port: not attested.
 	if _, err := node.Exec(ctx, "sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=0"); err != nil {
 		t.Fatal(err)
 	}
-	prot, err := newGuard().Protect(ctx, claims)
-	if err != nil {
+	if err := newGuard().Attest(ctx, recs); err != nil {
 		t.Fatal(err)
 	}
-	if prot[bridged] || !prot[routed] {
-		t.Errorf("with bridge-nf-call-iptables=0 Protect protected %v; want only the routed IP", prot)
+	if nat := lines("nat"); contains(nat, "10.0.0.2") != 0 || contains(nat, "10.0.0.3") != 1 {
+		t.Errorf("with bridge-nf-call-iptables=0:\n%s\nwant only the routed pod attested", strings.Join(nat, "\n"))
 	}
 
-	// Claims withdrawn: no rule left for any IP, the jump stays.
-	if _, err := g.Protect(ctx, Claims{}); err != nil {
+	// Records withdrawn: no rule left for any IP, the jumps stay.
+	if err := g.Attest(ctx, nil); err != nil {
 		t.Fatal(err)
 	}
-	if lines := spoofLines(); contains(lines, "-s ") != 0 || contains(lines, "-A INPUT") != 1 {
-		t.Errorf("after withdrawing every claim:\n%s", strings.Join(lines, "\n"))
+	if nat := lines("nat"); contains(nat, "-s ") != 0 || contains(nat, "-A PREROUTING") != 1 {
+		t.Errorf("after withdrawing every record:\n%s", strings.Join(nat, "\n"))
 	}
 
 	if err := inNetns(t, node.Path, func() error { return Remove(ctx, cfg, testLogger(t)) }); err != nil {
 		t.Fatal(err)
 	}
-	if lines := spoofLines(); len(lines) != 0 {
-		t.Errorf("after Remove:\n%s", strings.Join(lines, "\n"))
+	if l := append(lines("nat"), lines("filter")...); len(l) != 0 {
+		t.Errorf("after Remove:\n%s", strings.Join(l, "\n"))
 	}
 }
 
-// BenchmarkProtect measures one anti-spoofing update (claims changed: iptables-save of
-// INPUT plus one iptables-restore) with 50 exposed IPs, what a pod's first exposed answer
-// waits for after its record appears.
-func BenchmarkProtect(b *testing.B) {
+// BenchmarkAttest measures one attestation update (records changed: iptables-save of
+// PREROUTING and INPUT plus one iptables-restore) with 110 attachments, what a new
+// pod's first attested connection waits for after its record appears (beside the
+// refresher's poll).
+func BenchmarkAttest(b *testing.B) {
 	testutil.RequirePrivileged(b, "ip", "iptables", "iptables-restore")
 	node, err := simnode.New("mc-hg")
 	if err != nil {
@@ -132,18 +140,17 @@ func BenchmarkProtect(b *testing.B) {
 		b.Fatal(err)
 	}
 	g.NetnsPath = node.Path
-	claims := Claims{}
-	for i := range 50 {
-		claims[netip.AddrFrom4([4]byte{10, 0, 1, byte(i)})] = []string{"mcsvr1"}
+	var recs []state.Record
+	for i := range 110 {
+		recs = append(recs, state.Record{ContainerID: fmt.Sprint(i), IfName: "eth0", HostIf: "mcsvr1", IPs: []string{fmt.Sprintf("10.0.1.%d", i)}})
 	}
 	n := 0
 	for b.Loop() {
 		// A different set each time, so that every call rewrites the chain.
 		n++
-		claims[netip.AddrFrom4([4]byte{10, 0, 2, byte(n)})] = []string{"mcsvr1"}
-		if _, err := g.Protect(context.Background(), claims); err != nil {
+		recs[0].IPs = []string{fmt.Sprintf("10.0.2.%d", n%250)}
+		if err := g.Attest(context.Background(), recs); err != nil {
 			b.Fatal(err)
 		}
-		delete(claims, netip.AddrFrom4([4]byte{10, 0, 2, byte(n)}))
 	}
 }

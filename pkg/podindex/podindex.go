@@ -1,19 +1,20 @@
 // Package podindex maps a source IP to the pod it belongs to, from the state records
-// the CNI plugin writes (pkg/state). The proxy sees the pod IP as the source of a
-// redirected request, because the pod's DNAT rewrites only the destination.
+// the CNI plugin writes (pkg/state), and keeps the host guard's attestation rules in
+// line with those records.
 //
-// The index is reloaded lazily: a lookup stats the state dir and reloads when its
-// mtime changed (records are renamed in and removed, which bumps it), or when the IP is
-// unknown and the last reload is older than MissReloadInterval (covers file systems
-// with coarse mtimes). Lookups happen only for requests the policy blocks, so the
-// stat costs nothing on the allowed path.
+// A source IP alone is not an identity (any pod with CAP_NET_RAW forges one): the proxy
+// asks the index only for connections the kernel attested, i.e. that the host guard's
+// per-attachment rules sent to an attested listener because they came from one of the
+// attachment's IPs on its host interface (pkg/hostguard, attest.go). The index then
+// names the pod behind that IP.
 //
-// Exposure can be borrowed by spoofing a source IP. With a Protector (the host guard's
-// anti-spoofing rules, hostguard.SpoofGuard), a pod is reported exposed only when
-// its record names its host-side interface and the protector confirms that traffic
-// from its IP now reaches the proxy only through that interface; every reload hands the
-// protector the current exposed IPs first. Without a Protector (host guard off) the
-// record alone decides, as pods can then reach the metadata server directly anyway.
+// Lookups never wait: they read an immutable snapshot through an atomic pointer, with
+// no file system access and no lock. The refresher (Run, refresh.go, in its own
+// goroutine) wakes on the state dir's changes (inotify) and every interval, and, when
+// the dir changed, reads every record, publishes a new snapshot, and then hands the records to the Attestor (the host guard), which
+// rewrites its rules. The snapshot is published first, so a connection attested by the
+// new rules always finds its pod; a pod whose record is not yet in the snapshot is
+// served as unattributed, never held.
 package podindex
 
 import (
@@ -23,8 +24,6 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
-	"slices"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,43 +31,42 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/state"
 )
 
-// MissReloadInterval bounds how often an unknown IP forces a reload.
-const MissReloadInterval = 200 * time.Millisecond
-
 // Pod names a pod, and says whether the plugin left it unconcealed on purpose.
 type Pod struct {
 	Namespace string
 	Name      string
 	UID       string // K8S_POD_UID, for Events on the pod
-	// Exposed: the plugin deliberately left this attachment unconcealed (mode EXPOSED
-	// or an excluded namespace); the proxy then serves it in full.
+	// Exposed: the record says the plugin left this attachment unconcealed (mode
+	// EXPOSED or an excluded namespace). Informational: the proxy serves a connection
+	// in full only when it arrived on the exposed listener, which only the host guard's
+	// rule for this attachment's interface leads to.
 	Exposed bool
 }
 
-// Protector makes sure that traffic from each claimed IP reaches the proxy only
-// through the listed host interfaces, and returns the IPs for which that now holds.
+// Attestor keeps the kernel's attestation rules in line with the records;
 // *hostguard.SpoofGuard implements it.
-type Protector interface {
-	Protect(ctx context.Context, claims map[netip.Addr][]string) (map[netip.Addr]bool, error)
+type Attestor interface {
+	Attest(ctx context.Context, recs []state.Record) error
 }
 
-// ProtectTimeout bounds one Protect call.
-const ProtectTimeout = 30 * time.Second
+// AttestTimeout bounds one Attest call.
+const AttestTimeout = 30 * time.Second
 
 // Option configures an Index.
 type Option func(*Index)
 
-// WithProtector gates exposure on p (see the package doc).
-func WithProtector(p Protector) Option { return func(x *Index) { x.protector = p } }
+// WithAttestor hands every new set of records to a (see the package doc).
+func WithAttestor(a Attestor) Option { return func(x *Index) { x.attestor = a } }
 
 // Index is safe for concurrent use.
 type Index struct {
-	dir       string
-	log       *slog.Logger
-	protector Protector
+	dir      string
+	log      *slog.Logger
+	attestor Attestor
 
-	mu   sync.Mutex // serializes reloads
-	snap atomic.Pointer[snapshot]
+	mu        sync.Mutex // serializes Refresh
+	snap      atomic.Pointer[snapshot]
+	attestErr bool // the last Attest failed: the next Refresh applies again
 }
 
 type snapshot struct {
@@ -78,7 +76,8 @@ type snapshot struct {
 	loadedAt time.Time
 }
 
-// New returns an index over dir. Nothing is read until the first lookup or Refresh.
+// New returns an index over dir. Nothing is read until the first Refresh: until
+// then every lookup misses.
 func New(dir string, log *slog.Logger, opts ...Option) *Index {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -91,49 +90,42 @@ func New(dir string, log *slog.Logger, opts ...Option) *Index {
 	return x
 }
 
-// Refresh reloads the index when the state dir changed since the last load (or
-// always, with force). With a Protector this is what keeps its rules in line with the
-// records when no lookup happens: a departed exposed pod's rule must not outlive it.
+// Refresh reloads the index when the state dir changed since the last load, when the
+// last Attest failed, or always with force; then it hands the records to the
+// Attestor. It runs in the refresher, never on a connection's path.
 func (x *Index) Refresh(force bool) {
+	x.mu.Lock()
+	defer x.mu.Unlock()
 	snap := x.snap.Load()
 	mtime, exists := x.dirMtime()
-	if !force && !snap.loadedAt.IsZero() && mtime.Equal(snap.mtime) && exists == snap.exists {
+	if !force && !x.attestErr && !snap.loadedAt.IsZero() && mtime.Equal(snap.mtime) && exists == snap.exists {
 		return
 	}
-	x.reload(snap)
-}
-
-// Run calls Refresh every interval until ctx is done, forcing a reload every
-// forceEvery intervals (which also repairs the protector's rules if someone removed
-// them). The proxy runs it when the host guard is on.
-func (x *Index) Run(ctx context.Context, interval time.Duration, forceEvery int) {
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for n := 1; ; n++ {
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-			x.Refresh(forceEvery > 0 && n%forceEvery == 0)
-		}
+	records, err := state.List(x.dir)
+	if err != nil {
+		// List returns the records it could read along with the error.
+		x.log.Warn("podindex: some state records could not be read", "dir", x.dir, "err", err)
 	}
+	// Published before the rules change: a connection the new rules attest finds its pod.
+	x.snap.Store(&snapshot{byIP: x.index(records), mtime: mtime, exists: exists, loadedAt: time.Now()})
+	if x.attestor == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), AttestTimeout)
+	defer cancel()
+	if err := x.attestor.Attest(ctx, records); err != nil {
+		x.attestErr = true
+		x.log.Error("podindex: attestation rules could not be updated; new pods are served as unattributed until they are", "err", err)
+		return
+	}
+	x.attestErr = false
 }
 
-// Lookup returns the pod that owns ip.
+// Lookup returns the pod that owns ip in the current snapshot. It never blocks and
+// never touches the file system. An IP that two records claim is not found: which
+// pod sent it cannot be told (fail closed: unattributed).
 func (x *Index) Lookup(ip netip.Addr) (Pod, bool) {
-	ip = ip.Unmap()
-	snap := x.snap.Load()
-	mtime, exists := x.dirMtime()
-	if !snap.loadedAt.IsZero() && mtime.Equal(snap.mtime) && exists == snap.exists {
-		if pod, ok := snap.byIP[ip]; ok {
-			return pod, true
-		}
-		if time.Since(snap.loadedAt) < MissReloadInterval {
-			return Pod{}, false
-		}
-	}
-	snap = x.reload(snap)
-	pod, ok := snap.byIP[ip]
+	pod, ok := x.snap.Load().byIP[ip.Unmap()]
 	return pod, ok
 }
 
@@ -151,96 +143,55 @@ func (x *Index) dirMtime() (time.Time, bool) {
 	return fi.ModTime(), true
 }
 
-func (x *Index) reload(seen *snapshot) *snapshot {
-	x.mu.Lock()
-	defer x.mu.Unlock()
-	if cur := x.snap.Load(); cur != seen {
-		return cur // another lookup reloaded meanwhile
-	}
-	// Take the mtime before listing, so a change during the listing triggers another
-	// reload next time instead of being lost.
-	mtime, exists := x.dirMtime()
-	records, err := state.List(x.dir)
-	if err != nil {
-		// List returns the records it could read along with the error.
-		x.log.Warn("podindex: some state records could not be read", "dir", x.dir, "err", err)
-	}
+// index maps each IP to its record's pod; an IP two records claim maps to none.
+func (x *Index) index(records []state.Record) map[netip.Addr]Pod {
 	byIP := make(map[netip.Addr]Pod, len(records))
-	hostIfs := map[netip.Addr][]string{} // every claim's host interface; "" when a record names none
+	dup := map[netip.Addr]bool{}
 	for _, rec := range records {
 		pod := Pod{Namespace: rec.PodNamespace, Name: rec.PodName, UID: rec.PodUID, Exposed: rec.Exposed}
 		for _, s := range rec.IPs {
-			ip, ok := parseIP(s)
+			ip, ok := state.ParseIP(s)
 			if !ok {
 				x.log.Warn("podindex: state record holds an unparsable IP", "record", rec.Key(), "ip", s)
 				continue
 			}
-			hostIfs[ip] = append(hostIfs[ip], rec.HostIf)
-			if prev, dup := byIP[ip]; dup {
-				// Two records claim one IP: a stale one (a DEL that failed, not yet
-				// collected by GC) and the IP's new owner. Which is which cannot be told
-				// here, so the IP is exposed only if every claim says so (fail closed).
-				x.log.Warn("podindex: two state records claim one IP; treating it as concealed unless both are exposed",
+			if prev, seen := byIP[ip]; seen || dup[ip] {
+				// A stale record (a DEL that failed, not yet collected by GC) and the
+				// IP's new owner: which one asks cannot be told from the records.
+				x.log.Warn("podindex: two state records claim one IP; its connections are unattributed until one goes",
 					"ip", ip, "record", rec.Key(), "pod", rec.PodNamespace+"/"+rec.PodName, "otherPod", prev.Namespace+"/"+prev.Name)
-				merged := pod
-				merged.Exposed = prev.Exposed && pod.Exposed
-				byIP[ip] = merged
+				delete(byIP, ip)
+				dup[ip] = true
 				continue
 			}
 			byIP[ip] = pod
 		}
 	}
-	if x.protector != nil {
-		x.protect(byIP, hostIfs)
-	}
-	snap := &snapshot{byIP: byIP, mtime: mtime, exists: exists, loadedAt: time.Now()}
-	x.snap.Store(snap)
-	return snap
+	return byIP
 }
 
-func parseIP(s string) (netip.Addr, bool) {
-	if strings.Contains(s, "/") {
-		p, err := netip.ParsePrefix(s)
-		if err != nil {
-			return netip.Addr{}, false
-		}
-		return p.Addr().Unmap(), true
-	}
-	ip, err := netip.ParseAddr(s)
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	return ip.Unmap(), true
-}
+// Ingress says how a connection reached the proxy or the relay, i.e. which of their
+// listeners accepted it; the host guard's rules decide it at connection set-up
+// (pkg/hostguard, attest.go).
+type Ingress uint8
 
-// protect hands the exposed IPs to the protector and keeps exposed only those it
-// protects: an IP with a claim that names no host interface, or that the protector
-// could not protect, is served as concealed (fail closed).
-func (x *Index) protect(byIP map[netip.Addr]Pod, hostIfs map[netip.Addr][]string) {
-	claims := map[netip.Addr][]string{}
-	for ip, pod := range byIP {
-		if !pod.Exposed {
-			continue
-		}
-		ifs := hostIfs[ip]
-		if slices.Contains(ifs, "") {
-			x.log.Warn("podindex: exposed pod's record names no host interface, so its IP could be spoofed; serving it as concealed",
-				"ip", ip, "pod", pod.Namespace+"/"+pod.Name)
-			continue
-		}
-		claims[ip] = ifs
+const (
+	// Unattributed: the proxy's or the relay's own port. Nothing vouches for the
+	// source: concealed, in one budget shared by every unattributed connection.
+	Unattributed Ingress = iota
+	// Attested: sent by the guard's rule for a recorded attachment, whose IP and host
+	// interface the packets matched.
+	Attested
+	// Exposed: as Attested, for an attachment the plugin left unconcealed; served in full.
+	Exposed
+)
+
+func (i Ingress) String() string {
+	switch i {
+	case Attested:
+		return "attested"
+	case Exposed:
+		return "exposed"
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), ProtectTimeout)
-	defer cancel()
-	protected, err := x.protector.Protect(ctx, claims)
-	if err != nil {
-		x.log.Error("podindex: anti-spoofing rules could not be updated; serving every exposed pod as concealed", "err", err)
-		protected = nil
-	}
-	for ip, pod := range byIP {
-		if pod.Exposed && !protected[ip] {
-			pod.Exposed = false
-			byIP[ip] = pod
-		}
-	}
+	return "unattributed"
 }

@@ -132,7 +132,7 @@ const (
 type client struct {
 	key podKey
 	src source // the pod and one of its IPs, for the audit log
-	ns  string // metric label: the pod's namespace, "unknown" without a record
+	ns  string // metric label: nsLabel
 
 	conns     atomic.Int32
 	longPolls atomic.Int32
@@ -206,10 +206,7 @@ func (cs *clients) acquire(src source) *client {
 }
 
 func (cs *clients) newClient(key podKey, src source) *client {
-	ns := src.pod.Namespace
-	if ns == "" {
-		ns = "unknown"
-	}
+	ns := nsLabel(src)
 	c := &client{key: key, src: src, ns: ns, audits: rate.NewLimiter(auditRate, auditBurst),
 		refused: make(map[string]prometheus.Counter, len(refusalReasons))}
 	if cs.limits.PodRate > 0 {

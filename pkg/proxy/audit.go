@@ -10,7 +10,7 @@ import (
 )
 
 // BlockNotifier hears of every concealed or denied request, after its audit line, with
-// the pod behind it (zero when the source IP has no state record). It must not block:
+// the pod behind it; only for connections the kernel attested (identity.go). It must not block:
 // *podevents.Recorder queues a rate-limited Event on the pod.
 type BlockNotifier interface {
 	Blocked(pod podindex.Pod, d policy.Decision)
@@ -45,23 +45,20 @@ func (a *auditor) blocked(x *exchange) {
 		a.metrics.blockedByNS.WithLabelValues(x.cl.ns, x.d.Verdict.String()).Inc()
 	} else {
 		a.logDropped(x.src, dropped)
-		nsLabel := x.src.pod.Namespace
-		if nsLabel == "" {
-			nsLabel = "unknown"
-		}
-		a.metrics.blockedByNS.WithLabelValues(nsLabel, x.d.Verdict.String()).Inc()
+		a.metrics.blockedByNS.WithLabelValues(nsLabel(x.src), x.d.Verdict.String()).Inc()
 		a.log.LogAttrs(context.Background(), slog.LevelWarn, "metadata request blocked",
 			slog.String("verdict", x.d.Verdict.String()),
 			slog.String("rule", x.d.Rule.String()),
 			slog.String("pod_namespace", x.src.pod.Namespace),
 			slog.String("pod_name", x.src.pod.Name),
 			slog.String("source_ip", x.src.ip),
+			slog.Bool("attested", x.src.attested),
 			slog.String("method", clip(x.r.Method, 16)),
 			slog.String("path", clip(x.d.Path, maxAuditField)),
 			slog.String("target", clip(x.r.RequestURI, maxAuditField)),
 		)
 	}
-	if a.notify != nil {
+	if a.notify != nil && x.src.attested { // Events only on pods the kernel vouched for
 		a.notify.Blocked(x.src.pod, x.d)
 	}
 }

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
+	"github.com/metaconceal/metaconceal/pkg/podindex"
 	"github.com/metaconceal/metaconceal/pkg/policy"
 )
 
@@ -211,6 +212,7 @@ func newCacheFixture(t *testing.T, upstream http.Handler, clock *fakeClock, twea
 	t.Cleanup(h.Close)
 	srv := httptest.NewUnstartedServer(h)
 	srv.Config = NewServer(h, cfg.Log)
+	srv.Listener = h.ListenerFor(srv.Listener, podindex.Attested) // loopback plays the attested listener
 	srv.Start()
 	t.Cleanup(srv.Close)
 	f := &cacheFixture{clock: clock, handler: h, proxy: srv}
@@ -722,7 +724,7 @@ func TestConcealedNeverTouchesCache(t *testing.T) {
 	// The exposed pod reads kube-env in full, twice: both go upstream (never cached),
 	// and the concealed pod asking next is still refused.
 	for range 2 {
-		if a := rawFrom(t, "127.0.0.2", f.proxy.URL, "GET", v1+"instance/attributes/kube-env"); a.status != 200 || !strings.Contains(a.body, fakegce.KubeEnvMarker) {
+		if a := rawFrom(t, "127.0.0.2", exposedURL(t, f.handler), "GET", v1+"instance/attributes/kube-env"); a.status != 200 || !strings.Contains(a.body, fakegce.KubeEnvMarker) {
 			t.Errorf("exposed pod's kube-env: %d", a.status)
 		}
 		if a := rawFrom(t, "127.0.0.1", f.proxy.URL, "GET", v1+"instance/attributes/kube-env"); a.status != 403 || strings.Contains(a.body, fakegce.KubeEnvMarker) {

@@ -26,8 +26,9 @@ func newDecider(p *policy.Policy, m *Metrics, a *auditor) decider {
 func (s *decider) decide(x *exchange) {
 	_, forwardedFor := x.r.Header["X-Forwarded-For"]
 	x.d = s.policy.Evaluate(x.r.Method, x.r.RequestURI, forwardedFor)
-	if (x.d.Verdict != policy.Allow || x.d.FilterListing) && x.src.pod.Exposed {
-		// Only requests the policy restricts need to know whether the pod is exposed.
+	if (x.d.Verdict != policy.Allow || x.d.FilterListing) && x.src.exposed {
+		// Only requests the policy restricts need to know whether the connection came
+		// from an exposed pod (the guard's rules at its SYN): then it is served in full.
 		if e := s.exposed.Evaluate(x.r.Method, x.r.RequestURI, forwardedFor); e.Verdict == policy.Allow {
 			x.d = e
 			s.audit.exposedServed(x)

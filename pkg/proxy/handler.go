@@ -84,6 +84,8 @@ type Handler struct {
 	metrics *Metrics
 	log     *slog.Logger
 
+	unattributed unattributedLog // counted and logged, rate-limited (identity.go)
+
 	admission admission
 	decision  decider
 	*answerer
@@ -243,6 +245,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	h.decision.decide(&x)
+	h.countUnattributed(x.src, x.d.Path)
 	if x.d.Verdict != policy.Allow {
 		h.respond.blocked(&x)
 		h.audit.blocked(&x)

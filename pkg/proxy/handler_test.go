@@ -94,10 +94,24 @@ func newFixture(t *testing.T, mode policy.RecursiveMode, tweak func(*Config)) *f
 	t.Cleanup(f.handler.Close)
 	f.proxy = httptest.NewUnstartedServer(f.handler)
 	f.proxy.Config = NewServer(f.handler, cfg.Log)
-	f.proxy.Listener = f.handler.Listener(f.proxy.Listener) // as metaconceal-proxy serves
+	f.proxy.Listener = f.handler.ListenerFor(f.proxy.Listener, podindex.Attested) // as metaconceal-proxy serves attested connections
 	f.proxy.Start()
 	t.Cleanup(f.proxy.Close)
 	return f
+}
+
+// exposedURL serves h on a second loopback listener that plays the exposed listener
+// (the host guard sends an exposed attachment's connections there) and returns its URL.
+func exposedURL(t *testing.T, h *Handler) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := NewServer(h, h.log)
+	go func() { _ = srv.Serve(h.ListenerFor(ln, podindex.Exposed)) }()
+	t.Cleanup(func() { srv.Close() })
+	return "http://" + ln.Addr().String()
 }
 
 func (f *fixture) receivedURIs() []string {
@@ -704,15 +718,19 @@ func TestExposedPodServedInFull(t *testing.T) {
 	f := newFixture(t, policy.RecursiveDeny, func(c *Config) {
 		c.Pods = fixedPods{netip.MustParseAddr("127.0.0.1"): {Namespace: "kube-system", Name: "agent", Exposed: true}}
 	})
-	a := raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/instance/attributes/kube-env", flavor)
+	if a := raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/instance/attributes/kube-env", flavor); a.status != 403 {
+		t.Errorf("kube-env on the attested listener, for a pod whose record says exposed: %d; want concealed (exposure is the listener's)", a.status)
+	}
+	exposed := exposedURL(t, f.handler)
+	a := raw(t, exposed, "GET", "/computeMetadata/v1/instance/attributes/kube-env", flavor)
 	if a.status != 200 || !strings.Contains(a.body, fakegce.KubeEnvMarker) {
 		t.Errorf("kube-env for an exposed pod: %d %q", a.status, a.body)
 	}
-	a = raw(t, f.proxy.URL, "GET", "/computeMetadata/v1/instance/?recursive=true", flavor)
+	a = raw(t, exposed, "GET", "/computeMetadata/v1/instance/?recursive=true", flavor)
 	if a.status != 200 || !strings.Contains(a.body, fakegce.KubeEnvMarker) {
 		t.Errorf("recursive listing for an exposed pod: %d, kube-env missing", a.status)
 	}
-	a = raw(t, f.proxy.URL, "GET", "/0.1/meta-data/attributes/kube-env", flavor)
+	a = raw(t, exposed, "GET", "/0.1/meta-data/attributes/kube-env", flavor)
 	if a.status != 403 || !strings.Contains(a.body, "legacy-api") {
 		t.Errorf("legacy API for an exposed pod: %d %q, want still denied", a.status, a.body)
 	}

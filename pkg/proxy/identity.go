@@ -2,6 +2,7 @@ package proxy
 
 import (
 	"context"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -16,47 +17,115 @@ import (
 // each of its requests (connInfo, then the exchange). Everything per pod (limits,
 // fair shares, cache charges, audit lines, Events) uses the podKey built here.
 
-// source is who sent a request: its IP and, from the state records, its pod.
+// Who is asking (issue 17). A connection's identity is decided by the listener that
+// accepted it, i.e. by the host guard's rules at connection set-up (pkg/hostguard,
+// attest.go), never by a lookup that could grant more than the kernel vouched for:
+//
+//   - podindex.Unattributed (the proxy's own port; also any connection served without
+//     the proxy's Listener): concealed, and every such connection shares one podKey,
+//     so forged addresses cannot multiply a budget. Audit lines name no pod and no
+//     Event is recorded; the requests are counted
+//     (metaconceal_proxy_unattributed_requests_total).
+//   - podindex.Attested: the pod the index names for the source IP, which the guard's
+//     rule matched on the attachment's host interface; unattributed when the index
+//     does not know it (yet, or any more: an accept never waits for a reload).
+//   - podindex.Exposed: as Attested, and served in full (mode EXPOSED, excluded
+//     namespaces). Exposure is the listener's, never the record's.
+
+// source is who sent a request: its IP and, when the kernel attested it, its pod.
 type source struct {
-	ip   string
-	addr netip.Addr
-	pod  podindex.Pod // zero when the IP has no state record
+	ip       string
+	addr     netip.Addr
+	pod      podindex.Pod // zero unless attested
+	attested bool         // the kernel vouched for pod (see above)
+	exposed  bool         // attested through the exposed listener: served in full
 }
 
 // podKey names one pod for every per-pod budget: the limits, the fair shares of
-// the node-wide caps (fairCap) and the entries it may add to the cache. Today it is
-// built from the source address (podKeyOf): the pod its state record names, else the
-// IP. Attested identity (issue 17, part 1) changes only how it is built; nothing
-// that uses it needs to change.
+// the node-wide caps (fairCap) and the entries it may add to the cache. podKeyOf
+// builds it: the attested pod, or the one key every unattributed connection shares.
 type podKey struct {
 	namespace, name string
-	ip              netip.Addr // zero for a pod
 }
 
-// podKeyOf is the pod key of a source.
+// unattributedKey is the one budget of every unattributed connection.
+var unattributedKey = podKey{namespace: "unattributed"}
+
+// unattributedLabel is the namespace label of unattributed requests in metrics.
+const unattributedLabel = "unattributed"
+
+// podKeyOf is the pod key of a source: its pod when attested, else the one
+// unattributed key.
 func podKeyOf(src source) podKey {
-	if src.pod.Name == "" {
-		return podKey{ip: src.addr}
+	if !src.attested {
+		return unattributedKey
 	}
 	return podKey{namespace: src.pod.Namespace, name: src.pod.Name}
 }
 
-// identify names the client behind a remote address.
+// nsLabel is the namespace label of a source in metrics.
+func nsLabel(src source) string {
+	switch {
+	case !src.attested:
+		return unattributedLabel
+	case src.pod.Namespace == "":
+		return "unknown"
+	}
+	return src.pod.Namespace
+}
+
+// identifyConn names the client of a connection accepted with ingress in. It reads
+// the index's snapshot only: it never waits.
+func (h *Handler) identifyConn(addr netip.Addr, in podindex.Ingress) source {
+	addr = addr.Unmap()
+	s := source{ip: addr.String(), addr: addr}
+	if in == podindex.Unattributed || h.pods == nil {
+		return s
+	}
+	pod, ok := h.pods.Lookup(addr)
+	if !ok {
+		return s
+	}
+	s.pod, s.attested, s.exposed = pod, true, in == podindex.Exposed
+	return s
+}
+
+// identify names the client behind a remote address of a connection that came
+// through no Listener of the proxy's: nothing attests it.
 func (h *Handler) identify(remote string) source {
 	ap, err := netip.ParseAddrPort(remote)
 	if err != nil {
 		return source{ip: remote}
 	}
-	return h.identifyAddr(ap.Addr())
+	return h.identifyConn(ap.Addr(), podindex.Unattributed)
 }
 
-func (h *Handler) identifyAddr(addr netip.Addr) source {
-	addr = addr.Unmap()
-	s := source{ip: addr.String(), addr: addr}
-	if h.pods != nil {
-		s.pod, _ = h.pods.Lookup(addr)
+// unattributedLog is what the rate-limited log of unattributed requests keeps.
+type unattributedLog struct {
+	since  atomic.Int64 // requests since the last line
+	logged atomic.Int64 // when the last line was written, in Unix nanoseconds
+}
+
+// unattributedLogEvery bounds the log lines about unattributed requests.
+const unattributedLogEvery = 10 * time.Second
+
+// countUnattributed counts a request of an unattributed source and logs, at most
+// once per unattributedLogEvery, how many there were.
+func (h *Handler) countUnattributed(src source, path string) {
+	if src.attested {
+		return
 	}
-	return s
+	h.metrics.unattributed.Inc()
+	h.unattributed.since.Add(1)
+	now := time.Now().UnixNano()
+	last := h.unattributed.logged.Load()
+	if now-last < int64(unattributedLogEvery) || !h.unattributed.logged.CompareAndSwap(last, now) {
+		return
+	}
+	h.log.LogAttrs(context.Background(), slog.LevelInfo, "unattributed metadata requests: served as concealed, in one shared budget",
+		slog.Int64("requests_since_last_line", h.unattributed.since.Swap(0)),
+		slog.String("last_source_ip", src.ip),
+		slog.String("last_path", clip(path, maxAuditField)))
 }
 
 // connInfo is what the proxy keeps per client connection.
@@ -124,11 +193,22 @@ func (h *Handler) releaseConn(ci *connInfo) {
 // connections as fast as it can costs the proxy an accept, a lookup and one write
 // each. Connections are given back when closed, hijacked ones (parked long polls)
 // included.
-func (h *Handler) Listener(ln net.Listener) net.Listener { return &podListener{Listener: ln, h: h} }
+// Its connections are unattributed (the proxy's own port); ListenerFor wraps the
+// attested ones.
+func (h *Handler) Listener(ln net.Listener) net.Listener {
+	return h.ListenerFor(ln, podindex.Unattributed)
+}
+
+// ListenerFor wraps a listener of the proxy's whose connections all have ingress in
+// (see Listener for the connection cap).
+func (h *Handler) ListenerFor(ln net.Listener, in podindex.Ingress) net.Listener {
+	return &podListener{Listener: ln, h: h, in: in}
+}
 
 type podListener struct {
 	net.Listener
-	h *Handler
+	h  *Handler
+	in podindex.Ingress // what the guard's rules say about every connection here
 }
 
 // trackedConn is an accepted connection counted against its pod.
@@ -169,7 +249,7 @@ func (l *podListener) Accept() (net.Conn, error) {
 		}
 		var src source
 		if ta, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-			src = h.identifyAddr(ta.AddrPort().Addr())
+			src = h.identifyConn(ta.AddrPort().Addr(), l.in)
 		} else {
 			src = h.identify(c.RemoteAddr().String())
 		}

@@ -237,7 +237,7 @@ func TestMaxUpstreamLongPolls(t *testing.T) {
 	if r := same.read(); r.status != 200 || r.body != "v2" {
 		t.Errorf("coalesced poll: %d %q", r.status, r.body)
 	}
-	if m := scrape(t, f); !strings.Contains(m, `metaconceal_proxy_refused_requests_total{namespace="unknown",reason="upstream_long_polls"} 1`) {
+	if m := scrape(t, f); !strings.Contains(m, `metaconceal_proxy_refused_requests_total{namespace="unattributed",reason="upstream_long_polls"} 1`) {
 		t.Errorf("refusal not counted:\n%s", grepLines(m, "refused"))
 	}
 }

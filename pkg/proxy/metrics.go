@@ -13,6 +13,7 @@ type Metrics struct {
 
 	byRule          []prometheus.Counter // indexed by policy.Rule
 	blockedByNS     *prometheus.CounterVec
+	unattributed    prometheus.Counter
 	upstreamLatency *prometheus.HistogramVec
 	latencyRequest  prometheus.Observer
 	latencyLongPoll prometheus.Observer
@@ -39,8 +40,12 @@ func NewMetrics() *Metrics {
 	}
 	m.blockedByNS = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "metaconceal_proxy_blocked_requests_by_namespace_total",
-		Help: "Concealed and denied requests by the pod namespace they came from (\"unknown\" when the source IP has no state record).",
+		Help: "Concealed and denied requests by the pod namespace they came from (\"unattributed\" when the kernel did not attest the connection's pod, \"unknown\" when its record names no namespace).",
 	}, []string{"namespace", "verdict"})
+	m.unattributed = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "metaconceal_proxy_unattributed_requests_total",
+		Help: "Requests on connections the host guard did not attest to a recorded pod (served as concealed, in one shared budget).",
+	})
 	m.upstreamLatency = prometheus.NewHistogramVec(prometheus.HistogramOpts{
 		Name:    "metaconceal_proxy_upstream_duration_seconds",
 		Help:    "Time from sending a request upstream to its response headers (kind=request) or its end (kind=long_poll).",
@@ -79,7 +84,7 @@ func NewMetrics() *Metrics {
 		Name: "metaconceal_proxy_client_connections_open",
 		Help: "Client connections open now, held long polls included.",
 	})
-	reg.MustRegister(m.refused, m.auditDropped, m.clientConns)
+	reg.MustRegister(m.refused, m.auditDropped, m.clientConns, m.unattributed)
 	reg.MustRegister(requests, m.blockedByNS, m.upstreamLatency, m.upstreamErrors,
 		m.longPollsOpen, m.upstreamPolls, m.coalesced)
 	return m

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/fakegce"
+	"github.com/metaconceal/metaconceal/pkg/podindex"
 	"github.com/metaconceal/metaconceal/pkg/policy"
 )
 
@@ -60,7 +61,8 @@ func TestExposedAndConcealedPollsDoNotShareAnAnswer(t *testing.T) {
 	poll := v1 + "instance/attributes/?recursive=true&wait_for_change=true&timeout_sec=30&last_etag=" + etag
 
 	exposed := make(chan answer, 1)
-	go func() { exposed <- rawFrom(t, exposedIP, f.proxy.URL, "GET", poll) }()
+	exposedBase := exposedURL(t, f.handler)
+	go func() { exposed <- rawFrom(t, exposedIP, exposedBase, "GET", poll) }()
 	waitFor(t, "the exposed pod's poll to be held", func() bool { return f.fake.Waiting() == 1 })
 	concealed := make(chan answer, 1)
 	go func() { concealed <- rawFrom(t, concealedIP, f.proxy.URL, "GET", poll) }()
@@ -189,9 +191,11 @@ func TestUpstreamAnswersNeverReachTheWrongClient(t *testing.T) {
 	}
 }
 
-// Source addresses: a non-exposed source is never served as exposed, whether it
-// arrives as IPv4, as IPv4-mapped IPv6 on a dual-stack listener, or has no record.
-func TestExposedOnlyForItsOwnSource(t *testing.T) {
+// Exposure is the listener's, never the record's: on the attested listener no source
+// is served in full, not even one whose record says exposed; on the exposed listener a
+// source the index knows is, and one it does not know is unattributed (concealed),
+// whether it arrives as IPv4 or as IPv4-mapped IPv6 on a dual-stack listener.
+func TestExposedOnlyOnTheExposedListener(t *testing.T) {
 	t.Parallel()
 	const kubeEnv = v1 + "instance/attributes/kube-env"
 	pods := fixedPods{
@@ -199,29 +203,35 @@ func TestExposedOnlyForItsOwnSource(t *testing.T) {
 		netip.MustParseAddr("127.0.0.3"): {Namespace: "team-a", Name: "web-0"},
 	}
 	f := newFixture(t, policy.RecursiveDeny, func(c *Config) { c.Pods = pods })
-	for src, wantExposed := range map[string]bool{"127.0.0.2": true, "127.0.0.3": false, "127.0.0.4": false, "127.0.0.1": false} {
+	for _, src := range []string{"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.1"} {
 		a := rawFrom(t, src, f.proxy.URL, "GET", kubeEnv)
-		if got := strings.Contains(a.body, fakegce.KubeEnvMarker); got != wantExposed {
-			t.Errorf("kube-env from %s: served %v (%d), want %v", src, got, a.status, wantExposed)
+		if strings.Contains(a.body, fakegce.KubeEnvMarker) || a.status != http.StatusForbidden {
+			t.Errorf("kube-env from %s on the attested listener: %d; want concealed", src, a.status)
 		}
 	}
+	unattributed := httptest.NewUnstartedServer(f.handler)
+	unattributed.Config = NewServer(f.handler, f.handler.log)
+	unattributed.Listener = f.handler.Listener(unattributed.Listener)
+	unattributed.Start()
+	t.Cleanup(unattributed.Close)
+	if a := rawFrom(t, "127.0.0.2", unattributed.URL, "GET", kubeEnv); a.status != http.StatusForbidden {
+		t.Errorf("kube-env from the exposed pod's address on the unattributed listener: %d; want concealed", a.status)
+	}
 
-	// A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d.
+	// A dual-stack exposed listener sees IPv4 clients as ::ffff:a.b.c.d.
 	ln, err := net.Listen("tcp", "[::]:0")
 	if err != nil {
 		t.Fatalf("dual-stack listener: %v (the test needs IPv6 on loopback)", err)
 	}
-	srv := httptest.NewUnstartedServer(f.handler)
-	srv.Listener.Close()
-	srv.Listener = ln
-	srv.Start()
-	t.Cleanup(srv.Close)
+	srv := NewServer(f.handler, f.handler.log)
+	go func() { _ = srv.Serve(f.handler.ListenerFor(ln, podindex.Exposed)) }()
+	t.Cleanup(func() { srv.Close() })
 	port := ln.Addr().(*net.TCPAddr).Port
 	base := fmt.Sprintf("http://127.0.0.1:%d", port)
-	for src, wantExposed := range map[string]bool{"127.0.0.2": true, "127.0.0.3": false} {
+	for src, wantExposed := range map[string]bool{"127.0.0.2": true, "127.0.0.4": false} {
 		a := rawFrom(t, src, base, "GET", kubeEnv)
 		if got := strings.Contains(a.body, fakegce.KubeEnvMarker); got != wantExposed {
-			t.Errorf("kube-env from %s via a dual-stack listener: served %v (%d), want %v", src, got, a.status, wantExposed)
+			t.Errorf("kube-env from %s via a dual-stack exposed listener: served %v (%d), want %v", src, got, a.status, wantExposed)
 		}
 	}
 }

@@ -280,3 +280,20 @@ func List(dir string) ([]Record, error) {
 	}
 	return records, errors.Join(errs...)
 }
+
+// ParseIP reads one of a record's IPs, written as an address or a prefix (earlier
+// releases); the address is returned unmapped.
+func ParseIP(s string) (netip.Addr, bool) {
+	if strings.Contains(s, "/") {
+		p, err := netip.ParsePrefix(s)
+		if err != nil {
+			return netip.Addr{}, false
+		}
+		return p.Addr().Unmap(), true
+	}
+	ip, err := netip.ParseAddr(s)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	return ip.Unmap(), true
+}

@@ -1,7 +1,7 @@
 // Package bypass holds the attacks that a pod's own netns rules cannot stop and that
 // the host guard must: a pod with CAP_NET_RAW only that speaks TCP to the metadata
-// server over an AF_PACKET socket, and a pod that spoofs an exposed pod's IP to borrow
-// its exposed access. Every test builds a simulated node (internal/testlib/simnode) and runs the
+// server over an AF_PACKET socket, a pod that forges an exposed pod's IP to borrow
+// its exposed access, and a pod that claims more addresses to multiply its budgets. Every test builds a simulated node (internal/testlib/simnode) and runs the
 // guard, the proxy and the fake metadata server there; nothing touches the machine's
 // own netns, except the proxy's upstream connections, which go to a fake metadata
 // server on the machine's loopback.
@@ -10,7 +10,6 @@ package bypass
 import (
 	"context"
 	"errors"
-	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -68,6 +67,8 @@ type world struct {
 	node     *simnode.Node
 	stateDir string
 	pods     podSwap
+	index    *podindex.Index // the proxy's, with the guard's attestation as its Attestor
+	fake     *fakegce.Server
 	guard    hostguard.Config
 	helper   string // the test binary, where an unprivileged user can run it
 	log      *slog.Logger
@@ -81,8 +82,11 @@ func (w tWriter) Write(p []byte) (int, error) {
 }
 
 // newWorld builds a node netns with a bridge, the fake metadata server on
-// 169.254.169.254:80 and metaconceal's proxy on 169.254.169.252:988.
-func newWorld(t testing.TB) *world {
+// 169.254.169.254:80 and metaconceal's proxy on 169.254.169.252:988 (unattributed)
+// and on the attested and exposed ports the guard's attestation rules send pods to;
+// tweaks change the proxy's config. The attestation rules follow the state records
+// at each refresh.
+func newWorld(t testing.TB, tweaks ...func(*proxy.Config)) *world {
 	t.Helper()
 	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save")
 	node, err := simnode.New("mc-byp")
@@ -101,6 +105,7 @@ func newWorld(t testing.TB) *world {
 	w.ip("link", "set", bridgeName, "up")
 
 	fake := fakegce.New()
+	w.fake = fake
 	// The metadata server as pods reach it: in the node netns.
 	w.serve(w.listen(metadataAddr.String()), fake)
 	// The same server as the proxy's upstream: the proxy's connections are made by
@@ -115,15 +120,33 @@ func newWorld(t testing.TB) *world {
 	if err != nil {
 		t.Fatal(err)
 	}
-	w.pods.x.Store(podindex.New(w.stateDir, w.log))
-	h, err := proxy.New(proxy.Config{Upstream: &url.URL{Scheme: "http", Host: upLn.Addr().String()}, Policy: pol, Pods: &w.pods, Log: w.log})
+	attest, err := hostguard.NewSpoofGuard(w.guard, w.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	attest.NetnsPath = node.Path
+	w.index = podindex.New(w.stateDir, w.log, podindex.WithAttestor(attest))
+	w.pods.x.Store(w.index)
+	cfg := proxy.Config{Upstream: &url.URL{Scheme: "http", Host: upLn.Addr().String()}, Policy: pol, Pods: &w.pods, Log: w.log}
+	for _, tw := range tweaks {
+		tw(&cfg)
+	}
+	h, err := proxy.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(h.Close)
 	srv := proxy.NewServer(h, w.log)
+	attested, err := w.guard.AttestedListeners()
+	if err != nil {
+		t.Fatal(err)
+	}
 	ln := w.listen(proxyAddr.String())
-	go func() { _ = srv.Serve(ln) }()
+	go func() { _ = srv.Serve(h.Listener(ln)) }()
+	for _, al := range attested {
+		ln := w.listen(al.Addr.String())
+		go func() { _ = srv.Serve(h.ListenerFor(ln, al.Ingress)) }()
+	}
 	t.Cleanup(func() { _ = srv.Close() })
 
 	w.helper = copyTestBinary(t)
@@ -154,11 +177,12 @@ func (w *world) serve(ln net.Listener, h http.Handler) {
 	w.t.Cleanup(func() { _ = srv.Close() })
 }
 
-// pod is a pod netns on the node's bridge.
+// pod is a pod netns on the node's bridge, or routed (ptp).
 type pod struct {
 	name, path string
 	ip         netip.Addr
 	hostIf     string
+	gw         string // its default gateway
 }
 
 func (w *world) addPod(short, ip string) pod {
@@ -167,7 +191,7 @@ func (w *world) addPod(short, ip string) pod {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	p := pod{name: name, path: path, ip: netip.MustParseAddr(ip), hostIf: "mcv" + short}
+	p := pod{name: name, path: path, ip: netip.MustParseAddr(ip), hostIf: "mcv" + short, gw: gatewayIP}
 	w.ip("link", "add", p.hostIf, "type", "veth", "peer", "name", "eth0", "netns", name)
 	w.ip("link", "set", p.hostIf, "master", bridgeName)
 	w.ip("link", "set", p.hostIf, "up")
@@ -192,6 +216,10 @@ func (w *world) record(p pod, exposedReason string) {
 		w.t.Fatal(err)
 	}
 }
+
+// refresh runs the proxy's pod index refresher once: the records are read and the
+// attestation rules applied, as the running proxy does within its refresh interval.
+func (w *world) refresh() { w.index.Refresh(true) }
 
 func (w *world) installGuard() {
 	w.t.Helper()
@@ -228,7 +256,7 @@ func (w *world) raw(p pod, src string) string {
 	defer cancel()
 	cmd := exec.CommandContext(ctx, w.helper, "-test.run=^$")
 	req := "GET " + kubeEnv + " HTTP/1.1\r\nHost: metadata.google.internal\r\nMetadata-Flavor: Google\r\nConnection: close\r\n\r\n"
-	cmd.Env = []string{helperEnv + "=1", helperIfEnv + "=eth0", helperSrcEnv + "=" + src, helperGWEnv + "=" + gatewayIP,
+	cmd.Env = []string{helperEnv + "=1", helperIfEnv + "=eth0", helperSrcEnv + "=" + src, helperGWEnv + "=" + p.gw,
 		helperDstEnv + "=" + metadataAddr.String(), helperReqEnv + "=" + req}
 	// Not root: nobody, with CAP_NET_RAW as its only (ambient) capability, as a
 	// container with the default capability set minus everything else would hold it.
@@ -335,77 +363,83 @@ func TestRawSocketBypassNeedsHostGuard(t *testing.T) {
 	t.Logf("with the host guard the raw exchange got: %q", firstLine(got))
 }
 
-// TestSpoofedExposedIPGetsNoExposedAnswer: a pod with CAP_NET_RAW only claims an
-// exposed pod's IP on the bridge (ARP and its own TCP). Without the anti-spoofing
-// rules it is served as the exposed pod; with them its packets are dropped, while
-// the exposed pod itself is still served in full.
-func TestSpoofedExposedIPGetsNoExposedAnswer(t *testing.T) {
+// TestForgedExposedAddressIsConcealed: a pod with CAP_NET_RAW only forges an exposed
+// pod's IP (ARP and its own TCP). Whether the forged connection comes before the
+// exposed pod's ADD or after it, it gets the concealed answer on a bridge (the
+// attestation rule wants the exposed pod's bridge port, so the connection is
+// unattributed) and no connection at all on a routed veth (the answers go to the real
+// owner); the exposed pod itself is served in full, through the exposed listener.
+// Before issue 17 the proxy named a connection exposed by a lookup of its source IP
+// at accept (and the anti-spoofing DROP could come after the forged SYN).
+func TestForgedExposedAddressIsConcealed(t *testing.T) {
 	t.Cleanup(func() { assertHostUntouched(t) })
-	t.Parallel()
-	w := newWorld(t)
-	victim := w.addPod("vic", "10.251.0.2")
-	atk := w.addPod("spf", "10.251.0.3")
-	w.record(victim, "excludeNamespaces")
-	w.record(atk, "")
-	w.installGuard()
+	for _, datapath := range []string{"bridge", "ptp"} {
+		t.Run(datapath, func(t *testing.T) {
+			t.Parallel()
+			w := newWorld(t)
+			var victim, atk pod
+			if datapath == "bridge" {
+				victim, atk = w.addPod("vic", "10.251.0.2"), w.addPod("spf", "10.251.0.3")
+			} else {
+				victim, atk = w.addPtpPod("vir", "10.252.0.2", "10.252.0.1"), w.addPtpPod("spr", "10.252.0.3", "10.252.0.1")
+			}
+			w.installGuard()
+			w.record(atk, "")
+			w.refresh()
+			forged := func(stage string) {
+				t.Helper()
+				got := w.raw(atk, victim.ip.String())
+				if strings.Contains(got, fakegce.KubeEnvMarker) {
+					t.Fatalf("%s: the forged connection read kube-env:\n%s", stage, got)
+				}
+				if datapath == "bridge" && !strings.Contains(firstLine(got), "403") {
+					t.Errorf("%s: forged connection on a bridge: %q; want the concealed answer", stage, firstLine(got))
+				}
+				if datapath == "ptp" && got != "" && !strings.Contains(firstLine(got), "403") {
+					t.Errorf("%s: forged connection on a routed veth: %q; want nothing or the concealed answer", stage, firstLine(got))
+				}
+			}
+			exposedOK := func(stage string) {
+				t.Helper()
+				// What the attacker's ARP did to the node's neighbour entry is undone, as
+				// the victim's next ARP exchange would.
+				_, _ = simnode.Run(context.Background(), "ip", "-n", w.node.Name, "neigh", "del", victim.ip.String(), "dev", victim.hostIf)
+				_, _ = simnode.Run(context.Background(), "ip", "-n", w.node.Name, "neigh", "del", victim.ip.String(), "dev", bridgeName)
+				if code, body := w.get(victim, kubeEnv); code != http.StatusOK || !strings.Contains(body, fakegce.KubeEnvMarker) {
+					t.Fatalf("%s: the exposed pod's own GET of kube-env: %d %q; want 200 with kube-env", stage, code, firstLine(body))
+				}
+			}
 
-	exposedOK := func(stage string) {
-		t.Helper()
-		// What the attacker's ARP did to the node's neighbour entry is undone, as the
-		// victim's next ARP exchange would.
-		_, _ = simnode.Run(context.Background(), "ip", "-n", w.node.Name, "neigh", "del", victim.ip.String(), "dev", bridgeName)
-		if code, body := w.get(victim, kubeEnv); code != http.StatusOK || !strings.Contains(body, fakegce.KubeEnvMarker) {
-			t.Fatalf("%s: the exposed pod's own GET of kube-env: %d %q; want 200 with kube-env", stage, code, firstLine(body))
-		}
-	}
+			forged("before the exposed pod's ADD")
+			w.record(victim, "excludeNamespaces")
+			forged("after the exposed pod's record, before the refresher ran")
+			w.refresh()
+			save, err := w.node.Exec(context.Background(), "iptables-save", "-t", "nat")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !strings.Contains(save, "-s "+victim.ip.String()+"/32") || !strings.Contains(save, "-j "+hostguard.AttestExposedChain) {
+				t.Fatalf("no attestation rule for the exposed pod:\n%s", save)
+			}
+			exposedOK("after the exposed pod's ADD")
+			forged("after the exposed pod's ADD")
+			exposedOK("after the attack")
+			if code, body := w.get(atk, kubeEnv); code != http.StatusForbidden {
+				t.Errorf("the attacker's own GET of kube-env: %d %q; want 403", code, firstLine(body))
+			}
 
-	// Control: exposure decided by the source IP alone (the proxy before this change).
-	exposedOK("source IP alone")
-	if got := w.raw(atk, victim.ip.String()); !strings.Contains(got, fakegce.KubeEnvMarker) {
-		t.Fatalf("spoofing the exposed pod's IP did not borrow its access even without anti-spoofing (the attack this test is about did not work): %q", firstLine(got))
-	}
-
-	// The proxy as wired with the host guard: exposure needs the anti-spoofing rules.
-	spoof, err := hostguard.NewSpoofGuard(w.guard, w.log)
-	if err != nil {
-		t.Fatal(err)
-	}
-	spoof.NetnsPath = w.node.Path
-	protected := podindex.New(w.stateDir, w.log, podindex.WithProtector(spoof))
-	protected.Refresh(true)
-	w.pods.x.Store(protected)
-	save, err := w.node.Exec(context.Background(), "iptables-save", "-t", "filter")
-	if err != nil {
-		t.Fatal(err)
-	}
-	wantRule := fmt.Sprintf("-A %s -s %s/32 -m physdev --physdev-in %s", hostguard.SpoofChain, victim.ip, victim.hostIf)
-	if !strings.Contains(save, wantRule) {
-		t.Fatalf("anti-spoofing rule %q missing:\n%s", wantRule, save)
-	}
-
-	exposedOK("anti-spoofing")
-	got := w.raw(atk, victim.ip.String())
-	if strings.Contains(got, fakegce.KubeEnvMarker) {
-		t.Fatalf("spoofing the exposed pod's IP still borrowed its access:\n%s", got)
-	}
-	if got != "" {
-		t.Errorf("spoofed packets reached the proxy (want them dropped): %q", firstLine(got))
-	}
-	exposedOK("after the attack")
-	if code, body := w.get(atk, kubeEnv); code != http.StatusForbidden {
-		t.Errorf("the attacker's own GET of kube-env: %d %q; want 403", code, firstLine(body))
-	}
-
-	// remove-host-guard takes the anti-spoofing rules away with the guard.
-	if err := simnode.In(w.node.Path, func() error { return hostguard.Remove(context.Background(), w.guard, w.log) }); err != nil {
-		t.Fatal(err)
-	}
-	save, err = w.node.Exec(context.Background(), "iptables-save")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if strings.Contains(save, hostguard.SpoofChain) || strings.Contains(save, hostguard.Chain) {
-		t.Errorf("after Remove the node still has guard rules:\n%s", save)
+			// remove-host-guard takes the attestation rules away with the guard.
+			if err := simnode.In(w.node.Path, func() error { return hostguard.Remove(context.Background(), w.guard, w.log) }); err != nil {
+				t.Fatal(err)
+			}
+			save, err = w.node.Exec(context.Background(), "iptables-save")
+			if err != nil {
+				t.Fatal(err)
+			}
+			if strings.Contains(save, "METACONCEAL") {
+				t.Errorf("after Remove the node still has guard rules:\n%s", save)
+			}
+		})
 	}
 }
 

@@ -49,7 +49,7 @@ func (w *world) addPtpPod(short, ip, gw string) pod {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	p := pod{name: name, path: path, hostIf: "mcv" + short}
+	p := pod{name: name, path: path, hostIf: "mcv" + short, gw: gw}
 	p.ip = mustAddr(w.t, ip)
 	w.ip("link", "add", p.hostIf, "type", "veth", "peer", "name", "eth0", "netns", name)
 	w.ip("addr", "add", gw+"/32", "dev", p.hostIf)
