@@ -18,7 +18,7 @@ func testClients(l Limits) *clients {
 
 func podSource(ns, name, ip string) source {
 	a := netip.MustParseAddr(ip)
-	return source{ip: ip, addr: a, pod: podindex.Pod{Namespace: ns, Name: name}}
+	return source{ip: ip, addr: a, pod: podindex.Pod{Namespace: ns, Name: name}, attested: true}
 }
 
 // The request limiter: a burst, then the rate; a refusal says when to come back.

@@ -39,7 +39,7 @@ func TestDecide(t *testing.T) {
 			cs := testClients(Limits{})
 			d := newDecider(pol, m, &auditor{clients: cs, metrics: m, log: slog.New(slog.NewJSONHandler(&logs, nil))})
 			src := podSource("ns", "pod", "10.0.0.1")
-			src.pod.Exposed = tc.exposed
+			src.exposed = tc.exposed // the exposed listener accepted it
 			r := httptest.NewRequest("GET", "/", nil)
 			r.RequestURI = tc.target
 			x := exchange{w: httptest.NewRecorder(), r: r, cl: cs.acquire(src), src: src}

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/metaconceal/metaconceal/pkg/podindex"
 	"github.com/metaconceal/metaconceal/pkg/policy"
 )
 
@@ -481,7 +482,7 @@ func TestWrappedHandlerKeepsPodCaps(t *testing.T) {
 	})
 	srv := httptest.NewUnstartedServer(wrapped)
 	srv.Config = NewServer(wrapped, slog.New(slog.NewTextHandler(&logs, nil)))
-	srv.Listener = f.handler.Listener(srv.Listener)
+	srv.Listener = f.handler.ListenerFor(srv.Listener, podindex.Attested)
 	srv.Start()
 	t.Cleanup(srv.Close)
 	if !strings.Contains(logs.String(), "handler is wrapped") {
