@@ -66,6 +66,10 @@ func TestNewRefusesOptions(t *testing.T) {
 			o.Listen = []netip.AddrPort{netip.MustParseAddrPort("[::1]:0")}
 			o.Guard = &GuardOptions{Config: guardCfg}
 		}},
+		{"Guard.Config", "attested port 984", func(o *Options) {
+			o.Listen = []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:984")}
+			o.Guard = &GuardOptions{Config: guardCfg}
+		}},
 	} {
 		o := valid(t)
 		tc.edit(&o)
@@ -77,9 +81,25 @@ func TestNewRefusesOptions(t *testing.T) {
 	}
 	o := valid(t)
 	o.Listen = []netip.AddrPort{gceProxy}
+	o.ALTS.Listen = []netip.AddrPort{gce.ALTSRelay}
 	o.Guard = &GuardOptions{Config: guardCfg}
-	if _, err := New(o); err != nil {
-		t.Errorf("valid options with a guard refused: %v", err)
+	a, err := New(o)
+	if err != nil {
+		t.Fatalf("valid options with a guard refused: %v", err)
+	}
+	// With the guard the app opens the attested listeners the guard's rules lead to;
+	// without it none (every connection unattributed).
+	var got []string
+	for _, al := range a.attested {
+		got = append(got, al.Ingress.String()+"@"+al.Addr.String())
+	}
+	if want := "attested@169.254.169.252:984 exposed@169.254.169.252:985 attested@169.254.169.252:986"; strings.Join(got, " ") != want {
+		t.Errorf("attested listeners %q, want %q", got, want)
+	}
+	if a, err := New(valid(t)); err != nil {
+		t.Errorf("valid options refused: %v", err)
+	} else if len(a.attested) != 0 {
+		t.Errorf("without the guard: attested listeners %+v; want none", a.attested)
 	}
 }
 

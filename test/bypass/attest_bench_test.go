@@ -87,4 +87,3 @@ func BenchmarkConnection(b *testing.B) {
 		})
 	}
 }
-
