@@ -14,8 +14,9 @@
 //	answer     answer.go     long poll (longpoll.go) | filtered listing (listing.go) |
 //	                         cache (cache.go, cachetable.go, token.go, cachestats.go)
 //	                         -> flight (coalesce.go, internal/flight) -> upstream
-//	                         (upstream.go: http.RoundTripper; pool.go for ordinary
-//	                         requests); reqKey (key.go) names identical requests
+//	                         (upstream.go: the upstream interface; pool.go, the
+//	                         keep-alive pool behind it); reqKey (key.go) names
+//	                         identical requests
 //	respond    respond.go    every answer the proxy makes itself: concealed, denied,
 //	                         429, 503, 502/504, withheld listings
 //	audit      audit.go      the one audit point: log lines within each pod's audit

@@ -254,7 +254,6 @@ func bench(cfg benchConfig) error {
 
 	targets := []*process{upstream, bare, mc}
 	labels := map[*process]string{upstream: "(a) fake upstream direct", bare: "(b) bare httputil.ReverseProxy", mc: "(c) metaconceal-proxy"}
-	const path = "/computeMetadata/v1/project/project-id"
 	fmt.Printf("bench-proxy: GET %s with Metadata-Flavor: Google, keep-alive, 127.0.0.1\n", path)
 	fmt.Printf("%d rounds of %s per target and concurrency, alternating targets; %d CPUs shared by all processes\n\n",
 		cfg.rounds, cfg.roundTime, numCPU())

@@ -9,10 +9,11 @@ import (
 	"time"
 )
 
-// upstreamBench measures metaconceal-proxy's path to the upstream with the cache off
-// and cold keys (each connection asks for a token with scopes of its own, so no
-// request is answered from the cache or shares a flight), beside a bare
-// httputil.ReverseProxy, at each concurrency. (It compared net/http's Transport with
+// upstreamBench measures metaconceal-proxy's path to the upstream with the cache off,
+// beside a bare httputil.ReverseProxy, at each concurrency: with cold keys (each
+// connection asks for a token with scopes of its own, so no request is answered from
+// the cache or shares a flight), then with every connection asking for project-id
+// (identical concurrent requests share one upstream request). (It compared net/http's Transport with
 // the hand-written pool side by side when the pool was kept: docs/figures.md.)
 func upstreamBench(cfg benchConfig, upstream, bare *process) error {
 	off := []string{"--cache=false", "--pod-rate=0", "--pod-max-conns=0", "--pod-max-long-polls=0",
@@ -25,8 +26,19 @@ func upstreamBench(cfg benchConfig, upstream, bare *process) error {
 	coldKey := func(i int) string {
 		return fmt.Sprintf("/computeMetadata/v1/instance/service-accounts/default/token?scopes=https://www.googleapis.com/auth/bench-%d", i)
 	}
-	fmt.Printf("\nupstream path, cache off, cold keys (a token with scopes of its own per connection), %d rounds of %s, alternating; load average %s\n",
-		cfg.rounds, cfg.roundTime, loadAvg())
+	if err := upstreamRounds(cfg, bare, mc, "cold keys (a token with scopes of its own per connection)", coldKey); err != nil {
+		return err
+	}
+	return upstreamRounds(cfg, bare, mc, "one key (project-id on every connection)", func(int) string { return path })
+}
+
+// path is the throughput benchmark's request path.
+const path = "/computeMetadata/v1/project/project-id"
+
+// upstreamRounds runs the alternating rounds of upstreamBench for one choice of keys.
+func upstreamRounds(cfg benchConfig, bare, mc *process, keys string, pathOf func(int) string) error {
+	fmt.Printf("\nupstream path, cache off, %s, %d rounds of %s, alternating; load average %s\n",
+		keys, cfg.rounds, cfg.roundTime, loadAvg())
 	targets := []*process{bare, mc}
 	labels := map[*process]string{bare: "bare httputil.ReverseProxy", mc: "metaconceal-proxy, cache off"}
 	type key struct {
@@ -35,7 +47,7 @@ func upstreamBench(cfg benchConfig, upstream, bare *process) error {
 	}
 	results := map[key]*result{}
 	for _, t := range targets {
-		if _, err := loadEach(t.addr, coldKey, 50, 500*time.Millisecond); err != nil {
+		if _, err := loadEach(t.addr, pathOf, 50, 500*time.Millisecond); err != nil {
 			return fmt.Errorf("warm-up %s: %w", t.name, err)
 		}
 	}
@@ -46,7 +58,7 @@ func upstreamBench(cfg benchConfig, upstream, bare *process) error {
 				order = append(order[1:], order[0])
 			}
 			for _, t := range order {
-				r, err := loadEach(t.addr, coldKey, conns, cfg.roundTime)
+				r, err := loadEach(t.addr, pathOf, conns, cfg.roundTime)
 				if err != nil {
 					return fmt.Errorf("%s at %d conns: %w", t.name, conns, err)
 				}
