@@ -227,7 +227,12 @@ func podEvents(ctx context.Context, env *Env) (string, error) {
 // unprotectedZero: at the end, after a repair scan that saw every pod, each node's
 // agent reports no unprotected pod and an open gate.
 func unprotectedZero(ctx context.Context, env *Env) (string, error) {
-	start := time.Now()
+	return waitUnprotectedZero(ctx, env, time.Now())
+}
+
+// waitUnprotectedZero waits on each node for a repair scan that started after since,
+// then wants metaconceal_unprotected_pods 0 and an open gate from the node agent.
+func waitUnprotectedZero(ctx context.Context, env *Env, since time.Time) (string, error) {
 	var details []string
 	for _, n := range env.Cluster.Nodes() {
 		var m map[string]float64
@@ -236,8 +241,8 @@ func unprotectedZero(ctx context.Context, env *Env) (string, error) {
 			if m, err = agentMetricValues(ctx, env, n); err != nil {
 				return err
 			}
-			if last := m["metaconceal_repair_last_scan_timestamp_seconds"]; last < float64(start.Unix()) {
-				return errf("node %s: no repair scan since %s yet", n, start.Format(time.RFC3339))
+			if last := m["metaconceal_repair_last_scan_timestamp_seconds"]; last < float64(since.Unix()) {
+				return errf("node %s: no repair scan since %s yet", n, since.Format(time.RFC3339))
 			}
 			return nil
 		}); err != nil {
