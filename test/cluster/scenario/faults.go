@@ -112,9 +112,6 @@ func proxyKilled(ctx context.Context, env *Env) (string, error) {
 	}); err != nil {
 		return "", err
 	}
-	if _, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "delete", "pod", "drill-prober", "--wait=false"); err != nil {
-		return "", err
-	}
 	detail := fmt.Sprintf("proxy pid %d SIGKILLed; concealed answers resumed %.2fs after the kill; %s", pid, resume.Seconds(), st)
 	switch {
 	case st.leaks > 0:
@@ -124,6 +121,9 @@ func proxyKilled(ctx context.Context, env *Env) (string, error) {
 	}
 	end, err := faultEnd(ctx, env, kill)
 	if err != nil {
+		return detail, err
+	}
+	if _, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "delete", "pod", "drill-prober", "--wait=false"); err != nil {
 		return detail, err
 	}
 	return detail + "; " + end, nil

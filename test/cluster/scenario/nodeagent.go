@@ -242,11 +242,12 @@ func waitUnprotectedZero(ctx context.Context, env *Env, since time.Time) (string
 				return err
 			}
 			if last := m["metaconceal_repair_last_scan_timestamp_seconds"]; last < float64(since.Unix()) {
-				return errf("node %s: no repair scan since %s yet", n, since.Format(time.RFC3339))
+				return errf("node %s: no repair scan since %s yet (metaconceal_repair_scan_errors_total %v)",
+					n, since.Format(time.RFC3339), m["metaconceal_repair_scan_errors_total"])
 			}
 			return nil
 		}); err != nil {
-			return "", err
+			return "", fmt.Errorf("%w; the agent's last scan error: %s", err, lastAgentLine(ctx, env, "repair scan incomplete"))
 		}
 		if v, ok := m["metaconceal_unprotected_pods"]; !ok || v != 0 {
 			return "", errf("node %s: metaconceal_unprotected_pods %v (present %v), want 0", n, v, ok)
@@ -261,6 +262,21 @@ func waitUnprotectedZero(ctx context.Context, env *Env, since time.Time) (string
 }
 
 // --- helpers ---
+
+// lastAgentLine is the node agents' last log line holding substr ("none" when none).
+func lastAgentLine(ctx context.Context, env *Env, substr string) string {
+	out, err := kubectl(ctx, env, nil, "-n", deployNamespace, "logs", "-l", "app.kubernetes.io/name=metaconceal", "-c", "keep-entry", "--tail=300")
+	if err != nil {
+		return err.Error()
+	}
+	last := "none"
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, substr) {
+			last = strings.TrimSpace(l)
+		}
+	}
+	return last
+}
 
 type podInfo struct {
 	Metadata struct {

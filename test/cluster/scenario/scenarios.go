@@ -31,8 +31,8 @@ func List() []Scenario {
 		// faults.go (issue 18): fault drills, each ending with every workload pod
 		// concealed and no unprotected pod; the reboot last, since it restarts every pod.
 		{Name: "proxy-killed", Run: proxyKilled},
-		{Name: "containerd-restart", Run: containerdRestart, Timeout: 5 * time.Minute},
 		{Name: "kubelet-restart", Run: kubeletRestart, Timeout: 5 * time.Minute},
+		{Name: "containerd-restart", Run: containerdRestart, Timeout: 5 * time.Minute},
 		{Name: "node-reboot", Run: nodeReboot, Timeout: 8 * time.Minute},
 		{Name: "unprotected-zero", Run: unprotectedZero},
 		{Name: "uninstall", Run: uninstall, Timeout: 5 * time.Minute},
