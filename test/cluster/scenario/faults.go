@@ -344,6 +344,14 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 	concealedAt := time.Since(boot)
 	detail := fmt.Sprintf("shutdown %.1fs; boot %.1fs; node re-registered with %s (seen %.1fs after boot start), removed %.1fs after boot start with the proxy ready; %d workload pods in new sandboxes, recorded and concealed %.1fs after boot start",
 		down.Seconds(), booted.Seconds(), nodegate.TaintKey, taintSeen.Seconds(), untainted.Seconds(), len(pods), concealedAt.Seconds())
+	// Pods the kubelet restarts do not wait for the proxy: until it is ready they get
+	// no answer, and until it has put the host guard back nothing but their own rules
+	// stands between them and the metadata server. Say how long that was.
+	if lead, err := podsBeforeProxy(ctx, env, node, pods); err == nil {
+		detail += "; " + lead
+	} else {
+		detail += "; (start times: " + err.Error() + ")"
+	}
 	end, err := waitUnprotectedZero(ctx, env, boot)
 	if err != nil {
 		return detail, err
@@ -519,4 +527,39 @@ func allWorkloadsConcealed(ctx context.Context, env *Env, recorded bool) ([]work
 		}
 	}
 	return pods, nil
+}
+
+// podsBeforeProxy says how long before the proxy container of node was ready the
+// first of pods was running again (API times: whole seconds).
+func podsBeforeProxy(ctx context.Context, env *Env, node string, pods []workloadPod) (string, error) {
+	ds, _, err := proxyPod(ctx, env, node)
+	if err != nil {
+		return "", err
+	}
+	out, err := kubectl(ctx, env, nil, "-n", deployNamespace, "get", "pod", ds, "-o", "jsonpath={.status.conditions[?(@.type==\"Ready\")].lastTransitionTime}")
+	if err != nil {
+		return "", err
+	}
+	proxyReadyAt, err := time.Parse(time.RFC3339, strings.TrimSpace(string(out)))
+	if err != nil {
+		return "", fmt.Errorf("proxy pod %s Ready time %q: %w", ds, out, err)
+	}
+	var first time.Time
+	for _, p := range pods {
+		out, err := kubectl(ctx, env, nil, "-n", p.ns, "get", "pod", p.name, "-o", "jsonpath={.status.containerStatuses[0].state.running.startedAt}")
+		if err != nil {
+			return "", err
+		}
+		t, err := time.Parse(time.RFC3339, strings.TrimSpace(string(out)))
+		if err != nil {
+			return "", fmt.Errorf("pod %s/%s start %q: %w", p.ns, p.name, out, err)
+		}
+		if first.IsZero() || t.Before(first) {
+			first = t
+		}
+	}
+	if first.IsZero() {
+		return "", errf("no workload pod")
+	}
+	return fmt.Sprintf("first workload pod running again %.0fs before the proxy pod was Ready", proxyReadyAt.Sub(first).Seconds()), nil
 }
