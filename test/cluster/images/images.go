@@ -164,7 +164,9 @@ func debClosure(ctx context.Context, pkgs []string) ([]string, error) {
 	set := map[string]bool{}
 	for _, line := range strings.Split(out, "\n") {
 		// Package names start a line; dependency lines are indented; virtual ones are <name>.
-		if line == "" || line[0] == ' ' || line[0] == '<' {
+		// A machine with a foreign architecture (dpkg --add-architecture) also lists
+		// each package as name:arch: the image is the native architecture's only.
+		if line == "" || line[0] == ' ' || line[0] == '<' || strings.Contains(line, ":") {
 			continue
 		}
 		set[strings.TrimSpace(line)] = true
@@ -185,11 +187,25 @@ func (b *Builder) download(ctx context.Context, pkgs []string) (map[string]strin
 	if err := os.MkdirAll(b.DebCache, 0o755); err != nil {
 		return nil, err
 	}
+	arch, err := run(ctx, "dpkg", "--print-architecture")
+	if err != nil {
+		return nil, err
+	}
+	arch = strings.TrimSpace(arch)
+	// The native architecture's .deb or an arch-independent one, never a foreign one.
+	cached := func(p string) []string {
+		var m []string
+		for _, a := range []string{arch, "all"} {
+			found, _ := filepath.Glob(filepath.Join(b.DebCache, p+"_*_"+a+".deb"))
+			m = append(m, found...)
+		}
+		sort.Strings(m)
+		return m
+	}
 	debs := map[string]string{}
 	var missing []string
 	for _, p := range pkgs {
-		if m, _ := filepath.Glob(filepath.Join(b.DebCache, p+"_*.deb")); len(m) > 0 {
-			sort.Strings(m)
+		if m := cached(p); len(m) > 0 {
 			debs[p] = m[len(m)-1]
 		} else {
 			missing = append(missing, p)
@@ -203,7 +219,7 @@ func (b *Builder) download(ctx context.Context, pkgs []string) (map[string]strin
 			return nil, fmt.Errorf("apt-get download %s: %w: %s", strings.Join(missing, " "), err, out)
 		}
 		for _, p := range missing {
-			m, _ := filepath.Glob(filepath.Join(b.DebCache, p+"_*.deb"))
+			m := cached(p)
 			if len(m) == 0 {
 				return nil, fmt.Errorf("apt-get download left no .deb for %s in %s", p, b.DebCache)
 			}

@@ -88,13 +88,15 @@ type Cluster struct {
 	deployDir  string
 	uninstall  string
 
-	lock  *os.File
-	procs []*containerd.Proc // in start order
+	lock   *os.File
+	procs  []*containerd.Proc // in start order; a restart replaces its entry (faults.go)
+	starts map[string]int     // restarts per component, for their log names
 
 	// What Close must remove outside Dir.
 	createdDirs  []string          // created by this run; removed when empty
 	lease        *containerd.Lease // this run's claim on what test runtimes share
 	kernelBefore map[string]string // /proc/sys values the kubelet may change
+	staleIDs     []string          // sandbox and container ids from before a Shutdown
 }
 
 // Up starts the cluster. On error everything started is torn down.
@@ -105,7 +107,7 @@ func Up(ctx context.Context, cfg Config) (c *Cluster, err error) {
 	if !slices.Contains(CNIs, cfg.CNI) {
 		return nil, fmt.Errorf("local cluster: CNI %q: want one of %s", cfg.CNI, strings.Join(CNIs, ", "))
 	}
-	c = &Cluster{cfg: cfg, network: "mc-e2e-" + simnode.RandomSuffix()}
+	c = &Cluster{cfg: cfg, network: "mc-e2e-" + simnode.RandomSuffix(), starts: map[string]int{}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, c.Close())
@@ -754,6 +756,7 @@ func (c *Cluster) Close() error {
 		}
 	}
 	ids = append(ids, c.containerIDsOnDisk()...)
+	ids = append(ids, c.staleIDs...)
 	// Then the processes, newest first.
 	for i := len(c.procs) - 1; i >= 0; i-- {
 		if c.procs[i].Name == "kubelet" {

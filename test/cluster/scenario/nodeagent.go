@@ -227,7 +227,12 @@ func podEvents(ctx context.Context, env *Env) (string, error) {
 // unprotectedZero: at the end, after a repair scan that saw every pod, each node's
 // agent reports no unprotected pod and an open gate.
 func unprotectedZero(ctx context.Context, env *Env) (string, error) {
-	start := time.Now()
+	return waitUnprotectedZero(ctx, env, time.Now())
+}
+
+// waitUnprotectedZero waits on each node for a repair scan that started after since,
+// then wants metaconceal_unprotected_pods 0 and an open gate from the node agent.
+func waitUnprotectedZero(ctx context.Context, env *Env, since time.Time) (string, error) {
 	var details []string
 	for _, n := range env.Cluster.Nodes() {
 		var m map[string]float64
@@ -236,12 +241,13 @@ func unprotectedZero(ctx context.Context, env *Env) (string, error) {
 			if m, err = agentMetricValues(ctx, env, n); err != nil {
 				return err
 			}
-			if last := m["metaconceal_repair_last_scan_timestamp_seconds"]; last < float64(start.Unix()) {
-				return errf("node %s: no repair scan since %s yet", n, start.Format(time.RFC3339))
+			if last := m["metaconceal_repair_last_scan_timestamp_seconds"]; last < float64(since.Unix()) {
+				return errf("node %s: no repair scan since %s yet (metaconceal_repair_scan_errors_total %v)",
+					n, since.Format(time.RFC3339), m["metaconceal_repair_scan_errors_total"])
 			}
 			return nil
 		}); err != nil {
-			return "", err
+			return "", fmt.Errorf("%w; the agent's last scan error: %s", err, lastAgentLine(ctx, env, "repair scan incomplete"))
 		}
 		if v, ok := m["metaconceal_unprotected_pods"]; !ok || v != 0 {
 			return "", errf("node %s: metaconceal_unprotected_pods %v (present %v), want 0", n, v, ok)
@@ -256,6 +262,21 @@ func unprotectedZero(ctx context.Context, env *Env) (string, error) {
 }
 
 // --- helpers ---
+
+// lastAgentLine is the node agents' last log line holding substr ("none" when none).
+func lastAgentLine(ctx context.Context, env *Env, substr string) string {
+	out, err := kubectl(ctx, env, nil, "-n", deployNamespace, "logs", "-l", "app.kubernetes.io/name=metaconceal", "-c", "keep-entry", "--tail=300")
+	if err != nil {
+		return err.Error()
+	}
+	last := "none"
+	for _, l := range strings.Split(string(out), "\n") {
+		if strings.Contains(l, substr) {
+			last = strings.TrimSpace(l)
+		}
+	}
+	return last
+}
 
 type podInfo struct {
 	Metadata struct {

@@ -28,6 +28,12 @@ func List() []Scenario {
 		{Name: "guard-bypass-detected", Run: guardBypassDetected},
 		{Name: "alts-relay-scope", Run: altsRelayScope},
 		{Name: "rolling-update", Run: rollingUpdate, Timeout: 5 * time.Minute},
+		// faults.go (issue 18): fault drills, each ending with every workload pod
+		// concealed and no unprotected pod; the reboot last, since it restarts every pod.
+		{Name: "proxy-killed", Run: proxyKilled},
+		{Name: "kubelet-restart", Run: kubeletRestart, Timeout: 5 * time.Minute},
+		{Name: "containerd-restart", Run: containerdRestart, Timeout: 5 * time.Minute},
+		{Name: "node-reboot", Run: nodeReboot, Timeout: 8 * time.Minute},
 		{Name: "unprotected-zero", Run: unprotectedZero},
 		{Name: "uninstall", Run: uninstall, Timeout: 5 * time.Minute},
 	}
