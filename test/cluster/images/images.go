@@ -238,7 +238,12 @@ func debClosure(ctx context.Context, pkgs []string, arch string) ([]string, erro
 		if line == "" || line[0] == ' ' || line[0] == '<' {
 			continue
 		}
-		name, _, _ := strings.Cut(strings.TrimSpace(line), ":")
+		// Other architectures' packages (debianutils:arm64 in an amd64 closure, once a
+		// foreign architecture is enabled) are not this image's.
+		name, qual, _ := strings.Cut(strings.TrimSpace(line), ":")
+		if qual != "" && qual != arch {
+			continue
+		}
 		set[name] = true
 	}
 	var names []string
