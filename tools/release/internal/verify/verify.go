@@ -122,6 +122,10 @@ func checkImages(dir string, idxDigest v1.Hash, logf func(string, ...any)) (map[
 	if err != nil {
 		return nil, err
 	}
+	version, commit := im.Annotations["org.opencontainers.image.version"], im.Annotations["org.opencontainers.image.revision"]
+	if version == "" || len(commit) != 40 {
+		return nil, fmt.Errorf("image index %s names no version or commit (%q, %q)", idxDigest, version, commit)
+	}
 	out := map[string]platformImage{}
 	for _, d := range im.Manifests {
 		if d.Platform == nil || d.Platform.OS != "linux" {
@@ -142,7 +146,7 @@ func checkImages(dir string, idxDigest v1.Hash, logf func(string, ...any)) (map[
 		if cfg.OS != "linux" || cfg.Architecture != arch {
 			return nil, fmt.Errorf("image %s: config says %s/%s, index says linux/%s", d.Digest, cfg.OS, cfg.Architecture, arch)
 		}
-		bins, err := checkBinaries(img, arch)
+		bins, err := checkBinaries(img, arch, version, commit)
 		if err != nil {
 			return nil, fmt.Errorf("image linux/%s %s: %w", arch, d.Digest, err)
 		}
@@ -160,47 +164,24 @@ func checkImages(dir string, idxDigest v1.Hash, logf func(string, ...any)) (map[
 	return out, nil
 }
 
+// buildinfoPkg is the package whose version and commit the release build sets
+// (internal/buildinfo of the product module).
+const buildinfoPkg = "github.com/metaconceal/metaconceal/internal/buildinfo"
+
 var elfMachine = map[string]elf.Machine{"amd64": elf.EM_X86_64, "arm64": elf.EM_AARCH64}
 
 // checkBinaries reads /metaconceal/* from the image's layers and checks that each is
-// an ELF file for arch whose Go build information says GOARCH=arch.
-func checkBinaries(img v1.Image, arch string) (map[string]string, error) {
+// an ELF file for arch whose Go build information says GOARCH=arch, CGO_ENABLED=0, and
+// that the linker set the release's version and commit (what --version and
+// metaconceal_build_info report).
+func checkBinaries(img v1.Image, arch, version, commit string) (map[string]string, error) {
 	want, ok := elfMachine[arch]
 	if !ok {
 		return nil, fmt.Errorf("no ELF machine known for %s", arch)
 	}
-	layers, err := img.Layers()
+	files, err := readBinaries(img)
 	if err != nil {
 		return nil, err
-	}
-	files := map[string][]byte{}
-	for _, l := range layers {
-		rc, err := l.Uncompressed()
-		if err != nil {
-			return nil, err
-		}
-		tr := tar.NewReader(rc)
-		for {
-			h, err := tr.Next()
-			if err == io.EOF {
-				break
-			}
-			if err != nil {
-				rc.Close()
-				return nil, err
-			}
-			name := path.Clean(strings.TrimPrefix(h.Name, "/"))
-			if path.Dir(name) != image.BinDir || h.Typeflag != tar.TypeReg {
-				continue
-			}
-			data, err := io.ReadAll(tr)
-			if err != nil {
-				rc.Close()
-				return nil, err
-			}
-			files[path.Base(name)] = data
-		}
-		rc.Close()
 	}
 	sums := map[string]string{}
 	for _, b := range dist.Binaries {
@@ -225,6 +206,11 @@ func checkBinaries(img v1.Image, arch string) (map[string]string, error) {
 		}
 		if settings["GOARCH"] != arch || settings["CGO_ENABLED"] != "0" {
 			return nil, fmt.Errorf("/%s/%s: built with GOARCH=%q CGO_ENABLED=%q", image.BinDir, b, settings["GOARCH"], settings["CGO_ENABLED"])
+		}
+		for _, x := range []string{buildinfoPkg + ".version=" + version, buildinfoPkg + ".commit=" + commit} {
+			if !strings.Contains(settings["-ldflags"], "-X "+x) {
+				return nil, fmt.Errorf("/%s/%s: -ldflags %q do not set %s", image.BinDir, b, settings["-ldflags"], x)
+			}
 		}
 		sums[b] = fmt.Sprintf("%x", sha256Sum(data))
 	}
@@ -300,3 +286,42 @@ func checkProvenance(dir string, idx v1.Hash, manifests map[string]platformImage
 }
 
 func sha256Sum(b []byte) [32]byte { return sha256.Sum256(b) }
+
+// readBinaries returns the regular files directly under /metaconceal/ in the image's
+// layers, by name.
+func readBinaries(img v1.Image) (map[string][]byte, error) {
+	layers, err := img.Layers()
+	if err != nil {
+		return nil, err
+	}
+	files := map[string][]byte{}
+	for _, l := range layers {
+		rc, err := l.Uncompressed()
+		if err != nil {
+			return nil, err
+		}
+		tr := tar.NewReader(rc)
+		for {
+			h, err := tr.Next()
+			if err == io.EOF {
+				break
+			}
+			if err != nil {
+				rc.Close()
+				return nil, err
+			}
+			name := path.Clean(strings.TrimPrefix(h.Name, "/"))
+			if path.Dir(name) != image.BinDir || h.Typeflag != tar.TypeReg {
+				continue
+			}
+			data, err := io.ReadAll(tr)
+			if err != nil {
+				rc.Close()
+				return nil, err
+			}
+			files[path.Base(name)] = data
+		}
+		rc.Close()
+	}
+	return files, nil
+}

@@ -2,15 +2,18 @@ package verify
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"io/fs"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 
 	"github.com/metaconceal/metaconceal/tools/release/internal/checksums"
 	"github.com/metaconceal/metaconceal/tools/release/internal/cosign"
@@ -37,8 +40,8 @@ func releaseEnv(t *testing.T) env {
 	return e
 }
 
-// copyRelease copies a release directory, hard-linking every file (tamper replaces the
-// one it changes, so the original stays intact).
+// copyRelease copies a release directory; the large layout blobs are hard-linked
+// (flipByte replaces the file it changes, so the original stays intact).
 func copyRelease(t *testing.T, src string) string {
 	t.Helper()
 	dst := filepath.Join(t.TempDir(), "dist")
@@ -50,7 +53,14 @@ func copyRelease(t *testing.T, src string) string {
 		if d.IsDir() {
 			return os.MkdirAll(filepath.Join(dst, rel), 0o755)
 		}
-		return os.Link(p, filepath.Join(dst, rel))
+		if filepath.Dir(filepath.Dir(rel)) == filepath.Join(dist.OCI, "blobs") {
+			return os.Link(p, filepath.Join(dst, rel))
+		}
+		data, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		return os.WriteFile(filepath.Join(dst, rel), data, 0o644)
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -260,4 +270,59 @@ func TestExtraOrMissingFileFails(t *testing.T) {
 			}
 		})
 	}
+}
+
+// The amd64 binaries of the image run here: each reports the release's version, the
+// commit and the Go version it was built with (internal/buildinfo).
+func TestAmd64BinariesReportTheRelease(t *testing.T) {
+	e := releaseEnv(t)
+	lp, err := layout.FromPath(filepath.Join(e.dist, dist.OCI))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ii, err := lp.ImageIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	top, err := ii.ImageIndex(indexDigest(t, e.dist))
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := top.IndexManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	version, commit := im.Annotations["org.opencontainers.image.version"], im.Annotations["org.opencontainers.image.revision"]
+	img, err := top.Image(platformManifest(t, e.dist, "amd64"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := readBinaries(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	for _, b := range dist.Binaries {
+		p := filepath.Join(dir, b)
+		if err := os.WriteFile(p, files[b], 0o755); err != nil {
+			t.Fatal(err)
+		}
+		out, err := exec.Command(p, "--version").CombinedOutput()
+		if err != nil {
+			t.Fatalf("%s --version: %v: %s", b, err, out)
+		}
+		want := fmt.Sprintf("%s %s (commit %s, %s)", b, version, commit, runtime.Version())
+		if got := strings.TrimSpace(string(out)); got != want {
+			t.Errorf("%s --version = %q, want %q", b, got, want)
+		}
+	}
+}
+
+func indexDigest(t *testing.T, dir string) v1.Hash {
+	t.Helper()
+	d, err := release.IndexDigest(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
 }
