@@ -163,7 +163,8 @@ RELEASE_SEMVER  := ^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$$
 
 .PHONY: release verify-release test-release release-tools
 
-# cosign: a heavy build (about 4-10 minutes cold on 2 cores), once; rebuilt when the pin moves.
+# cosign: a heavy build, once (measured 2650 s cold at load average 20-28 on the 2 shared
+# cores; docs/release.md); rebuilt only when the pin (tools/release/go.sum) moves.
 $(COSIGN): tools/release/go.mod tools/release/go.sum
 	@mkdir -p $(BIN)/tools
 	cd tools/release && $(GO) build -trimpath -ldflags='-s -w' -o $(COSIGN) github.com/sigstore/cosign/v3/cmd/cosign
