@@ -139,6 +139,91 @@ cluster-e2e: deps-runtime
 kind-e2e: build cluster-image-tools
 	$(CLUSTER_BIN)/cluster-e2e --provider=kind $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
+# ==== Release (docs/release.md) =======================================================
+# make release VERSION=x.y.z [SIGNING_KEY=cosign.key]  (COSIGN_PASSWORD from the env)
+# make verify-release [PUBLIC_KEY=cosign.pub] [RELEASE_DIST=dist]
+# make test-release: a release with a throwaway key, verified, then tampered with.
+# cosign and the release writer (mcrelease) come from the separate tools module
+# tools/release (cosign pinned there); go-containerregistry builds the image, no Docker.
+RELEASE_DIST    ?= $(CURDIR)/dist
+RELEASE_WORK    := $(BIN)/release-work
+RELEASE_DEBS    := $(BIN)/cluster/debs
+RELEASE_ARCHES  := amd64 arm64
+RELEASE_PROGRAMS := metaconceal:./plugins/metaconceal \
+                    metaconceal-proxy:./cmd/metaconceal-proxy \
+                    metaconceal-install:./cmd/metaconceal-install
+SIGNING_KEY     ?= cosign.key
+PUBLIC_KEY      ?= cosign.pub
+COSIGN          := $(BIN)/tools/cosign
+MCRELEASE       := $(BIN)/tools/mcrelease
+# Integration point with the chart (charts/metaconceal, `make helm` -> bin/tools/helm):
+# when the chart directory exists, the release packages and signs it; until it is
+# merged, the release has no chart and says so.
+CHART_DIR       := charts/metaconceal
+HELM            ?= $(BIN)/tools/helm
+RELEASE_SEMVER  := ^[0-9]+\.[0-9]+\.[0-9]+(-[0-9A-Za-z.-]+)?$$
+
+.PHONY: release verify-release test-release release-tools
+
+# cosign: a heavy build, once (measured 2650 s cold at load average 20-28 on the 2 shared
+# cores; docs/release.md); rebuilt only when the pin (tools/release/go.sum) moves.
+$(COSIGN): tools/release/go.mod tools/release/go.sum
+	@mkdir -p $(BIN)/tools
+	cd tools/release && $(GO) build -trimpath -ldflags='-s -w' -o $(COSIGN) github.com/sigstore/cosign/v3/cmd/cosign
+
+release-tools: $(COSIGN)
+	cd tools/release && $(GO) build -trimpath -o $(MCRELEASE) ./cmd/mcrelease
+
+release: release-tools
+	@if [ "$(origin VERSION)" != "command line" ] && [ "$(origin VERSION)" != "environment" ]; then \
+		echo "release: say the version: make release VERSION=x.y.z"; exit 1; fi
+	@echo "$(VERSION)" | grep -Eq '$(RELEASE_SEMVER)' || { echo "release: VERSION=$(VERSION) is not x.y.z[-pre]"; exit 1; }
+	@test -f "$(SIGNING_KEY)" || { echo "release: SIGNING_KEY=$(SIGNING_KEY) not found (cosign generate-key-pair; docs/release.md)"; exit 1; }
+	@if [ -n "$$(git status --porcelain)" ] && [ "$(ALLOW_DIRTY)" != 1 ]; then \
+		echo "release: the work tree has changes; commit them (or ALLOW_DIRTY=1, recorded as dirty in the provenance)"; exit 1; fi
+	@test ! -e "$(RELEASE_DIST)" || { echo "release: $(RELEASE_DIST) exists; remove it first"; exit 1; }
+	@# Debian's packages of each architecture: a foreign one is added to dpkg once.
+	@for arch in $(RELEASE_ARCHES); do \
+		if [ "$$arch" != "$$(dpkg --print-architecture)" ] && ! dpkg --print-foreign-architectures | grep -qx "$$arch"; then \
+			echo "dpkg --add-architecture $$arch && apt-get update"; \
+			dpkg --add-architecture $$arch && apt-get update -qq || exit 1; \
+		fi; \
+	done
+	rm -rf $(RELEASE_WORK)
+	@for arch in $(RELEASE_ARCHES); do \
+		for p in $(RELEASE_PROGRAMS); do \
+			name=$${p%%:*}; pkg=$${p#*:}; \
+			echo "GOOS=linux GOARCH=$$arch go build -o $(RELEASE_WORK)/$$arch/bin/$$name $$pkg"; \
+			GOOS=linux GOARCH=$$arch $(GO) build $(GOFLAGS_BUILD) -o $(RELEASE_WORK)/$$arch/bin/$$name $$pkg || exit 1; \
+		done; \
+		$(GO) run ./test/cluster/cmd/product-rootfs --arch $$arch --root $(RELEASE_WORK)/$$arch/rootfs \
+			--packages $(RELEASE_WORK)/$$arch/packages.json --deb-cache $(RELEASE_DEBS) || exit 1; \
+	done
+	@chart=; \
+	if [ -d "$(CHART_DIR)" ]; then \
+		[ -x "$(HELM)" ] || $(MAKE) --no-print-directory helm || exit 1; \
+		$(HELM) package $(CHART_DIR) --version $(VERSION) --app-version $(VERSION) -d $(RELEASE_WORK)/chart || exit 1; \
+		chart=$$(ls $(RELEASE_WORK)/chart/*.tgz); \
+	else \
+		echo "release: no $(CHART_DIR) in this tree: the release has no chart"; \
+	fi; \
+	state=clean; [ -z "$$(git status --porcelain)" ] || state=dirty; \
+	$(MCRELEASE) build --version $(VERSION) --commit $(COMMIT) --tree-state $$state \
+		--command "make release VERSION=$(VERSION)" \
+		--source-date-epoch $$(git log -1 --format=%ct) --distro debian-$$(. /etc/os-release && echo $$VERSION_ID) \
+		--work $(RELEASE_WORK) --chart "$$chart" --out $(RELEASE_DIST)
+	$(MCRELEASE) sign --dist $(RELEASE_DIST) --key $(SIGNING_KEY) --cosign $(COSIGN)
+	@echo "release $(VERSION) in $(RELEASE_DIST) (make verify-release PUBLIC_KEY=... checks it)"
+
+verify-release: release-tools
+	$(MCRELEASE) verify --dist $(RELEASE_DIST) --key $(PUBLIC_KEY) --cosign $(COSIGN)
+
+# Not part of `make test` (cross builds, two Debian roots, cosign): .ci/run runs it and
+# prints its time.
+test-release: release-tools
+	bash tools/release/test-release.sh
+# ==== end of release ==================================================================
+
 image:
 	docker build --build-arg VERSION=$(VERSION) --build-arg COMMIT=$(COMMIT) -t metaconceal:dev -f conf/Dockerfile .
 

@@ -18,6 +18,7 @@ package images
 
 import (
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"os"
@@ -72,21 +73,18 @@ func (b *Builder) Build(ctx context.Context) (Archives, error) {
 			return a, fmt.Errorf("image input missing (run make build cluster-tools): %w", err)
 		}
 	}
-	closure, err := debClosure(ctx, ProductPackages)
+	arch, err := run(ctx, "dpkg", "--print-architecture")
 	if err != nil {
 		return a, err
 	}
-	debs, err := b.download(ctx, append(closure, "busybox-static"))
-	if err != nil {
-		return a, err
-	}
-
+	arch = strings.TrimSpace(arch)
 	// Production image.
 	root := filepath.Join(b.WorkDir, "rootfs-metaconceal")
-	if err := extract(ctx, root, debs, closure); err != nil {
+	if _, err := ProductRootfs(ctx, arch, root, b.DebCache, b.Log); err != nil {
 		return a, err
 	}
-	if err := postInstall(ctx, root); err != nil {
+	debs, err := download(ctx, b.DebCache, []string{"busybox-static"}, arch, b.Log)
+	if err != nil {
 		return a, err
 	}
 	for _, name := range ProductBinaries {
@@ -129,6 +127,72 @@ func (b *Builder) Build(ctx context.Context) (Archives, error) {
 	return a, nil
 }
 
+// DebPackage is one Debian package a root filesystem holds, as its .deb says.
+type DebPackage struct {
+	Name         string `json:"name"`
+	Version      string `json:"version"`
+	Architecture string `json:"architecture"`
+	Source       string `json:"source,omitempty"` // source package, when it differs from Name
+	Deb          string `json:"deb"`              // the .deb's file name
+	SHA256       string `json:"sha256"`           // the .deb's digest
+}
+
+// ProductRootfs writes into root (emptied first) the production image's Debian part
+// for one Debian architecture (amd64, arm64): ProductPackages with their dependency
+// closure, downloaded for arch into debCache and unpacked, plus what their maintainer
+// scripts would set up. The release (tools/release) and Build share it. It returns the
+// packages, sorted by name.
+func ProductRootfs(ctx context.Context, arch, root, debCache string, log io.Writer) ([]DebPackage, error) {
+	host, err := run(ctx, "dpkg", "--print-architecture")
+	if err != nil {
+		return nil, err
+	}
+	closure, err := debClosure(ctx, ProductPackages, arch)
+	if err != nil {
+		return nil, err
+	}
+	debs, err := download(ctx, filepath.Join(debCache, arch), closure, arch, log)
+	if err != nil {
+		return nil, err
+	}
+	if err := extract(ctx, root, debs, closure); err != nil {
+		return nil, err
+	}
+	if err := postInstall(ctx, root, arch != strings.TrimSpace(host)); err != nil {
+		return nil, err
+	}
+	pkgs := make([]DebPackage, 0, len(closure))
+	for _, name := range closure {
+		p, err := debInfo(ctx, debs[name])
+		if err != nil {
+			return nil, err
+		}
+		pkgs = append(pkgs, p)
+	}
+	return pkgs, nil
+}
+
+// debInfo reads a .deb's control fields and digest.
+func debInfo(ctx context.Context, deb string) (DebPackage, error) {
+	out, err := run(ctx, "dpkg-deb", "--showformat=${Package}\t${Version}\t${Architecture}\t${source:Package}\n", "--show", deb)
+	if err != nil {
+		return DebPackage{}, err
+	}
+	f := strings.Split(strings.TrimSpace(out), "\t")
+	if len(f) != 4 || f[0] == "" || f[1] == "" || f[2] == "" {
+		return DebPackage{}, fmt.Errorf("%s: unexpected control fields %q", deb, out)
+	}
+	data, err := os.ReadFile(deb)
+	if err != nil {
+		return DebPackage{}, err
+	}
+	p := DebPackage{Name: f[0], Version: f[1], Architecture: f[2], Deb: filepath.Base(deb), SHA256: fmt.Sprintf("%x", sha256.Sum256(data))}
+	if f[3] != f[0] {
+		p.Source = f[3]
+	}
+	return p, nil
+}
+
 func (b *Builder) binaries(names ...string) []string {
 	out := make([]string, len(names))
 	for i, n := range names {
@@ -146,17 +210,24 @@ func (b *Builder) write(ctx context.Context, root, out, ref, entrypoint string, 
 	return nil
 }
 
-// debClosure is the Depends/Pre-Depends closure of pkgs (no Recommends), as apt
-// resolves it on this Debian release; for an alternative (a | b) apt-cache lists every
-// choice, so the closure may hold a few packages the image does not strictly need.
-func debClosure(ctx context.Context, pkgs []string) ([]string, error) {
-	if _, err := run(ctx, "apt-cache", "show", pkgs[0]); err != nil {
+// debClosure is the Depends/Pre-Depends closure of pkgs (no Recommends) for the Debian
+// architecture arch, as apt resolves it on this Debian release; for an alternative
+// (a | b) apt-cache lists every choice, so the closure may hold a few packages the
+// image does not strictly need. For a foreign architecture (one added with
+// `dpkg --add-architecture`) apt-cache names packages <name>:<arch>; the closure holds
+// the bare names, which download fetches for arch (or as Architecture: all).
+func debClosure(ctx context.Context, pkgs []string, arch string) ([]string, error) {
+	query := make([]string, len(pkgs))
+	for i, p := range pkgs {
+		query[i] = p + ":" + arch
+	}
+	if _, err := run(ctx, "apt-cache", "show", query[0]); err != nil {
 		if _, err := run(ctx, "apt-get", "update", "-qq"); err != nil {
-			return nil, fmt.Errorf("no apt lists and apt-get update failed: %w", err)
+			return nil, fmt.Errorf("no apt lists for %s and apt-get update failed (a foreign architecture needs dpkg --add-architecture %s first): %w", arch, arch, err)
 		}
 	}
 	args := append([]string{"depends", "--recurse", "--no-recommends", "--no-suggests", "--no-conflicts",
-		"--no-breaks", "--no-replaces", "--no-enhances"}, pkgs...)
+		"--no-breaks", "--no-replaces", "--no-enhances"}, query...)
 	out, err := run(ctx, "apt-cache", args...)
 	if err != nil {
 		return nil, err
@@ -164,12 +235,16 @@ func debClosure(ctx context.Context, pkgs []string) ([]string, error) {
 	set := map[string]bool{}
 	for _, line := range strings.Split(out, "\n") {
 		// Package names start a line; dependency lines are indented; virtual ones are <name>.
-		// A machine with a foreign architecture (dpkg --add-architecture) also lists
-		// each package as name:arch: the image is the native architecture's only.
-		if line == "" || line[0] == ' ' || line[0] == '<' || strings.Contains(line, ":") {
+		if line == "" || line[0] == ' ' || line[0] == '<' {
 			continue
 		}
-		set[strings.TrimSpace(line)] = true
+		// Other architectures' packages (debianutils:arm64 in an amd64 closure, once a
+		// foreign architecture is enabled) are not this image's.
+		name, qual, _ := strings.Cut(strings.TrimSpace(line), ":")
+		if qual != "" && qual != arch {
+			continue
+		}
+		set[name] = true
 	}
 	var names []string
 	for n := range set {
@@ -182,51 +257,81 @@ func debClosure(ctx context.Context, pkgs []string) ([]string, error) {
 	return names, nil
 }
 
-// download fetches each package's .deb into the cache (once) and returns name -> file.
-func (b *Builder) download(ctx context.Context, pkgs []string) (map[string]string, error) {
-	if err := os.MkdirAll(b.DebCache, 0o755); err != nil {
+// download fetches each package's .deb for arch into the cache (once) and returns
+// name -> file. A package whose candidate is Architecture: all is fetched as such.
+func download(ctx context.Context, cache string, pkgs []string, arch string, log io.Writer) (map[string]string, error) {
+	if err := os.MkdirAll(cache, 0o755); err != nil {
 		return nil, err
 	}
-	arch, err := run(ctx, "dpkg", "--print-architecture")
-	if err != nil {
-		return nil, err
-	}
-	arch = strings.TrimSpace(arch)
-	// The native architecture's .deb or an arch-independent one, never a foreign one.
-	cached := func(p string) []string {
+	cached := func(p string) string {
 		var m []string
 		for _, a := range []string{arch, "all"} {
-			found, _ := filepath.Glob(filepath.Join(b.DebCache, p+"_*_"+a+".deb"))
-			m = append(m, found...)
+			g, _ := filepath.Glob(filepath.Join(cache, p+"_*_"+a+".deb"))
+			m = append(m, g...)
+		}
+		if len(m) == 0 {
+			return ""
 		}
 		sort.Strings(m)
-		return m
+		return m[len(m)-1]
 	}
 	debs := map[string]string{}
 	var missing []string
 	for _, p := range pkgs {
-		if m := cached(p); len(m) > 0 {
-			debs[p] = m[len(m)-1]
+		if f := cached(p); f != "" {
+			debs[p] = f
 		} else {
 			missing = append(missing, p)
 		}
 	}
-	if len(missing) > 0 {
-		fmt.Fprintf(b.Log, "    apt-get download %d packages into %s\n", len(missing), b.DebCache)
-		cmd := exec.CommandContext(ctx, "apt-get", append([]string{"download", "-qq"}, missing...)...)
-		cmd.Dir = b.DebCache
-		if out, err := cmd.CombinedOutput(); err != nil {
-			return nil, fmt.Errorf("apt-get download %s: %w: %s", strings.Join(missing, " "), err, out)
-		}
-		for _, p := range missing {
-			m := cached(p)
-			if len(m) == 0 {
-				return nil, fmt.Errorf("apt-get download left no .deb for %s in %s", p, b.DebCache)
-			}
-			debs[p] = m[0]
+	if len(missing) == 0 {
+		return debs, nil
+	}
+	archAll, err := archAllPackages(ctx, missing)
+	if err != nil {
+		return nil, err
+	}
+	args := []string{"download", "-qq"}
+	for _, p := range missing {
+		if archAll[p] {
+			args = append(args, p)
+		} else {
+			args = append(args, p+":"+arch)
 		}
 	}
+	fmt.Fprintf(log, "    apt-get download %d packages (%s) into %s\n", len(missing), arch, cache)
+	cmd := exec.CommandContext(ctx, "apt-get", args...)
+	cmd.Dir = cache
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return nil, fmt.Errorf("apt-get %s: %w: %s", strings.Join(args, " "), err, out)
+	}
+	for _, p := range missing {
+		f := cached(p)
+		if f == "" {
+			return nil, fmt.Errorf("apt-get download left no .deb for %s (%s) in %s", p, arch, cache)
+		}
+		debs[p] = f
+	}
 	return debs, nil
+}
+
+// archAllPackages says which of pkgs have an Architecture: all candidate.
+func archAllPackages(ctx context.Context, pkgs []string) (map[string]bool, error) {
+	out, err := run(ctx, "apt-cache", append([]string{"show", "--no-all-versions"}, pkgs...)...)
+	if err != nil {
+		return nil, err
+	}
+	all := map[string]bool{}
+	var name string
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, "Package: "); ok {
+			name = strings.TrimSpace(v)
+		}
+		if v, ok := strings.CutPrefix(line, "Architecture: "); ok && strings.TrimSpace(v) == "all" {
+			all[name] = true
+		}
+	}
+	return all, nil
 }
 
 func extract(ctx context.Context, root string, debs map[string]string, pkgs []string) error {
@@ -255,8 +360,11 @@ func extract(ctx context.Context, root string, debs map[string]string, pkgs []st
 
 // postInstall does what the packages' maintainer scripts would: iptables' postinst
 // registers alternatives (iptables -> iptables-nft, Debian 12's default), and
-// libc-bin's trigger builds the linker cache.
-func postInstall(ctx context.Context, root string) error {
+// libc-bin's trigger builds the linker cache. This machine's ldconfig reads only
+// libraries of its own architecture, so a foreign-architecture root gets no cache: its
+// libraries are all in the multiarch directories that Debian's dynamic linker searches
+// without one (/lib/<triplet>, /usr/lib/<triplet>: `ld.so --help` lists them).
+func postInstall(ctx context.Context, root string, foreign bool) error {
 	for _, name := range []string{"iptables", "iptables-restore", "iptables-save", "ip6tables", "ip6tables-restore", "ip6tables-save"} {
 		nft := strings.Replace(name, "tables", "tables-nft", 1)
 		if _, err := os.Stat(filepath.Join(root, "usr/sbin", nft)); err != nil {
@@ -276,6 +384,9 @@ func postInstall(ctx context.Context, root string) error {
 	conf := filepath.Join(root, "etc/ld.so.conf")
 	if err := os.WriteFile(conf, []byte("include /etc/ld.so.conf.d/*.conf\n"), 0o644); err != nil {
 		return err
+	}
+	if foreign {
+		return nil
 	}
 	if _, err := run(ctx, "ldconfig", "-r", root); err != nil {
 		return err
