@@ -75,13 +75,26 @@ func churnInNode(b *benchNode, self string, vict *benchPod, fc floodConfig) erro
 		seen          = map[int]int{} // exposed pods' rules sampled once a second -> samples
 		present       = make([]bool, len(pods))
 		ratios        []string
+		cpuIdle       [2]float64 // proxy, its children (iptables-restore): ticks
+		cpuChurn      [2]float64
+		idleTime      time.Duration
+		churnMeasured time.Duration
 	)
+	pid := b.mc.cmd.Process.Pid
+	cpu := func() [2]float64 {
+		u, s, c := cpuTicksAll(pid)
+		return [2]float64{float64(u + s), float64(c)}
+	}
 	interval := time.Second / time.Duration(2*fc.churnRate)
 	for round := range churnRounds {
+		c0, t0 := cpu(), time.Now()
 		r, err := runVictim(self, vict, fc.victimRPS, fc.duration)
 		if err != nil {
 			return fmt.Errorf("victim, idle (round %d): %w", round+1, err)
 		}
+		c1 := cpu()
+		idleTime += time.Since(t0)
+		cpuIdle[0], cpuIdle[1] = cpuIdle[0]+c1[0]-c0[0], cpuIdle[1]+c1[1]-c0[1]
 		idle.merge(r)
 		ri99 := r.percentile(99)
 
@@ -136,9 +149,13 @@ func churnInNode(b *benchNode, self string, vict *benchPod, fc floodConfig) erro
 				}
 			}
 		}()
-		t0 := time.Now()
+		t0 = time.Now()
 		time.Sleep(time.Second) // let the churn run before measuring
+		c0, t1 := cpu(), time.Now()
 		r, verr := runVictim(self, vict, fc.victimRPS, fc.duration)
+		c1 = cpu()
+		churnMeasured += time.Since(t1)
+		cpuChurn[0], cpuChurn[1] = cpuChurn[0]+c1[0]-c0[0], cpuChurn[1]+c1[1]-c0[1]
 		close(stop)
 		wg.Wait()
 		churnTime += time.Since(t0)
@@ -171,6 +188,9 @@ func churnInNode(b *benchNode, self string, vict *benchPod, fc floodConfig) erro
 	fmt.Printf("  victim idle:        %d answers, %d not 200, p50 %s p99 %s\n", idle.requests, idle.errors, fmtDur(ip50), fmtDur(ip99))
 	fmt.Printf("  victim under churn: %d answers, %d not 200, p50 %s p99 %s  (p99 %.2fx idle; must be <= 2x)\n",
 		churned.requests, churned.errors, fmtDur(cp50), fmtDur(cp99), float64(cp99)/float64(ip99))
+	share := func(ticks float64, d time.Duration) float64 { return 100 * ticks / clockTicks / d.Seconds() }
+	fmt.Printf("  proxy CPU, idle phases: %.0f%% of one core, its iptables-restore children %.0f%%; churned phases: %.0f%%, children %.0f%%\n",
+		share(cpuIdle[0], idleTime), share(cpuIdle[1], idleTime), share(cpuChurn[0], churnMeasured), share(cpuChurn[1], churnMeasured))
 	fmt.Printf("  per round (churned p99 / idle p99 of the phase before): %s\n", strings.Join(ratios, ", "))
 	return nil
 }

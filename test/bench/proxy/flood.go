@@ -478,17 +478,26 @@ const clockTicks = 100
 
 // cpuTicks is the process's user and system CPU time in clock ticks.
 func cpuTicks(pid int) (int64, int64) {
+	u, s, _ := cpuTicksAll(pid)
+	return u, s
+}
+
+// cpuTicksAll is the process's user and system CPU time and its waited-for children's
+// (user plus system), in clock ticks.
+func cpuTicksAll(pid int) (int64, int64, int64) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, 0
+		return 0, 0, 0
 	}
 	// Fields after the command (which may hold spaces) start after the last ')'.
 	rest := string(data[strings.LastIndexByte(string(data), ')')+2:])
 	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0, 0
+	if len(f) < 15 {
+		return 0, 0, 0
 	}
 	utime, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return utime, stime
+	cutime, _ := strconv.ParseInt(f[13], 10, 64)
+	cstime, _ := strconv.ParseInt(f[14], 10, 64)
+	return utime, stime, cutime + cstime
 }
