@@ -237,7 +237,7 @@ func burst(addr, path string, n int) (*result, error) {
 	for i := range clients {
 		// 127.0.0.0/8 is all on lo: client i is "pod" 127.1.x.y.
 		c := &client{addr: addr, req: req, src: fmt.Sprintf("127.1.%d.%d", i>>8, i&0xff+1)}
-		if err := c.dial(); err != nil {
+		if err := c.connect(); err != nil {
 			return nil, fmt.Errorf("dial %d from %s: %w", i, c.src, err)
 		}
 		clients[i] = c

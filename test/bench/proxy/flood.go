@@ -11,11 +11,12 @@ package main
 // its own (this binary re-executed with `ip netns exec`). Nothing touches the
 // machine's own netns.
 //
-// The worst-case fill that follows stays on loopback (worstCaseOnLoopback): one
-// proxy with --host-guard=false, 110 loopback source addresses.
+// The same node then serves the exposed-pod churn (churn.go) and the worst-case fill
+// (worstCaseInNode): every pod is attested by the host guard, as on a node.
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -23,7 +24,6 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -31,6 +31,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
 	"github.com/metaconceal/metaconceal/pkg/proxy"
 )
 
@@ -54,6 +55,8 @@ type floodConfig struct {
 	victimRPS int           // the victim's paced request rate
 	nice      int           // the flooder's nice level: a pod's CPU is its cgroup's share, not the node's
 	worstPods int           // pods of the worst-case fill (0 skips it)
+	churnRate int           // exposed pods' records added (and as many deleted) per second in the churn section (0 skips it)
+	churnPods int           // exposed pods whose records the churn adds and deletes
 }
 
 // floodStats is what the flooder reports (JSON on stdout).
@@ -63,18 +66,6 @@ type floodStats struct {
 	ConnErrors    int64            `json:"connErrors"`
 	PollsHeldPeak int64            `json:"pollsHeldPeak"`
 	FirstError    string           `json:"firstError,omitempty"`
-}
-
-// runFlood is the flood section of `make bench-proxy`: the flood in a simulated node,
-// then the worst-case fill on loopback.
-func runFlood(bin string, self string, fc floodConfig) error {
-	if err := floodInNode(bin, self, fc); err != nil {
-		return err
-	}
-	if fc.worstPods > 0 {
-		return worstCaseOnLoopback(bin, fc.worstPods)
-	}
-	return nil
 }
 
 // printFlood prints the flood's figures.
@@ -107,40 +98,11 @@ type proxyUsage struct {
 	user, sys           float64 // share of one core
 }
 
-// worstCaseOnLoopback starts the fake upstream and a proxy with its default limits on
-// loopback (--host-guard=false: the machine's own netns) and fills it (worstCase).
-func worstCaseOnLoopback(bin string, pods int) error {
-	var upAddr, mcAddr, mcMetrics string
-	var err error
-	for _, a := range []*string{&upAddr, &mcAddr, &mcMetrics} {
-		if *a, err = freeAddr(); err != nil {
-			return err
-		}
-	}
-	upstream, err := start("fake-gce-metadata", upAddr, filepath.Join(bin, "fake-gce-metadata"), "--listen", upAddr)
-	if err != nil {
-		return err
-	}
-	defer upstream.stop()
-	stateDir, err := os.MkdirTemp("", "bench-proxy-worst-state-")
-	if err != nil {
-		return err
-	}
-	defer os.RemoveAll(stateDir)
-	mc, err := start("metaconceal-proxy (default limits)", mcAddr, filepath.Join(bin, "metaconceal-proxy"),
-		"--listen", mcAddr, "--upstream", "http://"+upAddr, "--metrics-listen", mcMetrics,
-		"--state-dir", stateDir, "--log-format", "text", "--log-level", "error",
-		// The machine's own netns: never install the host guard here; no ALTS relay.
-		"--host-guard=false", "--alts-listen=")
-	if err != nil {
-		return err
-	}
-	defer mc.stop()
-	etag, err := etagFrom(mc.addr, "", victimPath)
-	if err != nil {
-		return err
-	}
-	return worstCase(mc, mcMetrics, pods, etag)
+// etagIn is the victim path's current ETag, asked from inside the pod netns at nsPath.
+func etagIn(nsPath, path string) (string, error) {
+	c := &client{addr: podTarget, req: request(path), dial: simnode.DialContextIn(nsPath)}
+	defer c.close()
+	return currentETag(c)
 }
 
 // victim sends GETs from the victim pod's address at rps over 4 keep-alive
@@ -193,12 +155,6 @@ func victim(addr, src string, rps int, d time.Duration) (*result, error) {
 	return total, nil
 }
 
-func etagFrom(addr, src, path string) (string, error) {
-	c := &client{addr: addr, req: request(path), src: src}
-	defer c.close()
-	return currentETag(c)
-}
-
 func openFDs(pid int) int {
 	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	if err != nil {
@@ -206,8 +162,6 @@ func openFDs(pid int) int {
 	}
 	return len(ents)
 }
-
-func scrapeAll(addr, name string) string { return scrapeAllWith(http.DefaultClient, addr, name) }
 
 // scrapeAllWith is scrapeAll through c (a client whose connections are made in the
 // node netns, for the proxy in the simulated node).
@@ -372,56 +326,96 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
 	}
 }
 
-// worstCase fills the proxy as far as its default limits let every pod go at once:
-// pods source addresses (127.0.1.1, ...; no state records, so each is its own
-// client by IP), each opening its connection cap, half of them holding distinct long
-// polls (up to the pod's long poll cap) and half idle after one request. It reports
-// what the proxy holds then: resident memory, descriptors, long polls, refusals.
-func worstCase(mc *process, metricsAddr string, pods int, etag string) error {
+// worstCaseInNode fills the proxy as far as its default limits let every pod go at
+// once: pods attested pods join the node (netns on the bridge, state records), and
+// each, from inside its own netns, opens its connection cap, half of them holding
+// distinct long polls (up to the pod's long poll cap) and half idle after one request.
+// It reports what the proxy holds then: resident memory, descriptors, long polls,
+// refusals.
+func worstCaseInNode(b *benchNode, pods int) error {
+	if pods > 240 {
+		return fmt.Errorf("--worst-case-pods %d: at most 240 fit the node's /24", pods)
+	}
 	l := defaultLimits()
+	before, err := b.attestedRules()
+	if err != nil {
+		return err
+	}
+	var ps []*benchPod
+	t0 := time.Now()
+	for i := range pods {
+		p := &benchPod{ns: "worst", name: fmt.Sprintf("pod%03d", i), id: fmt.Sprintf("worst%06d", i),
+			ip: fmt.Sprintf("10.89.0.%d", 10+i), hostIf: fmt.Sprintf("mcbw%03d", i)}
+		if err := b.addPod(p, ""); err != nil {
+			return err
+		}
+		ps = append(ps, p)
+	}
+	if err := b.waitAttested(before + pods); err != nil {
+		return err
+	}
+	attest0, err := b.attestCounters()
+	if err != nil {
+		return err
+	}
+	loadavg, _ := os.ReadFile("/proc/loadavg")
 	fmt.Printf("\nworst case: %d pods at once, each at its caps (%d connections: %d distinct long polls held, the rest idle after one request)\n",
 		pods, l.podConns, l.podPolls)
+	fmt.Printf("  %d attested pods on bridge %s of the simulated node (netns, state records; ready and attested in %s), each dialing from its own netns; load average before: %s",
+		pods, nodeBridge, time.Since(t0).Round(100*time.Millisecond), loadavg)
+	etag, err := etagIn(ps[0].netnsPath, victimPath)
+	if err != nil {
+		return fmt.Errorf("ETag from pod %s: %w", ps[0].name, err)
+	}
 	var (
 		mu       sync.Mutex
 		conns    []net.Conn
 		statuses = map[int]int{}
 		failed   int
+		firstErr error
 		wg       sync.WaitGroup
 	)
+	fail := func(err error) {
+		mu.Lock()
+		failed++
+		if firstErr == nil {
+			firstErr = err
+		}
+		mu.Unlock()
+	}
 	sem := make(chan struct{}, 256)
 	start := time.Now()
-	for p := range pods {
-		src := fmt.Sprintf("127.0.%d.%d", 1+p/250, 1+p%250)
+	for pi, p := range ps {
+		dial := simnode.DialContextIn(p.netnsPath) // each socket made in the pod's netns
 		for i := range l.podConns {
 			wg.Add(1)
 			sem <- struct{}{}
 			go func() {
 				defer wg.Done()
 				defer func() { <-sem }()
-				d := net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}, Timeout: 10 * time.Second}
-				conn, err := d.Dial("tcp", mc.addr)
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				conn, err := dial(ctx, "tcp", podTarget)
+				cancel()
 				if err != nil {
-					mu.Lock()
-					failed++
-					mu.Unlock()
+					fail(err)
 					return
 				}
 				mu.Lock()
 				conns = append(conns, conn)
 				mu.Unlock()
 				if i < l.podPolls {
-					_, _ = conn.Write(request(fmt.Sprintf("%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", victimPath, etag, 60+(p*l.podPolls+i)%3541)))
+					_, _ = conn.Write(request(fmt.Sprintf("%s?wait_for_change=true&last_etag=%s&timeout_sec=%d", victimPath, etag, 60+(pi*l.podPolls+i)%3541)))
 					return // held (timeout_sec 60..3600, distinct): answered after this measurement
 				}
 				_, _ = conn.Write(request(victimPath))
 				_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 				status, err := readResponse(bufio.NewReader(conn))
-				mu.Lock()
 				if err != nil {
-					failed++
-				} else {
-					statuses[status]++
+					fail(err)
+					return
 				}
+				mu.Lock()
+				statuses[status]++
 				mu.Unlock()
 			}()
 		}
@@ -429,16 +423,29 @@ func worstCase(mc *process, metricsAddr string, pods int, etag string) error {
 	wg.Wait()
 	opened := time.Since(start)
 	time.Sleep(2 * time.Second) // let the proxy settle on what it holds
+	mc, metrics := b.mc, b.metrics
 	rss := currentRSS(mc.cmd.Process.Pid)
 	peak, _ := mc.peakRSS()
 	fds := openFDs(mc.cmd.Process.Pid)
-	fmt.Printf("  opened %d connections in %s (%d failed); idle connections' answers: %v\n", len(conns), opened.Round(time.Millisecond), failed, statuses)
+	attest1, err := b.attestCounters()
+	if err != nil {
+		return err
+	}
+	var attested int64
+	for _, p := range ps {
+		attested += attest1[p.ip] - attest0[p.ip]
+	}
+	fmt.Printf("  opened %d connections in %s (%d failed); idle connections' answers: %v; %d new connections attested by the kernel (nat METACONCEAL-ATTEST counters)\n",
+		len(conns), opened.Round(time.Millisecond), failed, statuses, attested)
+	if firstErr != nil {
+		fmt.Printf("  first failure: %v\n", firstErr)
+	}
 	fmt.Printf("  proxy holds: %s client long polls on %s upstream long polls; %s client connections\n",
-		scrapeGauge(metricsAddr, "metaconceal_proxy_long_polls_open"), scrapeGauge(metricsAddr, "metaconceal_proxy_upstream_long_polls_open"),
-		scrapeGauge(metricsAddr, "metaconceal_proxy_client_connections_open"))
+		scrapeGaugeWith(metrics, nodeMetrics, "metaconceal_proxy_long_polls_open"), scrapeGaugeWith(metrics, nodeMetrics, "metaconceal_proxy_upstream_long_polls_open"),
+		scrapeGaugeWith(metrics, nodeMetrics, "metaconceal_proxy_client_connections_open"))
 	fmt.Printf("  proxy: RSS %.1f MiB now, peak %.1f MiB (DaemonSet limit %d MiB); %d open descriptors (limit %d)\n",
 		float64(rss)/1024, float64(peak)/1024, daemonSetMemoryLimitMiB, fds, daemonSetNoFile)
-	fmt.Printf("  proxy metric %s\n", scrapeAll(metricsAddr, "metaconceal_proxy_refused_requests_total"))
+	fmt.Printf("  proxy metric %s\n", scrapeAllWith(metrics, nodeMetrics, "metaconceal_proxy_refused_requests_total"))
 	for _, c := range conns {
 		c.Close()
 	}
@@ -471,17 +478,26 @@ const clockTicks = 100
 
 // cpuTicks is the process's user and system CPU time in clock ticks.
 func cpuTicks(pid int) (int64, int64) {
+	u, s, _ := cpuTicksAll(pid)
+	return u, s
+}
+
+// cpuTicksAll is the process's user and system CPU time and its waited-for children's
+// (user plus system), in clock ticks.
+func cpuTicksAll(pid int) (int64, int64, int64) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
-		return 0, 0
+		return 0, 0, 0
 	}
 	// Fields after the command (which may hold spaces) start after the last ')'.
 	rest := string(data[strings.LastIndexByte(string(data), ')')+2:])
 	f := strings.Fields(rest)
-	if len(f) < 13 {
-		return 0, 0
+	if len(f) < 15 {
+		return 0, 0, 0
 	}
 	utime, _ := strconv.ParseInt(f[11], 10, 64)
 	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return utime, stime
+	cutime, _ := strconv.ParseInt(f[13], 10, 64)
+	cstime, _ := strconv.ParseInt(f[14], 10, 64)
+	return utime, stime, cutime + cstime
 }

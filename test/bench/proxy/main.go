@@ -1,10 +1,12 @@
 // Command proxy is `make bench-proxy`: throughput and latency of metaconceal-proxy
 // against the fake upstream directly and a bare httputil.ReverseProxy (limits off: one
 // loopback client stands in for many pods), then 10,000 concurrent long polls held to
-// their timeout; then, with the default limits on, one pod flooding while another
-// measures its latency, and every pod of a full node at its caps at once (flood.go).
+// their timeout; then, in a simulated node with the default limits and the host guard
+// on (node.go), one attested pod flooding while another measures its latency, the
+// same measure while exposed pods' records come and go (churn.go), and every pod of a
+// full node at its caps at once (flood.go). --node-only runs only those.
 //
-// Everything runs on 127.0.0.1 in separate processes: bin/fake-gce-metadata (the
+// Apart from the simulated node, everything runs on 127.0.0.1 in separate processes: bin/fake-gce-metadata (the
 // upstream), this binary re-executed as "bare-proxy" (the floor any Go proxy starts
 // from), bin/metaconceal-proxy, and this process as the load generator. Its client
 // is a minimal HTTP/1.1 keep-alive loop, so that the generator takes as little of the
@@ -109,6 +111,7 @@ type benchConfig struct {
 	polls       int
 	pollTimeout int
 	flood       floodConfig
+	nodeOnly    bool
 }
 
 func run(args []string) int {
@@ -123,7 +126,10 @@ func run(args []string) int {
 	fs.IntVar(&cfg.flood.hammers, "flood-hammers", 64, "the flooding pod's back-to-back request loops")
 	fs.DurationVar(&cfg.flood.duration, "flood-phase", 8*time.Second, "each measured phase of the flood bench (idle, then under the flood)")
 	fs.IntVar(&cfg.flood.victimRPS, "victim-rps", 80, "the measuring pod's request rate (under the default --pod-rate)")
-	fs.IntVar(&cfg.flood.worstPods, "worst-case-pods", 110, "pods (distinct loopback addresses) that fill the proxy at once, each at its default caps, after the flood (GKE's default maximum pods per node; 0 skips)")
+	fs.IntVar(&cfg.flood.worstPods, "worst-case-pods", 110, "attested pods of the simulated node that fill the proxy at once, each at its default caps, after the flood (GKE's default maximum pods per node; 0 skips)")
+	fs.IntVar(&cfg.flood.churnRate, "churn-rate", 20, "exposed pods' state records added (and as many deleted) per second while a concealed pod measures its latency, in the simulated node (0 skips)")
+	fs.IntVar(&cfg.flood.churnPods, "churn-pods", 4, "exposed pods whose state records the churn adds and deletes")
+	fs.BoolVar(&cfg.nodeOnly, "node-only", false, "run only the simulated node's sections (flood, exposed-pod churn, worst case)")
 	fs.IntVar(&cfg.flood.nice, "flood-nice", 19, "nice level of the flooding pod's process (a pod's CPU is bounded by its cgroup's share; 0 lets it compete with the proxy as an equal)")
 	if err := fs.Parse(args); err != nil {
 		return 2
@@ -216,6 +222,9 @@ func bench(cfg benchConfig) error {
 	self, err := os.Executable()
 	if err != nil {
 		return err
+	}
+	if cfg.nodeOnly {
+		return runNodeSections(bin, self, cfg.flood) // node.go
 	}
 	var upAddr, bareAddr, mcAddr, mcMetrics string
 	for _, a := range []*string{&upAddr, &bareAddr, &mcAddr, &mcMetrics} {
@@ -317,12 +326,12 @@ func bench(cfg benchConfig) error {
 			return err
 		}
 	}
-	if cfg.flood.polls > 0 {
+	if cfg.flood.polls > 0 || cfg.flood.churnRate > 0 || cfg.flood.worstPods > 0 {
 		mc.stop()
 		bare.stop()
 		upstream.stop()
-		if err := runFlood(bin, self, cfg.flood); err != nil {
-			return fmt.Errorf("flood: %w", err)
+		if err := runNodeSections(bin, self, cfg.flood); err != nil { // node.go
+			return err
 		}
 	}
 	return nil
@@ -379,12 +388,25 @@ func (r *result) percentile(p float64) time.Duration {
 type client struct {
 	addr string
 	src  string // source address on lo, "" for any
+	// dial, when set, makes the connection (simnode.DialContextIn: inside a netns).
+	dial func(ctx context.Context, network, address string) (net.Conn, error)
 	conn net.Conn
 	br   *bufio.Reader
 	req  []byte
 }
 
-func (c *client) dial() error {
+func (c *client) connect() error {
+	if c.dial != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn, err := c.dial(ctx, "tcp", c.addr)
+		if err != nil {
+			return err
+		}
+		c.conn = conn
+		c.br = bufio.NewReaderSize(conn, 4096)
+		return nil
+	}
 	d := net.Dialer{Timeout: 5 * time.Second}
 	if c.src != "" {
 		d.LocalAddr = &net.TCPAddr{IP: net.ParseIP(c.src)}
@@ -408,7 +430,7 @@ func (c *client) close() {
 // do sends the request and reads one response; it returns the status code.
 func (c *client) do() (int, error) {
 	if c.conn == nil {
-		if err := c.dial(); err != nil {
+		if err := c.connect(); err != nil {
 			return 0, err
 		}
 	}
@@ -492,7 +514,7 @@ func loadEach(addr string, pathOf func(int) string, conns int, d time.Duration) 
 	clients := make([]*client, conns)
 	for i := range clients {
 		clients[i] = &client{addr: addr, req: request(pathOf(i))}
-		if err := clients[i].dial(); err != nil {
+		if err := clients[i].connect(); err != nil {
 			dialErr = err
 			break
 		}
@@ -610,7 +632,7 @@ func longPolls(mc *process, metricsAddr string, n, timeoutSec int) error {
 }
 
 func currentETag(c *client) (string, error) {
-	if err := c.dial(); err != nil {
+	if err := c.connect(); err != nil {
 		return "", err
 	}
 	if _, err := c.conn.Write(c.req); err != nil {
@@ -629,11 +651,15 @@ func currentETag(c *client) (string, error) {
 	return etag, nil
 }
 
-func scrapeGauge(addr, name string) string {
+func scrapeGauge(addr, name string) string { return scrapeGaugeWith(http.DefaultClient, addr, name) }
+
+// scrapeGaugeWith is scrapeGauge through c (for the proxy in the simulated node: a
+// client whose connections are made in the node netns).
+func scrapeGaugeWith(c *http.Client, addr, name string) string {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	req, _ := http.NewRequestWithContext(ctx, "GET", "http://"+addr+"/metrics", nil)
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
 		return "?"
 	}

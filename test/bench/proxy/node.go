@@ -1,10 +1,13 @@
 package main
 
-// The flood bench's simulated node: a node netns (internal/testlib/simnode) with the
+// The node sections' simulated node: a node netns (internal/testlib/simnode) with the
 // fake metadata server on 169.254.169.254:80 and metaconceal-proxy as on a node
-// (defaults, host guard on), a bridge with two pod netns on veths, and the flooder and
-// the victim running in them as processes of their own. Everything is removed when
-// the bench ends, fails or is interrupted.
+// (defaults, host guard on), a bridge with pod netns on veths, each pod named by a
+// state record with its host interface, so that the guard attests it (the nat
+// METACONCEAL-ATTEST chain: its address on its bridge port is DNATed to the attested
+// port). The flood (flooder and victim, processes of their own in their netns), the
+// exposed-pod churn (churn.go) and the worst-case fill (flood.go) run in it one after
+// the other. Everything is removed when the bench ends, fails or is interrupted.
 
 import (
 	"context"
@@ -13,6 +16,7 @@ import (
 	"flag"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -75,10 +79,103 @@ type benchPod struct {
 	netns, netnsPath         string
 }
 
-// floodInNode runs the flood in a simulated node.
-func floodInNode(bin, self string, fc floodConfig) (err error) {
+// benchNode is the simulated node the node sections run in.
+type benchNode struct {
+	node     *simnode.Node
+	td       *teardown
+	stateDir string
+	mc       *process
+	metrics  *http.Client // connections made in the node netns
+}
+
+// addPod creates the pod's netns on the node's bridge and, unless exposedReason is
+// "-", writes its state record as the CNI plugin's ADD does (exposedReason "" is a
+// concealed pod).
+func (b *benchNode) addPod(p *benchPod, exposedReason string) error {
+	var err error
+	if p.netns, p.netnsPath, err = b.node.AddBridgedPod("mc-bench-"+p.ns, nodeBridge, p.hostIf,
+		fmt.Sprintf("%s/%d", p.ip, podPrefixLen), netip.MustParseAddr(nodeGateway)); err != nil {
+		return fmt.Errorf("pod %s/%s: %w", p.ns, p.name, err)
+	}
+	if exposedReason == "-" {
+		return nil
+	}
+	return b.writeRecord(p, exposedReason)
+}
+
+func (p *benchPod) record(exposedReason string) state.Record {
+	return state.NewRecord(state.Attachment{Network: "bench", ContainerID: p.id, IfName: "eth0", Netns: p.netnsPath, HostIf: p.hostIf},
+		state.PodRef{Namespace: p.ns, Name: p.name, UID: p.id}, []netip.Addr{netip.MustParseAddr(p.ip)}, exposedReason)
+}
+
+func (b *benchNode) writeRecord(p *benchPod, exposedReason string) error {
+	if err := state.Write(b.stateDir, p.record(exposedReason)); err != nil {
+		return fmt.Errorf("state record for %s/%s: %w", p.ns, p.name, err)
+	}
+	return nil
+}
+
+// attestedRules counts the rules of the guard's attestation chain (one per attested
+// address and host interface) in the node netns.
+func (b *benchNode) attestedRules() (int, error) {
+	out, err := b.node.Exec(context.Background(), "iptables", "-t", "nat", "-S", hostguard.AttestChain)
+	if err != nil {
+		return 0, fmt.Errorf("attestation rules: %w", err)
+	}
+	return strings.Count(out, "-A "+hostguard.AttestChain+" "), nil
+}
+
+// waitAttested waits until the attestation chain holds n rules: the proxy's pod
+// index has applied every record written so far.
+func (b *benchNode) waitAttested(n int) error {
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		got, err := b.attestedRules()
+		if err != nil {
+			return err
+		}
+		if got == n {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the host guard attests %d addresses after 60s, want %d", got, n)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// attestCounters returns the packet counter of each attestation rule by source
+// address (the SYNs the kernel attested).
+func (b *benchNode) attestCounters() (map[string]int64, error) {
+	out, err := b.node.Exec(context.Background(), "iptables", "-t", "nat", "-L", hostguard.AttestChain, "-v", "-x", "-n")
+	if err != nil {
+		return nil, fmt.Errorf("attestation counters: %w", err)
+	}
+	m := map[string]int64{}
+	for l := range strings.SplitSeq(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) < 4 || !strings.HasPrefix(f[2], "METACONCEAL-ATTEST") {
+			continue
+		}
+		n, err := strconv.ParseInt(f[0], 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("attestation counters: line %q: %w", l, err)
+		}
+		for _, x := range f[3:] { // the source: the first address after the target
+			if a, err := netip.ParseAddr(x); err == nil {
+				m[a.String()] += n
+				break
+			}
+		}
+	}
+	return m, nil
+}
+
+// runNodeSections runs the sections that need a simulated node: the flood, the
+// exposed-pod churn and the worst-case fill, in one node, one after the other.
+func runNodeSections(bin, self string, fc floodConfig) (err error) {
 	if os.Geteuid() != 0 {
-		return errors.New("the flood section runs the proxy in a simulated node (network namespaces, the host guard's iptables rules): run as root, or pass --flood-polls 0 to skip it")
+		return errors.New("the flood, churn and worst-case sections run the proxy in a simulated node (network namespaces, the host guard's iptables rules): run as root, or pass --flood-polls 0 --churn-rate 0 --worst-case-pods 0 to skip them")
 	}
 	td := &teardown{}
 	defer td.run()
@@ -109,44 +206,66 @@ func floodInNode(bin, self string, fc floodConfig) (err error) {
 	if err := node.AddBridge(nodeBridge, fmt.Sprintf("%s/%d", nodeGateway, podPrefixLen)); err != nil {
 		return err
 	}
-	pods := []*benchPod{
-		{ns: "flood", name: "flooder", id: "flooder0000", ip: flooderIP, hostIf: "mcbflood"},
-		{ns: "victim", name: "app", id: "victim00000", ip: victimIP, hostIf: "mcbvictim"},
-	}
-	stateDir, err := os.MkdirTemp("", "bench-proxy-flood-state-")
+	stateDir, err := os.MkdirTemp("", "bench-proxy-node-state-")
 	if err != nil {
 		return err
 	}
 	td.add(func() { os.RemoveAll(stateDir) })
-	for _, p := range pods {
-		if p.netns, p.netnsPath, err = node.AddBridgedPod("mc-bench-"+p.ns, nodeBridge, p.hostIf,
-			fmt.Sprintf("%s/%d", p.ip, podPrefixLen), netip.MustParseAddr(nodeGateway)); err != nil {
-			return fmt.Errorf("pod %s/%s: %w", p.ns, p.name, err)
-		}
-		rec := state.NewRecord(state.Attachment{Network: "bench", ContainerID: p.id, IfName: "eth0", Netns: p.netnsPath, HostIf: p.hostIf},
-			state.PodRef{Namespace: p.ns, Name: p.name, UID: p.id}, []netip.Addr{netip.MustParseAddr(p.ip)}, "")
-		if err := state.Write(stateDir, rec); err != nil {
-			return fmt.Errorf("state record for %s: %w", p.name, err)
-		}
+	b := &benchNode{node: node, td: td, stateDir: stateDir}
+	vict := &benchPod{ns: "victim", name: "app", id: "victim00000", ip: victimIP, hostIf: "mcbvictim"}
+	if err := b.addPod(vict, ""); err != nil {
+		return err
 	}
-	flood, vict := pods[0], pods[1]
 
-	_, err = startInNode(node, td, "fake-gce-metadata", podTarget, filepath.Join(bin, "fake-gce-metadata"), "--listen", podTarget)
-	if err != nil {
+	if _, err = startInNode(node, td, "fake-gce-metadata", podTarget, filepath.Join(bin, "fake-gce-metadata"), "--listen", podTarget); err != nil {
 		return err
 	}
 	// As on a node: the defaults (host guard on, ALTS relay on), nothing else but
 	// where the state records and the metrics are.
-	mc, err := startInNode(node, td, "metaconceal-proxy (defaults, host guard on)", proxyListen, filepath.Join(bin, "metaconceal-proxy"),
+	if b.mc, err = startInNode(node, td, "metaconceal-proxy (defaults, host guard on)", proxyListen, filepath.Join(bin, "metaconceal-proxy"),
 		"--upstream", "http://"+podTarget, "--metrics-listen", nodeMetrics, "--state-dir", stateDir,
-		"--log-format", "text", "--log-level", "error")
+		"--log-format", "text", "--log-level", "error"); err != nil {
+		return err
+	}
+	b.metrics = simnode.HTTPClientIn(node.Path, 5*time.Second)
+	if err := b.waitAttested(1); err != nil {
+		return err
+	}
+	if fc.polls > 0 {
+		if err := floodInNode(b, self, vict, fc); err != nil {
+			return err
+		}
+	}
+	if fc.churnRate > 0 {
+		if err := churnInNode(b, self, vict, fc); err != nil {
+			return fmt.Errorf("churn: %w", err)
+		}
+	}
+	if fc.worstPods > 0 {
+		if err := worstCaseInNode(b, fc.worstPods); err != nil {
+			return fmt.Errorf("worst case: %w", err)
+		}
+	}
+	return nil
+}
+
+// floodInNode runs the flood: a flooding pod joins the node; the victim measures.
+func floodInNode(b *benchNode, self string, vict *benchPod, fc floodConfig) error {
+	node, td, mc := b.node, b.td, b.mc
+	flood := &benchPod{ns: "flood", name: "flooder", id: "flooder0000", ip: flooderIP, hostIf: "mcbflood"}
+	if err := b.addPod(flood, ""); err != nil {
+		return err
+	}
+	if err := b.waitAttested(2); err != nil {
+		return err
+	}
+	attest0, err := b.attestCounters()
 	if err != nil {
 		return err
 	}
-	metrics := simnode.HTTPClientIn(node.Path, 5*time.Second)
 
 	loadavg, _ := os.ReadFile("/proc/loadavg")
-	fmt.Printf("\nflood: pod flood/flooder (%s) floods, pod victim/app (%s) measures; metaconceal-proxy with its default limits, host guard on\n", flooderIP, victimIP)
+	fmt.Printf("\nflood: pod flood/flooder (%s) floods, pod victim/app (%s) measures; both attested by the host guard (METACONCEAL-ATTEST); metaconceal-proxy with its default limits, host guard on\n", flooderIP, victimIP)
 	fmt.Printf("  simulated node netns %s: fake metadata server on %s, proxy on %s; pods on bridge %s (netns %s, %s), each a process of its own\n",
 		node.Name, podTarget, proxyListen, nodeBridge, flood.netns, vict.netns)
 	fmt.Printf("  load average before: %s", loadavg)
@@ -161,12 +280,8 @@ func floodInNode(bin, self string, fc floodConfig) (err error) {
 		return fmt.Errorf("victim, idle: %w", err)
 	}
 
-	var etag string
-	if err := simnode.In(vict.netnsPath, func() error {
-		var err error
-		etag, err = etagFrom(podTarget, "", victimPath)
-		return err
-	}); err != nil {
+	etag, err := etagIn(vict.netnsPath, victimPath)
+	if err != nil {
 		return fmt.Errorf("ETag from the victim pod: %w", err)
 	}
 	dropsBefore, err := guardDrops(node)
@@ -217,7 +332,13 @@ func floodInNode(bin, self string, fc floodConfig) (err error) {
 	if err != nil {
 		return err
 	}
-	printFlood(idle, flooded, fs, use, scrapeAllWith(metrics, nodeMetrics, "metaconceal_proxy_refused_requests_total"))
+	attest1, err := b.attestCounters()
+	if err != nil {
+		return err
+	}
+	printFlood(idle, flooded, fs, use, scrapeAllWith(b.metrics, nodeMetrics, "metaconceal_proxy_refused_requests_total"))
+	fmt.Printf("  new connections the kernel attested during the flood (nat METACONCEAL-ATTEST counters, before the per-source limit drops some): flooder %d, victim %d\n",
+		attest1[flooderIP]-attest0[flooderIP], attest1[victimIP]-attest0[victimIP])
 	fmt.Printf("  host guard: %d new connections (SYNs, retransmissions included) dropped in the kernel over the per-source limit (%d/s, burst %d), none of them seen by the proxy\n",
 		dropsAfter-dropsBefore, hostguard.DefaultConnRate, hostguard.DefaultConnBurst)
 	return nil
