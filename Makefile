@@ -29,11 +29,41 @@ TOOLS := github.com/containernetworking/plugins/plugins/main/bridge \
          github.com/containernetworking/cni/cnitool \
          sigs.k8s.io/cri-tools/cmd/crictl
 
-.PHONY: all build programs tools deps deps-runtime test unit fuzz fuzz-all e2e demo bench-cni bench-proxy kind-e2e install image clean
+.PHONY: all build programs tools deps deps-runtime test unit fuzz fuzz-all e2e demo bench-cni bench-proxy kind-e2e install image clean \
+	helm promtool manifests chart-test
 
 all: build
 
-build: programs tools
+build: programs tools helm promtool
+
+# Heavy tools from pinned modules in separate tools modules (the product's go.mod stays
+# small), built once into bin/tools: helm (tools/helm: the chart's lint, template and
+# golden tests, make manifests, the cluster e2e's Helm pass, the release's packaging)
+# and promtool (tools/promtool: the alerts' rule tests).
+TOOLS_BIN := $(BIN)/tools
+HELM      := $(TOOLS_BIN)/helm
+PROMTOOL  := $(TOOLS_BIN)/promtool
+
+helm: $(HELM)
+$(HELM): tools/helm/go.mod tools/helm/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/helm && $(GO) build -trimpath -ldflags='-s -w' -o $(HELM) helm.sh/helm/v4/cmd/helm
+
+promtool: $(PROMTOOL)
+$(PROMTOOL): tools/promtool/go.mod tools/promtool/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/promtool && $(GO) build -trimpath -ldflags='-s -w' -o $(PROMTOOL) github.com/prometheus/prometheus/cmd/promtool
+
+# conf/deploy (the kustomize base) is rendered from charts/metaconceal; the unit tests
+# fail when it is stale (conf/deploy/rendered_test.go).
+manifests: helm
+	$(GO) test -count=1 -run '^TestRenderedFromChart$$' ./conf/deploy -update
+
+# The chart and its alerts (also part of `make unit`): helm lint, the golden renders,
+# the schema's refusals, promtool check/test rules, the metric names against the
+# programs' real /metrics. `make chart-test UPDATE=1` rewrites the golden files.
+chart-test: helm promtool
+	$(GO) test -count=1 ./charts/ ./conf/deploy/ $(if $(UPDATE),-update)
 
 programs:
 	@mkdir -p $(BIN)
