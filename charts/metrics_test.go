@@ -20,15 +20,6 @@ import (
 // TargetLabels are the labels Prometheus puts on every scraped series itself.
 var TargetLabels = []string{"instance", "job"}
 
-// ClusterOnly are the series this simulated node cannot make the programs export: the
-// readiness gate's gauge needs the Kubernetes API (--readiness-gate), the self-test's
-// needs a concealed pod to probe from. Their names and labels are checked against the
-// real cluster's /metrics by the cluster e2e (scenario helm-install).
-var ClusterOnly = map[string][]string{
-	"metaconceal_readiness_gate_open": nil,
-	"metaconceal_guard_effective":     {"pod"},
-}
-
 // refs are the names the chart's alerts and dashboard use.
 func refs(t *testing.T, alerts, dashboard []byte) []metricrefs.Ref {
 	t.Helper()
@@ -51,7 +42,7 @@ func refs(t *testing.T, alerts, dashboard []byte) []metricrefs.Ref {
 func TestMetricNamesExported(t *testing.T) {
 	testutil.RequirePrivileged(t, "ip", "go", "iptables", "iptables-save", "iptables-restore", "ip6tables", "ip6tables-save", "ip6tables-restore")
 	exported := scrapePrograms(t)
-	for m, labels := range ClusterOnly {
+	for m, labels := range metricrefs.ClusterOnly {
 		exported[m] = map[string]bool{}
 		for _, l := range labels {
 			exported[m][l] = true

@@ -40,3 +40,14 @@
 {{- fail (printf "monitoring.podMonitor/serviceMonitor need metrics.host reachable from Prometheus (0.0.0.0), not %q" .Values.metrics.host) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* KUBERNETES_SERVICE_HOST/PORT when the API server is not reached through the
+     kubernetes Service (clusters without kube-proxy). */}}
+{{- define "metaconceal.apiServerEnv" -}}
+{{- if .Values.apiServer.host }}
+- name: KUBERNETES_SERVICE_HOST
+  value: {{ .Values.apiServer.host | quote }}
+- name: KUBERNETES_SERVICE_PORT
+  value: {{ .Values.apiServer.port | toString | quote }}
+{{- end }}
+{{- end -}}

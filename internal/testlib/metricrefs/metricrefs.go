@@ -16,6 +16,16 @@ import (
 	"sigs.k8s.io/yaml"
 )
 
+// ClusterOnly are the series a simulated node cannot make the programs export (the
+// unit test, charts/metrics_test.go, takes them as given) and the cluster e2e checks
+// on a real node (scenario helm-install): the readiness gate's gauge needs the
+// Kubernetes API (--readiness-gate), the self-test's needs a concealed pod to probe
+// from. Metric name -> the labels the alerts and the dashboard may use on it.
+var ClusterOnly = map[string][]string{
+	"metaconceal_readiness_gate_open": nil,
+	"metaconceal_guard_effective":     {"pod"},
+}
+
 // Ref is what one expression (an alert's, a panel's) names.
 type Ref struct {
 	Source   string              // "alert MetaconcealUnprotectedPods", "panel Requests by verdict"
