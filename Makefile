@@ -128,7 +128,8 @@ bench-proxy: deps build
 	$(GO) run ./test/bench/proxy
 
 # Cluster e2e (test/cluster, docs/cluster-e2e.md): a real one-node Kubernetes cluster
-# on this machine, conf/deploy applied with kubectl, the scenarios of
+# on this machine, conf/deploy applied with kubectl (CLUSTER_INSTALL=helm: the chart
+# installed with bin/tools/helm), the scenarios of
 # test/cluster/scenario. Kubernetes and etcd come from pinned modules in the separate
 # tools module test/cluster/tools (the product's go.mod stays small).
 CLUSTER_BIN := $(BIN)/cluster
@@ -159,12 +160,12 @@ cluster-tools: cluster-image-tools
 	cd test/cluster/tools && $(GO) build -trimpath -ldflags='$(K8S_LDFLAGS)' -o $(CLUSTER_BIN)/ $(K8S_PROGRAMS)
 
 cluster-e2e: deps-runtime
-	@start=$$(date +%s); $(MAKE) --no-print-directory build cluster-tools || exit 1; \
+	@start=$$(date +%s); $(MAKE) --no-print-directory programs tools helm cluster-tools || exit 1; \
 	echo "phase build $$(( $$(date +%s) - start ))s"
 	$(CLUSTER_BIN)/cluster-e2e --provider=local $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
 # The same scenarios on a kind cluster (Docker hosts only; not run in CI).
-kind-e2e: build cluster-image-tools
+kind-e2e: programs tools cluster-image-tools
 	$(CLUSTER_BIN)/cluster-e2e --provider=kind $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
 image:
