@@ -101,21 +101,26 @@ func TestSchemaRefuses(t *testing.T) {
 		set  string
 		want []string // all in the message
 	}{
-		{"mode=SECRET", []string{"mode", "SECRET"}},
-		{"cni.binDir=opt/cni/bin", []string{"binDir", "opt/cni/bin"}},
-		{"cni.confDir=", []string{"confDir"}},
-		{"preset=eks", []string{"preset", "eks"}},
-		{"alts=maybe", []string{"alts", "maybe"}},
-		{"repair=fix", []string{"repair", "fix"}},
-		{"iptablesBackend=nftables", []string{"iptablesBackend", "nftables"}},
-		{"repairInterval=30", []string{"repairInterval", "30"}},
-		{"image.digest=sha256:abc", []string{"digest"}},
-		{"image.pullPolicy=Sometimes", []string{"pullPolicy", "Sometimes"}},
-		{"metrics.host=10.0.0.1", []string{"metrics", "10.0.0.1"}},
-		{"excludeNamespaces={Kube_System}", []string{"excludeNamespaces", "Kube_System"}},
-		{"criSocket=run/containerd.sock", []string{"criSocket", "run/containerd.sock"}},
-		{"events=yes", []string{"events"}},
-		{"mdoe=SECURE", []string{"mdoe"}},
+		// Enums: Helm names the value's path and the choices.
+		{"mode=SECRET", []string{"'/mode'", "SECURE", "EXPOSED"}},
+		{"preset=eks", []string{"'/preset'", "gke"}},
+		{"alts=maybe", []string{"'/alts'", "relay"}},
+		{"repair=fix", []string{"'/repair'", "report"}},
+		{"iptablesBackend=nftables", []string{"'/iptablesBackend'", "legacy"}},
+		{"image.pullPolicy=Sometimes", []string{"'/image/pullPolicy'"}},
+		{"metrics.host=10.0.0.1", []string{"'/metrics/host'", "0.0.0.0"}},
+		// Patterns: the path and the value.
+		{"cni.binDir=opt/cni/bin", []string{"'/cni/binDir'", "opt/cni/bin"}},
+		{"cni.confDir=", []string{"'/cni/confDir'"}},
+		{"criSocket=run/containerd.sock", []string{"'/criSocket'", "run/containerd.sock"}},
+		{"image.digest=sha256:abc", []string{"'/image/digest'", "sha256:abc"}},
+		{"excludeNamespaces={Kube_System}", []string{"'/excludeNamespaces/0'", "Kube_System"}},
+		{"proxy.extraArgs={-v}", []string{"'/proxy/extraArgs/0'", "-v"}},
+		// Types and unknown keys.
+		{"repairInterval=30", []string{"'/repairInterval'", "want string"}},
+		{"events=yes", []string{"'/events'", "want boolean"}},
+		{"mdoe=SECURE", []string{"'mdoe' not allowed"}},
+		{"cni.bindir=/opt/cni/bin", []string{"'bindir' not allowed"}},
 		// Not the schema's: a monitor cannot scrape the node's loopback.
 		{"monitoring.podMonitor.enabled=true", []string{"metrics.host", "127.0.0.1"}},
 	} {

@@ -44,10 +44,8 @@
 {{/* KUBERNETES_SERVICE_HOST/PORT when the API server is not reached through the
      kubernetes Service (clusters without kube-proxy). */}}
 {{- define "metaconceal.apiServerEnv" -}}
-{{- if .Values.apiServer.host }}
 - name: KUBERNETES_SERVICE_HOST
   value: {{ .Values.apiServer.host | quote }}
 - name: KUBERNETES_SERVICE_PORT
   value: {{ .Values.apiServer.port | toString | quote }}
-{{- end }}
 {{- end -}}
