@@ -47,7 +47,7 @@ PROMTOOL  := $(TOOLS_BIN)/promtool
 helm: $(HELM)
 $(HELM): tools/helm/go.mod tools/helm/go.sum
 	@mkdir -p $(TOOLS_BIN)
-	cd tools/helm && $(GO) build -trimpath -ldflags='-s -w' -o $(HELM) helm.sh/helm/v4/cmd/helm
+	cd tools/helm && $(GO) build -trimpath -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$$(awk '$$1 == "helm.sh/helm/v4" {print $$2}' go.mod)" -o $(HELM) helm.sh/helm/v4/cmd/helm
 
 promtool: $(PROMTOOL)
 $(PROMTOOL): tools/promtool/go.mod tools/promtool/go.sum
