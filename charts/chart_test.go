@@ -8,11 +8,16 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+
 	"github.com/metaconceal/metaconceal/internal/testlib/chart"
+	"github.com/metaconceal/metaconceal/internal/testlib/manifest"
 )
 
 var update = flag.Bool("update", false, "rewrite the golden files in testdata/")
@@ -151,8 +156,24 @@ func TestSchemaAccepts(t *testing.T) {
 	} {
 		t.Run(set, func(t *testing.T) {
 			t.Parallel()
-			if _, err := chart.Template(t, "metaconceal-system", "--set", set); err != nil {
-				t.Error(err)
+			out, err := chart.Template(t, "metaconceal-system", "--set", set)
+			if err != nil {
+				t.Fatal(err)
+			}
+			docs, err := chart.Split(out)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// The DaemonSet decodes strictly, and every mount has its volume.
+			var ds appsv1.DaemonSet
+			manifest.Decode(t, set, []byte(docs["templates/daemonset.yaml"][0]), &ds)
+			spec := ds.Spec.Template.Spec
+			for _, c := range append(spec.InitContainers, spec.Containers...) {
+				for _, m := range c.VolumeMounts {
+					if !slices.ContainsFunc(spec.Volumes, func(v corev1.Volume) bool { return v.Name == m.Name }) {
+						t.Errorf("container %s mounts undefined volume %s", c.Name, m.Name)
+					}
+				}
 			}
 		})
 	}
