@@ -164,7 +164,9 @@ func debClosure(ctx context.Context, pkgs []string) ([]string, error) {
 	set := map[string]bool{}
 	for _, line := range strings.Split(out, "\n") {
 		// Package names start a line; dependency lines are indented; virtual ones are <name>.
-		if line == "" || line[0] == ' ' || line[0] == '<' {
+		// With a foreign architecture enabled (dpkg --add-architecture), apt also lists
+		// arch-qualified names (debianutils:arm64): the image is the native one.
+		if line == "" || line[0] == ' ' || line[0] == '<' || strings.Contains(line, ":") {
 			continue
 		}
 		set[strings.TrimSpace(line)] = true
