@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 )
@@ -190,7 +191,7 @@ func (b *Builder) download(ctx context.Context, pkgs []string) (map[string]strin
 	debs := map[string]string{}
 	var missing []string
 	for _, p := range pkgs {
-		if m, _ := filepath.Glob(filepath.Join(b.DebCache, p+"_*.deb")); len(m) > 0 {
+		if m := nativeDebs(b.DebCache, p); len(m) > 0 {
 			sort.Strings(m)
 			debs[p] = m[len(m)-1]
 		} else {
@@ -205,7 +206,7 @@ func (b *Builder) download(ctx context.Context, pkgs []string) (map[string]strin
 			return nil, fmt.Errorf("apt-get download %s: %w: %s", strings.Join(missing, " "), err, out)
 		}
 		for _, p := range missing {
-			m, _ := filepath.Glob(filepath.Join(b.DebCache, p+"_*.deb"))
+			m := nativeDebs(b.DebCache, p)
 			if len(m) == 0 {
 				return nil, fmt.Errorf("apt-get download left no .deb for %s in %s", p, b.DebCache)
 			}
@@ -311,4 +312,16 @@ func run(ctx context.Context, name string, args ...string) (string, error) {
 		return string(out), fmt.Errorf("%s %s: %w: %s", name, strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
 	}
 	return string(out), nil
+}
+
+// nativeDebs are the cached .deb files of package p for this machine's architecture
+// (Debian's names for amd64 and arm64 are Go's) or for all: with a foreign
+// architecture enabled the cache may also hold other architectures' files of p.
+func nativeDebs(cache, p string) []string {
+	var out []string
+	for _, arch := range []string{runtime.GOARCH, "all"} {
+		m, _ := filepath.Glob(filepath.Join(cache, p+"_*_"+arch+".deb"))
+		out = append(out, m...)
+	}
+	return out
 }
