@@ -246,6 +246,15 @@ func helmInstall(ctx context.Context, env *Env) (string, error) {
 	if !l.concealed() {
 		return "", errf("pod helm-check: kube-env: got %s, want concealed", l)
 	}
+	// The node agent enters the pod's netns for the self-test. On this test node (a
+	// private / mount) it sees only the netns that existed when it started: restart it
+	// (a Helm-installed rolling update, maxSurge) so that it sees helm-check's.
+	if _, err := kubectl(ctx, env, nil, "-n", deployNamespace, "rollout", "restart", "daemonset/"+daemonSet); err != nil {
+		return "", err
+	}
+	if err := rolloutStatus(ctx, env, 2*time.Minute); err != nil {
+		return "", err
+	}
 	var metrics []string
 	for _, n := range nodes {
 		if err := poll(ctx, time.Minute, func() error {
