@@ -247,9 +247,9 @@ func helmInstall(ctx context.Context, env *Env) (string, error) {
 		return "", errf("pod helm-check: kube-env: got %s, want concealed", l)
 	}
 	// The node agent enters the pod's netns for the self-test. On this test node (a
-	// private / mount) it sees only the netns that existed when it started: restart it
-	// (a Helm-installed rolling update, maxSurge) so that it sees helm-check's.
-	if _, err := kubectl(ctx, env, nil, "-n", deployNamespace, "rollout", "restart", "daemonset/"+daemonSet); err != nil {
+	// private / mount) it sees only the netns that existed when it started: replace its
+	// pod (the DaemonSet makes a new one) so that it sees helm-check's.
+	if _, err := kubectl(ctx, env, nil, "-n", deployNamespace, "delete", "pod", "-l", "app.kubernetes.io/name=metaconceal", "--wait=true"); err != nil {
 		return "", err
 	}
 	if err := rolloutStatus(ctx, env, 2*time.Minute); err != nil {
