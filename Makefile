@@ -29,11 +29,41 @@ TOOLS := github.com/containernetworking/plugins/plugins/main/bridge \
          github.com/containernetworking/cni/cnitool \
          sigs.k8s.io/cri-tools/cmd/crictl
 
-.PHONY: all build programs tools deps deps-runtime test unit fuzz fuzz-all e2e demo bench-cni bench-proxy kind-e2e install image clean
+.PHONY: all build programs tools deps deps-runtime test unit fuzz fuzz-all e2e demo bench-cni bench-proxy kind-e2e install image clean \
+	helm promtool manifests chart-test
 
 all: build
 
-build: programs tools
+build: programs tools helm promtool
+
+# Heavy tools from pinned modules in separate tools modules (the product's go.mod stays
+# small), built once into bin/tools: helm (tools/helm: the chart's lint, template and
+# golden tests, make manifests, the cluster e2e's Helm pass, the release's packaging)
+# and promtool (tools/promtool: the alerts' rule tests).
+TOOLS_BIN := $(BIN)/tools
+HELM      := $(TOOLS_BIN)/helm
+PROMTOOL  := $(TOOLS_BIN)/promtool
+
+helm: $(HELM)
+$(HELM): tools/helm/go.mod tools/helm/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/helm && $(GO) build -trimpath -ldflags="-s -w -X helm.sh/helm/v4/internal/version.version=$$(awk '$$1 == "helm.sh/helm/v4" {print $$2}' go.mod)" -o $(HELM) helm.sh/helm/v4/cmd/helm
+
+promtool: $(PROMTOOL)
+$(PROMTOOL): tools/promtool/go.mod tools/promtool/go.sum
+	@mkdir -p $(TOOLS_BIN)
+	cd tools/promtool && $(GO) build -trimpath -ldflags='-s -w' -o $(PROMTOOL) github.com/prometheus/prometheus/cmd/promtool
+
+# conf/deploy (the kustomize base) is rendered from charts/metaconceal; the unit tests
+# fail when it is stale (conf/deploy/rendered_test.go).
+manifests: helm
+	$(GO) test -count=1 -run '^TestRenderedFromChart$$' ./conf/deploy -update
+
+# The chart and its alerts (also part of `make unit`): helm lint, the golden renders,
+# the schema's refusals, promtool check/test rules, the metric names against the
+# programs' real /metrics. `make chart-test UPDATE=1` rewrites the golden files.
+chart-test: helm promtool
+	$(GO) test -count=1 ./charts/ ./conf/deploy/ $(if $(UPDATE),-update)
 
 programs:
 	@mkdir -p $(BIN)
@@ -100,7 +130,8 @@ bench-proxy: deps build
 	$(GO) test -count=1 -run '^$$' -bench 'BenchmarkRecordToRule|BenchmarkConnection' -benchtime 300x ./test/bypass/
 
 # Cluster e2e (test/cluster, docs/cluster-e2e.md): a real one-node Kubernetes cluster
-# on this machine, conf/deploy applied with kubectl, the scenarios of
+# on this machine, conf/deploy applied with kubectl (CLUSTER_INSTALL=helm: the chart
+# installed with bin/tools/helm), the scenarios of
 # test/cluster/scenario. Kubernetes and etcd come from pinned modules in the separate
 # tools module test/cluster/tools (the product's go.mod stays small).
 CLUSTER_BIN := $(BIN)/cluster
@@ -131,12 +162,12 @@ cluster-tools: cluster-image-tools
 	cd test/cluster/tools && $(GO) build -trimpath -ldflags='$(K8S_LDFLAGS)' -o $(CLUSTER_BIN)/ $(K8S_PROGRAMS)
 
 cluster-e2e: deps-runtime
-	@start=$$(date +%s); $(MAKE) --no-print-directory build cluster-tools || exit 1; \
+	@start=$$(date +%s); $(MAKE) --no-print-directory programs tools helm cluster-tools || exit 1; \
 	echo "phase build $$(( $$(date +%s) - start ))s"
 	$(CLUSTER_BIN)/cluster-e2e --provider=local $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
 # The same scenarios on a kind cluster (Docker hosts only; not run in CI).
-kind-e2e: build cluster-image-tools
+kind-e2e: programs tools cluster-image-tools
 	$(CLUSTER_BIN)/cluster-e2e --provider=kind $(if $(SCENARIOS),--scenarios=$(SCENARIOS))
 
 # ==== Release (docs/release.md) =======================================================

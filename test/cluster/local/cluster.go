@@ -631,6 +631,7 @@ func (c *Cluster) writeOverlays(context.Context) error {
 	for _, o := range []struct{ src, dst string }{
 		{"test/cluster/deploy/kustomization.yaml", "deploy"},
 		{"test/cluster/deploy/uninstall/kustomization.yaml", "deploy-uninstall"},
+		{"test/cluster/deploy/helm-values.yaml", "helm"},
 	} {
 		data, err := os.ReadFile(filepath.Join(c.cfg.RepoRoot, o.src))
 		if err != nil {
@@ -649,7 +650,7 @@ func (c *Cluster) writeOverlays(context.Context) error {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return err
 		}
-		if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), data, 0o644); err != nil {
+		if err := os.WriteFile(filepath.Join(dir, filepath.Base(o.src)), data, 0o644); err != nil {
 			return err
 		}
 	}
@@ -710,6 +711,29 @@ func (c *Cluster) DeployDir() string { return c.deployDir }
 
 // UninstallDir is the rendered overlay of conf/deploy/uninstall.
 func (c *Cluster) UninstallDir() string { return c.uninstall }
+
+// Helm runs the pinned helm (bin/tools/helm, `make helm`) in the node netns with the
+// admin kubeconfig and its own config and cache dirs under the run's dir.
+func (c *Cluster) Helm(ctx context.Context, args ...string) ([]byte, error) {
+	home := filepath.Join(c.Dir, "helm-home")
+	cmd := exec.CommandContext(ctx, "nsenter", append([]string{"--net=" + c.netnsPath,
+		filepath.Join(c.cfg.BinDir, "tools", "helm"), "--kubeconfig=" + c.kubeconfig}, args...)...)
+	cmd.Env = append(os.Environ(), "HELM_CONFIG_HOME="+home, "HELM_CACHE_HOME="+home, "HELM_DATA_HOME="+home)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return out, fmt.Errorf("helm %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(stderr.String()))
+	}
+	return out, nil
+}
+
+// HelmValues is the rendered test/cluster/deploy/helm-values.yaml: the node-specific
+// settings of the deploy overlay, for charts/metaconceal.
+func (c *Cluster) HelmValues() string { return filepath.Join(c.Dir, "helm", "helm-values.yaml") }
+
+// ChartDir is charts/metaconceal.
+func (c *Cluster) ChartDir() string { return filepath.Join(c.cfg.RepoRoot, "charts", "metaconceal") }
 
 // Images are the imported images.
 func (c *Cluster) Images() scenario.Images {

@@ -50,6 +50,21 @@ func TestWriteOverlays(t *testing.T) {
 			t.Errorf("%s: the CNI bin dir is not the run's:\n%s", o.dir, data)
 		}
 	}
+	// The Helm pass's values: the same node-specific paths, no placeholder left.
+	values, err := os.ReadFile(c.HelmValues())
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, placeholder := range []string{"/NODE_ROOT", "/CONTAINERD_SOCKET", "/CONTAINERD_NETNS"} {
+		if bytes.Contains(values, []byte(placeholder)) {
+			t.Errorf("%s: %s left in\n%s", c.HelmValues(), placeholder, values)
+		}
+	}
+	for _, want := range []string{"binDir: " + filepath.Join(c.nodeRoot, "opt/cni/bin"), "criSocket: " + c.socket, "netnsDir: " + c.netnsDir()} {
+		if !bytes.Contains(values, []byte(want)) {
+			t.Errorf("%s lacks %q:\n%s", c.HelmValues(), want, values)
+		}
+	}
 	deploy, _ := os.ReadFile(filepath.Join(c.DeployDir(), "kustomization.yaml"))
 	for _, want := range []string{c.socket, c.netnsDir()} {
 		if !bytes.Contains(deploy, []byte(want)) {

@@ -63,6 +63,9 @@ type Images struct {
 type Env struct {
 	Cluster Cluster
 	Log     io.Writer // progress lines (not the summary)
+	// Install is how metaconceal is installed and uninstalled: InstallKubectl (the
+	// default when empty) or InstallHelm (helm.go).
+	Install string
 
 	// Set by Install: the primary conflist of each node before metaconceal touched it.
 	ConflistBefore map[string]NodeFile
@@ -164,7 +167,11 @@ func RunAll(ctx context.Context, env *Env, list []Scenario) []Result {
 	}
 
 	var results []Result
-	fmt.Fprintf(env.Log, "==> install (kubectl apply -k %s)\n", env.Cluster.DeployDir())
+	if env.Install == InstallHelm {
+		fmt.Fprintf(env.Log, "==> install (helm install %s)\n", helmRelease)
+	} else {
+		fmt.Fprintf(env.Log, "==> install (kubectl apply -k %s)\n", env.Cluster.DeployDir())
+	}
 	start := time.Now()
 	detail, installErr := Install(ctx, env)
 	results = append(results, result("install", start, detail, installErr))

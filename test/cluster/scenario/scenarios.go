@@ -18,6 +18,8 @@ func List() []Scenario {
 		// nodeagent.go (issue 12): the gate and the repair first, right after the install.
 		{Name: "readiness-gate", Prepare: prepareReadinessGate, Run: readinessGate},
 		{Name: "repair-preexisting", Prepare: prepareRepair, Run: repairPreexisting},
+		// helm.go (issue 20): only in a pass that installs with the chart (--install=helm).
+		{Name: HelmScenario, Run: helmInstall},
 		{Name: "deployment-concealed", Run: deploymentConcealed},
 		{Name: "pod-events", Run: podEvents},
 		{Name: "hostnetwork-direct", Run: hostNetworkDirect},
@@ -59,7 +61,7 @@ func Install(ctx context.Context, env *Env) (string, error) {
 		env.ConflistBefore[n] = f
 	}
 	start := time.Now()
-	if _, err := kubectl(ctx, env, nil, "apply", "-k", env.Cluster.DeployDir()); err != nil {
+	if err := installObjects(ctx, env); err != nil {
 		return "", err
 	}
 	if err := rolloutStatus(ctx, env, 3*time.Minute); err != nil {
@@ -426,7 +428,8 @@ func analyzeProbeLog(log []byte, sinceMillis int64) (probeStats, error) {
 
 // uninstall: delete the workloads, every namespace whose name starts with
 // metaconceal-e2e (their DEL removes their records), then the
-// documented uninstall (kubectl delete -k, the cleanup DaemonSet), then check that
+// documented uninstall (kubectl delete -k, or helm uninstall; then the cleanup
+// DaemonSet: helm.go, uninstallObjects), then check that
 // the node's conflist is byte for byte what it was, that no metaconceal rule or
 // address is left in the node's netns, that the plugin binary is gone and that no
 // state record remains.
@@ -449,24 +452,9 @@ func uninstall(ctx context.Context, env *Env) (string, error) {
 		}
 	}
 	env.Logf("workload namespaces %v deleted in %.1fs", deleteArgs[4:], time.Since(step).Seconds())
-	step = time.Now()
-	if _, err := kubectl(ctx, env, nil, "delete", "-k", env.Cluster.DeployDir(), "--timeout=120s"); err != nil {
+	if err := uninstallObjects(ctx, env); err != nil {
 		return "", err
 	}
-	env.Logf("kubectl delete -k: %.1fs", time.Since(step).Seconds())
-	step = time.Now()
-	if _, err := kubectl(ctx, env, nil, "apply", "-k", env.Cluster.UninstallDir()); err != nil {
-		return "", err
-	}
-	if _, err := kubectl(ctx, env, nil, "-n", "metaconceal-uninstall", "rollout", "status", "daemonset/metaconceal-uninstall", "--timeout=180s"); err != nil {
-		return "", fmt.Errorf("%w\n%s", err, describePods(ctx, env, "metaconceal-uninstall", "app.kubernetes.io/name=metaconceal-uninstall"))
-	}
-	env.Logf("cleanup DaemonSet done: %.1fs", time.Since(step).Seconds())
-	step = time.Now()
-	if _, err := kubectl(ctx, env, nil, "delete", "-k", env.Cluster.UninstallDir(), "--timeout=120s"); err != nil {
-		return "", err
-	}
-	env.Logf("kubectl delete -k uninstall: %.1fs", time.Since(step).Seconds())
 	var problems []string
 	paths := env.Cluster.Paths()
 	for _, n := range env.Cluster.Nodes() {

@@ -19,6 +19,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -48,6 +49,7 @@ func run(args []string, stdout io.Writer) int {
 	clusterBin := fs.String("cluster-bin-dir", "bin/cluster", "where make cluster-tools put etcd, kube-*, kubectl, ociarchive, probe, pause")
 	debCache := fs.String("deb-cache", "bin/cluster/debs", "where downloaded Debian packages are kept between runs")
 	cni := fs.String("cni", envOr("CLUSTER_CNI", "bridge"), "local provider: the node's main CNI datapath, "+strings.Join(local.CNIs, " or ")+" (default from $CLUSTER_CNI)")
+	install := fs.String("install", envOr("CLUSTER_INSTALL", scenario.InstallKubectl), "how to install metaconceal: "+strings.Join(scenario.Installers, " (conf/deploy) or ")+" (charts/metaconceal, with scenario "+scenario.HelmScenario+") (default from $CLUSTER_INSTALL)")
 	var only cliflag.List
 	fs.Var(&only, "scenarios", "run only these scenarios (comma-separated); default all: "+strings.Join(scenario.Names(scenario.List()), ","))
 	if err := fs.Parse(args); err != nil {
@@ -57,6 +59,17 @@ func run(args []string, stdout io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "cluster-e2e:", err)
 		return 2
+	}
+	if !slices.Contains(scenario.Installers, *install) {
+		fmt.Fprintf(os.Stderr, "cluster-e2e: --install %q: want %s\n", *install, strings.Join(scenario.Installers, " or "))
+		return 2
+	}
+	if *install != scenario.InstallHelm {
+		if slices.Contains(only, scenario.HelmScenario) {
+			fmt.Fprintf(os.Stderr, "cluster-e2e: scenario %s needs --install=%s\n", scenario.HelmScenario, scenario.InstallHelm)
+			return 2
+		}
+		list = slices.DeleteFunc(list, func(s scenario.Scenario) bool { return s.Name == scenario.HelmScenario })
 	}
 	if *providerName != "local" && *providerName != "kind" {
 		fmt.Fprintf(os.Stderr, "cluster-e2e: --provider %q: want local or kind\n", *providerName)
@@ -143,7 +156,7 @@ func run(args []string, stdout io.Writer) int {
 
 	// Phase: tests.
 	start = time.Now()
-	env := &scenario.Env{Cluster: p, Log: stdout}
+	env := &scenario.Env{Cluster: p, Log: stdout, Install: *install}
 	results := scenario.RunAll(ctx, env, list)
 	phase("tests", start)
 	if scenario.Failed(results) > 0 {
@@ -161,7 +174,7 @@ func run(args []string, stdout io.Writer) int {
 
 	fmt.Fprintln(stdout, "==> summary")
 	if *providerName == "local" {
-		fmt.Fprintf(stdout, "cni %s\n", *cni)
+		fmt.Fprintf(stdout, "cni %s\ninstall %s\n", *cni, *install)
 	}
 	for _, l := range phases {
 		fmt.Fprintln(stdout, l)
