@@ -215,13 +215,23 @@ func (a *agentOptions) newGate(client kubernetes.Interface, confDir string, reg 
 	if monitor != nil && !a.selftestReport {
 		checks = append(checks, nodegate.GuardCheck(monitor, &opened))
 	}
+	// After a boot (no marker in the tmpfs state dir) the gate closes the node until
+	// it is protected: the kubelet does not taint a Node object that already exists.
+	gateLog := log.With("part", "readiness-gate")
+	openedBefore, err := nodegate.OpenedSinceBoot(a.stateDir)
+	if err != nil {
+		gateLog.Warn("cannot tell whether the gate opened since boot; closing the node until it is protected", "err", err)
+	}
 	return nodegate.New(nodegate.Config{
-		Client: client, Node: a.kube.NodeName, Checks: checks,
-		Interval: a.gateInterval, Grace: a.gateGrace, Log: log.With("part", "readiness-gate"),
+		Client: client, Node: a.kube.NodeName, Checks: checks, CloseAtStart: !openedBefore,
+		Interval: a.gateInterval, Grace: a.gateGrace, Log: gateLog,
 		OnChange: func(isOpen bool) {
 			if isOpen {
 				opened.Store(true)
 				open.Set(1)
+				if err := nodegate.MarkOpened(a.stateDir); err != nil {
+					gateLog.Warn("cannot record that the gate opened; after the agent's next restart it closes the node until protected", "err", err)
+				}
 			} else {
 				open.Set(0)
 			}

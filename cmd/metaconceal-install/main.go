@@ -25,6 +25,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/conflist"
 	"github.com/metaconceal/metaconceal/pkg/installer"
 	"github.com/metaconceal/metaconceal/pkg/netconf"
+	"github.com/metaconceal/metaconceal/pkg/nodegate"
 	"github.com/metaconceal/metaconceal/pkg/selftest"
 )
 
@@ -126,6 +127,11 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			log.Info("removed the self-test outcome", "dir", o.agent.stateDir, "file", selftest.OutcomeFile)
 		}
 		err = errors.Join(err, rerr)
+		if removed, merr := nodegate.RemoveMarker(o.agent.stateDir); removed {
+			log.Info("removed the readiness gate's marker", "dir", o.agent.stateDir, "file", nodegate.OpenedMarker)
+		} else {
+			err = errors.Join(err, merr)
+		}
 	case o.once:
 		if o.waitTime > 0 {
 			var cancel context.CancelFunc

@@ -65,6 +65,12 @@ type Config struct {
 	// Resync is how often an open gate reads the node to remove a taint put back by
 	// someone else (a node re-registered with --register-with-taints).
 	Resync time.Duration
+	// CloseAtStart: the first step that finds a check failing puts the taint on
+	// instead of only learning whether the node carries it. The node agent sets it
+	// after a boot (its marker in the tmpfs state dir is gone): the kubelet applies
+	// --register-with-taints only when it creates the Node object, so a rebooted node
+	// would otherwise stay open to new pods until metaconceal protects it again.
+	CloseAtStart bool
 	// OnChange, when set, is called with the gate's state after each change.
 	OnChange func(open bool)
 	Log      *slog.Logger
@@ -179,6 +185,13 @@ func (g *Gate) Step(ctx context.Context) error {
 			g.log.Info("readiness gate open: plugin in the CNI config, proxy ready, host guard installed", "taintRemoved", changed)
 		}
 		g.set(true, changed, now)
+	case !g.known && g.cfg.CloseAtStart:
+		g.log.Warn("metaconceal does not protect this node yet since it booted; tainting it until it does", "failing", failed)
+		changed, err := g.setTaint(ctx, true)
+		if err != nil {
+			return err
+		}
+		g.set(false, changed, now)
 	default:
 		if !g.known {
 			// Learn whether the node is tainted, so Open says the truth before the

@@ -21,6 +21,7 @@ import (
 
 	"github.com/metaconceal/metaconceal/internal/testlib/containerd"
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
+	"github.com/metaconceal/metaconceal/pkg/nodegate"
 )
 
 // stopGrace is how long a node process gets after SIGTERM before SIGKILL.
@@ -226,6 +227,10 @@ func (c *Cluster) Shutdown(ctx context.Context, node string) error {
 	}
 	n, err := c.removeRecords()
 	if err != nil {
+		return fmt.Errorf("shutdown: %w", err)
+	}
+	// The readiness gate's marker that it opened since boot: a reboot empties /run.
+	if _, err := nodegate.RemoveMarker(stateDir); err != nil {
 		return fmt.Errorf("shutdown: %w", err)
 	}
 	if err := c.resetNodeNetwork(ctx); err != nil {
