@@ -25,6 +25,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/podindex"
 	"github.com/metaconceal/metaconceal/pkg/policy"
 	"github.com/metaconceal/metaconceal/pkg/proxy"
+	"github.com/metaconceal/metaconceal/pkg/reuseport"
 )
 
 // App is the proxy built from Options. Run it once.
@@ -36,6 +37,7 @@ type App struct {
 	guard   *hostguard.Guard // nil without the host guard
 	pods    *podindex.Index
 	relay   *altsrelay.Relay // nil without ALTS listen addresses
+	ready   readiness        // what /readyz says besides the upstream (ready.go)
 }
 
 // New validates o, every option before anything is changed, and builds the parts
@@ -90,26 +92,26 @@ func New(o Options) (*App, error) {
 	return a, nil
 }
 
-// listeners are the open sockets of one Run.
+// listeners are the open sockets of one Run, each tracked by readiness.
 type listeners struct {
 	proxy, alts []net.Listener
-	admin       net.Listener // nil without MetricsListen
+	admin       []net.Listener // MetricsListen and the probe socket, when set
 }
 
 func (l *listeners) close() {
-	for _, ln := range append(l.proxy, l.alts...) {
+	for _, ln := range append(append(l.proxy, l.alts...), l.admin...) {
 		ln.Close()
-	}
-	if l.admin != nil {
-		l.admin.Close()
 	}
 }
 
-// Run serves until ctx is done or a listener fails, then shuts down: the metrics
-// server first, then the proxy's and the relay's connections drain together within
-// ShutdownGrace (held long polls are answered 503 when the grace ends), then the
+// Run serves until ctx is done or a listener fails, then shuts down (see shutdown):
+// /readyz fails at once, the pods' and the relay's listeners close first (with
+// SO_REUSEPORT the next instance's listeners take every new connection), held long
+// polls are handed back, what is in flight is answered within ShutdownGrace, idle
+// keep-alive connections are closed, and the metrics server stops last; then the
 // guard's reconciliation stops. The host guard is never removed: a restart opens no
-// window (`metaconceal-proxy remove-host-guard` takes it away). Run returns nil after
+// window (`metaconceal-proxy remove-host-guard` takes it away). /readyz succeeds only
+// once every listener accepts and the guard was reconciled once. Run returns nil after
 // a shutdown asked for by ctx, or the listener's error.
 func (a *App) Run(ctx context.Context) error {
 	o, log := a.opts, a.log
@@ -139,11 +141,17 @@ func (a *App) Run(ctx context.Context) error {
 	g, serving := errgroup.WithContext(ctx)
 	loops, stopLoops := context.WithCancel(ctx)
 	defer stopLoops()
-	if a.guard != nil {
+	if a.guard == nil {
+		a.ready.guardOK.Store(true)
+	} else {
 		// Installed after every option was validated and before listening: it also
 		// puts the listen addresses on lo.
 		if err := a.guard.Install(ctx); err != nil {
 			return fmt.Errorf("install host guard: %w", err)
+		}
+		// One full pass before readiness: the guard as installed is checked whole.
+		if _, err := a.guard.Reconcile(ctx); err != nil {
+			return fmt.Errorf("first reconciliation of the host guard: %w", err)
 		}
 		g.Go(func() error {
 			defer a.guard.Start(loops)() // re-asserted every Reconcile until the loops stop
@@ -154,7 +162,9 @@ func (a *App) Run(ctx context.Context) error {
 		// departed exposed pod's rule must not block its IP's next owner.
 		a.pods.Refresh(true)
 		g.Go(func() error { a.pods.Run(loops, time.Second, 60); return nil })
+		a.ready.guardOK.Store(true)
 	}
+	a.setMigrateReq()
 	lns, err := a.listen(ctx)
 	if err != nil {
 		stopLoops()
@@ -163,6 +173,8 @@ func (a *App) Run(ctx context.Context) error {
 	}
 
 	srv := proxy.NewServer(handler, log)
+	// Once Shutdown has closed the listeners: parked long polls are handed back.
+	srv.RegisterOnShutdown(handler.Drain)
 	for _, ln := range lns.proxy {
 		g.Go(func() error { return served(srv.Serve(handler.Listener(ln))) }) // per-pod connection caps
 	}
@@ -170,14 +182,18 @@ func (a *App) Run(ctx context.Context) error {
 		g.Go(func() error { return served(a.relay.Serve(ln)) })
 	}
 	var admin *http.Server
-	if lns.admin != nil {
+	if len(lns.admin) > 0 {
 		admin = proxy.NewAdminServer(handler, log)
-		g.Go(func() error { return served(admin.Serve(lns.admin)) })
+		admin.Handler = a.ready.adminHandler(handler, admin.Handler)
+		for _, ln := range lns.admin {
+			g.Go(func() error { return served(admin.Serve(ln)) })
+		}
 	}
 	log.Info("metaconceal-proxy serving", "listen", o.Listen, "upstream", o.Upstream.Redacted(),
-		"alts_listen", o.ALTS.Listen, "metrics", o.MetricsListen, "recursive", o.Policy.Recursive.String(), "host_guard", a.guard != nil)
+		"alts_listen", o.ALTS.Listen, "metrics", o.MetricsListen, "probe_socket", o.ProbeSocket, "recursive", o.Policy.Recursive.String(), "host_guard", a.guard != nil)
 
 	<-serving.Done()
+	a.ready.draining.Store(true)
 	if ctx.Err() != nil {
 		log.Info("shutting down", "grace", o.ShutdownGrace.String())
 	} else {
@@ -206,7 +222,7 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "Listen", Err: err}
 		}
-		lns.proxy = append(lns.proxy, ln)
+		lns.proxy = append(lns.proxy, a.ready.Track("proxy "+addr.String(), ln))
 	}
 	for _, addr := range o.ALTS.Listen {
 		ln, err := proxy.Listen(ctx, addr.String())
@@ -214,7 +230,7 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "ALTS.Listen", Err: err}
 		}
-		lns.alts = append(lns.alts, ln)
+		lns.alts = append(lns.alts, a.ready.Track("alts "+addr.String(), ln))
 	}
 	if o.MetricsListen != "" {
 		ln, err := proxy.Listen(ctx, o.MetricsListen)
@@ -222,22 +238,29 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "MetricsListen", Err: err}
 		}
-		lns.admin = ln
+		lns.admin = append(lns.admin, a.ready.Track("metrics "+o.MetricsListen, ln))
+	}
+	if o.ProbeSocket != "" {
+		ln, err := listenProbeSocket(ctx, o.ProbeSocket)
+		if err != nil {
+			lns.close()
+			return nil, &OptionError{Option: "ProbeSocket", Err: err}
+		}
+		lns.admin = append(lns.admin, a.ready.Track("probe "+o.ProbeSocket, ln))
 	}
 	return lns, nil
 }
 
-// shutdown stops serving: the metrics server, then the proxy's server and the relay
-// concurrently within one grace; requests still open after it are cut.
+// shutdown stops serving, within one ShutdownGrace: the proxy's server and the relay
+// concurrently (each closes its listeners first; net/http answers what is in flight
+// with "Connection: close" and closes idle keep-alive connections; the handler's Drain,
+// run by Shutdown once the listeners are closed, hands held long polls back), then the
+// metrics server. Requests still open after the grace are cut.
 func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 	log := a.log
+	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.opts.ShutdownGrace)
 	defer cancel()
-	if admin != nil {
-		if err := admin.Shutdown(ctx); err != nil {
-			log.Warn("metrics listener did not shut down cleanly", "err", err)
-		}
-	}
 	relayDone := make(chan error, 1)
 	if a.relay != nil {
 		// The relay drains within the same grace as the HTTP side, concurrently.
@@ -255,6 +278,32 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 	}
 	if err := <-relayDone; err != nil {
 		log.Warn("ALTS connections cut after the shutdown grace", "err", err)
+	}
+	log.Info("drained: listeners closed, open requests answered", "took", time.Since(start).String())
+	if admin != nil {
+		if err := admin.Shutdown(ctx); err != nil {
+			log.Warn("metrics listener did not shut down cleanly", "err", err)
+		}
+	}
+}
+
+// setMigrateReq sets net.ipv4.tcp_migrate_req=1 in the node's netns when asked to:
+// connections still queued on this instance's listeners when it closes them then go to
+// the next instance's instead of being reset. Failing to is logged, not fatal (an old
+// kernel, a read-only /proc/sys): the listeners still overlap.
+func (a *App) setMigrateReq() {
+	if a.opts.ProcSys == "" {
+		a.log.Info("net.ipv4.tcp_migrate_req left as it is (--tcp-migrate-req=false)")
+		return
+	}
+	changed, err := reuseport.MigrateReq(a.opts.ProcSys)
+	switch {
+	case err != nil:
+		a.log.Warn("could not set net.ipv4.tcp_migrate_req=1: connections queued on a closing listener are reset in a rolling update", "err", err)
+	case changed:
+		a.log.Info("set net.ipv4.tcp_migrate_req=1 in the node's network namespace", "proc_sys", a.opts.ProcSys)
+	default:
+		a.log.Info("net.ipv4.tcp_migrate_req is already 1")
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 
@@ -41,18 +42,20 @@ func Listen(ctx context.Context, address string) (net.Listener, error) {
 	return ListenConfig().Listen(ctx, "tcp", address)
 }
 
-// MigrateReqPath is the sysctl that moves requests queued on a closing listener to
-// another listener of its SO_REUSEPORT group (Linux 5.14 and later).
-const MigrateReqPath = "/proc/sys/net/ipv4/tcp_migrate_req"
+// MigrateReqFile is the sysctl that moves requests queued on a closing listener to
+// another listener of its SO_REUSEPORT group (Linux 5.14 and later), under /proc/sys.
+const MigrateReqFile = "net/ipv4/tcp_migrate_req"
 
 // ErrMigrateReqUnsupported: the kernel has no net.ipv4.tcp_migrate_req.
 var ErrMigrateReqUnsupported = errors.New("net.ipv4.tcp_migrate_req is not supported by this kernel (Linux 5.14 or later)")
 
-// MigrateReq sets net.ipv4.tcp_migrate_req to 1 in the network namespace of the
-// calling thread (the proxy runs in the node's), unless it already is. It reports
+// MigrateReq sets net.ipv4.tcp_migrate_req to 1, unless it already is, through procSys
+// (where /proc/sys is mounted: "/proc/sys", or the node's /proc/sys mounted into a
+// container whose own is read-only). A sysctl file acts on the network namespace of the
+// thread that opens it: the caller's (the proxy runs in the node's). It reports
 // whether it changed the value.
-func MigrateReq() (changed bool, err error) {
-	return setSysctl(MigrateReqPath, "1")
+func MigrateReq(procSys string) (changed bool, err error) {
+	return setSysctl(filepath.Join(procSys, MigrateReqFile), "1")
 }
 
 func setSysctl(path, want string) (bool, error) {

@@ -41,7 +41,7 @@ func TestTwoInstancesOneAddress(t *testing.T) {
 	}
 	t.Cleanup(func() { _ = node.Close() })
 	if err := simnode.In(node.Path, func() error {
-		_, err := MigrateReq()
+		_, err := MigrateReq("/proc/sys")
 		return err
 	}); err != nil {
 		t.Fatalf("tcp_migrate_req in the node: %v", err)
