@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -55,6 +56,7 @@ type flagValues struct {
 	guardConnRate   int // --guard-conn-rate, --guard-conn-burst: the host guard's per-source limit
 	guardConnBurst  int
 	guardReconcile  time.Duration // --guard-reconcile-interval
+	guardGeneration uint64        // --guard-generation
 	logFormat       string
 	logLevel        string
 	upstreamTimeout time.Duration
@@ -91,6 +93,16 @@ func parseFlags(args []string, stderr io.Writer) (flagValues, error) {
 	fs.BoolVar(&f.removeHostGuard, "remove-host-guard", false, "deprecated: use `metaconceal-proxy remove-host-guard`")
 	fs.IntVar(&f.guardConnRate, "guard-conn-rate", hostguard.DefaultConnRate, "host guard: new TCP connections per second per source IP to the proxy and the ALTS relay; SYNs over it (once --guard-conn-burst is spent) are dropped in the kernel, before the proxy accepts. 0 turns it off")
 	fs.DurationVar(&f.guardReconcile, "guard-reconcile-interval", hostguard.DefaultReconcileInterval, "host guard: how often the proxy checks that every chain, rule and jump of the guard, and its listen addresses on lo, are in place, and puts back what is missing (logged, metaconceal_guard_repairs_total)")
+	fs.Func("guard-generation", "host guard: this proxy's generation (the DaemonSet passes its pod's pod-template-generation); while a proxy of a newer generation keeps the guard (its heartbeat on the guard is fresh), this one installs and repairs nothing (metaconceal_guard_deferred_to_generation). Empty or unset: 0, the lowest",
+		func(v string) error {
+			if v == "" {
+				f.guardGeneration = 0
+				return nil
+			}
+			n, err := strconv.ParseUint(v, 10, 64)
+			f.guardGeneration = n
+			return err
+		})
 	fs.IntVar(&f.guardConnBurst, "guard-conn-burst", hostguard.DefaultConnBurst, "host guard: new TCP connections a source IP may open at once before --guard-conn-rate applies (1-10000 with a rate)")
 	fs.DurationVar(&f.altsHandshakeTimeout, "alts-handshake-timeout", altsrelay.DefaultHandshakeTimeout, "ALTS relay: a connection that has not sent the HTTP/2 preface and its first gRPC call to the handshaker service within this is closed")
 	fs.DurationVar(&f.altsIdleTimeout, "alts-idle-timeout", altsrelay.DefaultIdleTimeout, "ALTS relay: a connection on which no byte moved either way for this long is closed")
@@ -234,7 +246,7 @@ func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 		if err != nil {
 			return o, err
 		}
-		o.Guard = &proxyapp.GuardOptions{Config: gcfg, Reconcile: f.guardReconcile}
+		o.Guard = &proxyapp.GuardOptions{Config: gcfg, Reconcile: f.guardReconcile, Generation: f.guardGeneration}
 	} else {
 		log.Warn(hostGuardOffWarning)
 	}

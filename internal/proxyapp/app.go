@@ -67,7 +67,7 @@ func New(o Options) (*App, error) {
 		if err := cfg.Validate(); err != nil {
 			return nil, &OptionError{Option: "Guard.Config", Err: err}
 		}
-		a.guard, err = hostguard.New(cfg, hostguard.Options{Interval: o.Guard.Reconcile, Log: a.log, Registerer: a.metrics.Registry})
+		a.guard, err = hostguard.New(cfg, hostguard.Options{Interval: o.Guard.Reconcile, Log: a.log, Registerer: a.metrics.Registry, Generation: o.Guard.Generation})
 		if err != nil { // the config is valid: what is left is the interval
 			return nil, &OptionError{Option: "Guard.Reconcile", Err: err}
 		}

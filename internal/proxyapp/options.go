@@ -78,6 +78,9 @@ type GuardOptions struct {
 	// Reconcile is how often the guard is checked and repaired; 0 is
 	// hostguard.DefaultReconcileInterval.
 	Reconcile time.Duration
+	// Generation is this proxy's generation: a guard written by a newer one, alive,
+	// is left alone (hostguard.Options.Generation).
+	Generation uint64
 }
 
 // An OptionError is an Options value that cannot be used. Option names the field
