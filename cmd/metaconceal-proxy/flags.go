@@ -109,7 +109,7 @@ func parseFlags(args []string, stderr io.Writer) (flagValues, error) {
 	fs.DurationVar(&f.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
 	fs.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM the listeners close at once (the next instance, bound beside with SO_REUSEPORT, takes new connections), held long polls are handed back with the current value (as when their timeout_sec ends), and open requests may finish for this long before their connections are closed; keep it below the pod's terminationGracePeriodSeconds minus 5 s")
 	fs.StringVar(&f.probeSocket, "probe-socket", "", "unix socket path on which /healthz, /readyz and /metrics are also served, for exec probes (`metaconceal-proxy probe`) that must reach this instance, not another one sharing --metrics-listen during a rolling update; empty disables")
-	fs.BoolVar(&f.tcpMigrateReq, "tcp-migrate-req", true, "set net.ipv4.tcp_migrate_req=1 in the node's network namespace at start (through --proc-sys), so that connections queued on a closing listener move to the next instance's; false leaves the sysctl alone. Failing to set it is logged, not fatal")
+	fs.BoolVar(&f.tcpMigrateReq, "tcp-migrate-req", true, "set net.ipv4.tcp_migrate_req=1 in the node's network namespace at start (through --proc-sys), so that connections queued on a closing listener move to the next instance's; false leaves the sysctl alone, and so does --host-guard=false. Failing to set it is logged, not fatal")
 	fs.StringVar(&f.procSys, "proc-sys", "/proc/sys", "where the node's /proc/sys is mounted read-write (a container's own /proc/sys is read-only; the DaemonSet mounts the node's at /host/proc/sys)")
 	fs.BoolVar(&f.cache, "cache", true, "cache service-account tokens (until a safety margin before expiry) and VM-lifetime facts (project-id, instance id/zone/name/..., for --cache-ttl); --cache=false sends every request upstream (identical concurrent GETs still share one)")
 	f.kube.Register(fs, eventsHelp)
@@ -225,7 +225,9 @@ func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 		ShutdownGrace: f.shutdownGrace, Log: log, ProbeSocket: f.probeSocket,
 		Collectors: []prometheus.Collector{buildinfo.NewCollector()}, // metaconceal_build_info
 	}
-	if f.tcpMigrateReq {
+	// Like the guard, the sysctl belongs to the node's netns: with --host-guard=false
+	// (tests, benchmarks on a machine's own netns) it is never touched.
+	if f.tcpMigrateReq && f.hostGuard {
 		if f.procSys == "" {
 			return o, errors.New("--proc-sys: empty; want where /proc/sys is, or --tcp-migrate-req=false")
 		}

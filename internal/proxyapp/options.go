@@ -29,7 +29,8 @@ type Options struct {
 	// another one sharing MetricsListen through SO_REUSEPORT.
 	ProbeSocket string
 	// ProcSys, when set, is where the node's /proc/sys is, through which Run sets
-	// net.ipv4.tcp_migrate_req=1; empty leaves it alone.
+	// net.ipv4.tcp_migrate_req=1 in the netns of Run's thread: set it only where Run
+	// runs in the node's netns (as with Guard); empty leaves it alone.
 	ProcSys string
 	// Upstream is the real metadata server, scheme and host only.
 	Upstream *url.URL
