@@ -39,6 +39,31 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	}
 	// Let them answer for a second before the update, so the window has a start.
 	time.Sleep(time.Second)
+	// The old proxy's log until it exits (its pod is gone afterwards): the drain lines.
+	oldPods, err := podNames(ctx, env, deployNamespace, "app.kubernetes.io/name=metaconceal")
+	if err != nil {
+		return "", err
+	}
+	oldLogs := make(chan string, len(oldPods))
+	for _, p := range oldPods {
+		go func() {
+			out, _ := env.Cluster.Kubectl(ctx, nil, "-n", deployNamespace, "logs", "-f", p, "-c", "proxy", "--tail=1")
+			oldLogs <- string(out)
+		}()
+	}
+	defer func() {
+		for range oldPods {
+			select {
+			case out := <-oldLogs:
+				for l := range strings.SplitSeq(out, "\n") {
+					if strings.Contains(l, "drain") || strings.Contains(l, "shutting") || strings.Contains(l, "cut") || strings.Contains(l, "generation") {
+						env.Logf("old proxy: %s", l)
+					}
+				}
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}()
 	start := time.Now()
 	img := env.Cluster.Images().Update
 	// Every container and init container of the DaemonSet: all run the one image.
@@ -76,7 +101,9 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	detail := st.String() + fmt.Sprintf(" rollout=%.1fs old-pod-gone=%.1fs", rolled.Seconds(), drained.Seconds())
+	detail := st.String() + fmt.Sprintf(" rollout=%.1fs old-pod-gone=%.1fs gap-from=+%.2fs", rolled.Seconds(), drained.Seconds(),
+		float64(st.gapAt-start.UnixMilli())/1000)
+	env.Logf("rolling-update: %d poll lines, the last: %s", st.pollLines, st.lastPoll)
 	switch {
 	case st.leaks > 0:
 		return detail, errf("%d answers carried kube-env", st.leaks)
@@ -103,6 +130,9 @@ type clientStats struct {
 	longestGap  time.Duration
 	gapClient   string
 	pollAnswers int // long poll answers (200): each a hand-back or a change
+	pollLines   int // long poll lines in the whole log (diagnostics)
+	lastPoll    string
+	gapAt       int64 // Unix ms: the start of the longest gap
 	firstBad    string
 }
 
@@ -139,6 +169,8 @@ func analyzeClients(log []byte, sinceMillis int64) (clientStats, error) {
 			return st, fmt.Errorf("clients line %q: %w", raw, err)
 		}
 		if l.C == "poll" {
+			st.pollLines++
+			st.lastPoll = fmt.Sprintf("%s t=%d end=%d", l.probeLine, l.T-sinceMillis, l.End-sinceMillis)
 			// A poll held from before the window counts when it is answered in it.
 			if l.End < sinceMillis {
 				continue
@@ -177,7 +209,7 @@ func analyzeClients(log []byte, sinceMillis int64) (clientStats, error) {
 			bad(l)
 		default:
 			if gap := time.Duration(l.T-prev[l.C]) * time.Millisecond; gap > st.longestGap {
-				st.longestGap, st.gapClient = gap, l.C
+				st.longestGap, st.gapClient, st.gapAt = gap, l.C, prev[l.C]
 			}
 			prev[l.C] = l.T
 		}
