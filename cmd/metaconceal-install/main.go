@@ -129,6 +129,16 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			log.Info("removed the self-test outcome", "dir", o.agent.stateDir, "file", selftest.OutcomeFile)
 		}
 		err = errors.Join(err, rerr)
+		// The node agent's lock file (--lock-file, named in the state dir by default).
+		lockPath := o.lockFile
+		if lockPath == "" {
+			lockPath = filepath.Join(o.agent.stateDir, nodelock.FileName)
+		}
+		removed, rerr = nodelock.Remove(lockPath)
+		if removed {
+			log.Info("removed the node agent lock file", "file", lockPath)
+		}
+		err = errors.Join(err, rerr)
 	case o.once:
 		if o.waitTime > 0 {
 			var cancel context.CancelFunc

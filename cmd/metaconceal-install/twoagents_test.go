@@ -64,3 +64,21 @@ func TestTwoAgentsOneNode(t *testing.T) {
 		t.Errorf("new agent exit %d", code)
 	}
 }
+
+// Uninstall takes the node agent's lock file out of the state dir with the rest.
+func TestUninstallRemovesLockFile(t *testing.T) {
+	t.Parallel()
+	bin, confDir, plugin := setup(t, flannel)
+	stateDir := t.TempDir()
+	lock := filepath.Join(stateDir, ".node-agent.lock")
+	if err := os.WriteFile(lock, []byte("pod=old pid=1\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	if code := run(context.Background(), []string{"--uninstall", "--cni-bin-dir", bin, "--cni-conf-dir", confDir, "--plugin-binary", plugin, "--state-dir", stateDir}, &stderr); code != 0 {
+		t.Fatalf("uninstall exit %d: %s", code, stderr.String())
+	}
+	if _, err := os.Stat(lock); !os.IsNotExist(err) {
+		t.Errorf("lock file still there after uninstall: %v", err)
+	}
+}

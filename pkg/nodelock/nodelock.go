@@ -20,6 +20,22 @@ import (
 	"golang.org/x/sys/unix"
 )
 
+// FileName is the lock file's name in the state dir (the DaemonSet's --lock-file).
+const FileName = ".node-agent.lock"
+
+// Remove deletes the lock file at path (uninstall); a missing one is not an error. It
+// reports whether there was one.
+func Remove(path string) (bool, error) {
+	err := os.Remove(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("node agent lock: %w", err)
+	}
+	return true, nil
+}
+
 // PollInterval is how often a waiting agent tries the lock again.
 const PollInterval = 250 * time.Millisecond
 
