@@ -1,7 +1,6 @@
 package proxyapp
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
@@ -106,25 +105,31 @@ func TestRollingUpdateNoFailedRequest(t *testing.T) {
 	type answer struct {
 		status int
 		body   string
+		etag   string
 		err    error
 	}
 	polled := make(chan answer, 1)
 	go func() {
-		c, err := simnode.DialIn(node.Path, "tcp", listen.String(), 2*time.Second)
-		if err != nil {
-			polled <- answer{err: err}
+		// As Google's client libraries do: the value and its ETag, then a poll for a
+		// change from that ETag, on one keep-alive client.
+		c := &http.Client{Transport: &http.Transport{DialContext: simnode.DialContextIn(node.Path)}}
+		get := func(url string) answer {
+			req, _ := http.NewRequest(http.MethodGet, url, nil)
+			req.Header.Set("Metadata-Flavor", "Google")
+			resp, err := c.Do(req)
+			if err != nil {
+				return answer{err: err}
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			return answer{status: resp.StatusCode, body: string(b), etag: resp.Header.Get("ETag")}
+		}
+		first := get(base)
+		if first.err != nil || first.etag == "" {
+			polled <- answer{err: fmt.Errorf("the first GET: %+v", first)}
 			return
 		}
-		defer c.Close()
-		fmt.Fprintf(c, "GET /computeMetadata/v1/project/project-id?wait_for_change=true&timeout_sec=300 HTTP/1.1\r\nHost: metadata\r\nMetadata-Flavor: Google\r\n\r\n")
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			polled <- answer{err: err}
-			return
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		polled <- answer{status: resp.StatusCode, body: string(b)}
+		polled <- get(base + "?wait_for_change=true&timeout_sec=300&last_etag=" + first.etag)
 	}()
 	for gce.Waiting() == 0 {
 		time.Sleep(10 * time.Millisecond)
