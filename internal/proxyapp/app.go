@@ -173,8 +173,6 @@ func (a *App) Run(ctx context.Context) error {
 	}
 
 	srv := proxy.NewServer(handler, log)
-	// Once Shutdown has closed the listeners: parked long polls are handed back.
-	srv.RegisterOnShutdown(handler.Drain)
 	for _, ln := range lns.proxy {
 		g.Go(func() error { return served(srv.Serve(handler.Listener(ln))) }) // per-pod connection caps
 	}
@@ -268,7 +266,19 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 	} else {
 		relayDone <- nil
 	}
-	if err := srv.Shutdown(ctx); err != nil {
+	// Shutdown closes the listeners at once, then waits for the requests in flight;
+	// once the listeners are closed, held long polls are handed back (Drain returns
+	// when their answers are written: the process must not exit before), and once
+	// more after Shutdown, for polls parked meanwhile on keep-alive connections.
+	listenersClosed := make(chan struct{})
+	srv.RegisterOnShutdown(func() { close(listenersClosed) })
+	srvDone := make(chan error, 1)
+	go func() { srvDone <- srv.Shutdown(ctx) }()
+	<-listenersClosed
+	handler.Drain()
+	err := <-srvDone
+	handler.Drain()
+	if err != nil {
 		// Requests still open after the grace period: close them; clients retry.
 		log.Warn("open requests cut after the shutdown grace", "err", err)
 		handler.Close()

@@ -8,20 +8,29 @@ import (
 	"context"
 	"net/http"
 	"strings"
+	"sync"
 	"time"
 )
 
 // drainSweep is how often Drain hands back polls that parked after it was called.
 const drainSweep = 100 * time.Millisecond
 
-// Drain hands every parked long poll back to its client, now and (every 100 ms) each
-// one that parks later, until Close: the client gets what GCE answers when timeout_sec
-// runs out, the current value and its ETag, and polls again, on the next instance.
-// Never an error unless the upstream fails. Call it once, when the listeners close.
+// sweepers marks the handlers whose background hand-back runs (one each).
+var sweepers sync.Map // *Handler -> struct{}
+
+// Drain hands every parked long poll back to its client and returns once those answers
+// are written: the client gets what GCE answers when timeout_sec runs out, the current
+// value and its ETag, and polls again, on the next instance; never an error unless the
+// upstream fails. Until Close, polls that park later are handed back every 100 ms.
+// Calling it again hands back (and waits for) what parked meanwhile.
 func (h *Handler) Drain() {
 	h.log.Info("draining: handing parked long polls back")
 	h.handBack()
+	if _, running := sweepers.LoadOrStore(h, struct{}{}); running {
+		return
+	}
 	go func() {
+		defer sweepers.Delete(h)
 		t := time.NewTicker(drainSweep)
 		defer t.Stop()
 		for {
@@ -35,8 +44,8 @@ func (h *Handler) Drain() {
 	}()
 }
 
-// handBack takes every parked client off its flight and answers it with the current
-// value of what it polls.
+// handBack takes every parked client off its flight, answers it with the current
+// value of what it polls, and returns once every answer is written.
 func (h *Handler) handBack() {
 	g := h.polls
 	byKey := map[reqKey][]*parkedPoll{}
@@ -49,9 +58,15 @@ func (h *Handler) handBack() {
 		}
 	}
 	g.mu.Unlock()
+	var wg sync.WaitGroup
 	for key, parked := range byKey {
-		go h.answerNow(key, parked)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			h.answerNow(key, parked)
+		}()
 	}
+	wg.Wait()
 }
 
 // answerNow fetches the current value for a long poll's key (without wait_for_change,
