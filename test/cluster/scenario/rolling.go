@@ -101,8 +101,14 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	detail := st.String() + fmt.Sprintf(" rollout=%.1fs old-pod-gone=%.1fs gap-from=+%.2fs", rolled.Seconds(), drained.Seconds(),
-		float64(st.gapAt-start.UnixMilli())/1000)
+	// The handover: from a second before the new pod was ready (the old one deleted)
+	// to a second after the old one was gone.
+	ho, err := analyzeClientsUntil(out, start.Add(rolled-time.Second).UnixMilli(), start.Add(drained+time.Second).UnixMilli())
+	if err != nil {
+		return "", err
+	}
+	detail := st.String() + fmt.Sprintf(" rollout=%.1fs old-pod-gone=%.1fs gap-from=+%.2fs handover-gap=%.3fs", rolled.Seconds(), drained.Seconds(),
+		float64(st.gapAt-start.UnixMilli())/1000, ho.longestGap.Seconds())
 	env.Logf("rolling-update: %d poll lines, the last: %s", st.pollLines, st.lastPoll)
 	switch {
 	case st.leaks > 0:
@@ -152,6 +158,12 @@ type clientLine struct {
 // The gap of a client is the time between the starts of two consecutive requests it
 // got a concealed answer to (from sinceMillis for the first).
 func analyzeClients(log []byte, sinceMillis int64) (clientStats, error) {
+	return analyzeClientsUntil(log, sinceMillis, 0)
+}
+
+// analyzeClientsUntil is analyzeClients over requests started before untilMillis too
+// (0: no end).
+func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStats, error) {
 	var st clientStats
 	prev := map[string]int64{"new": sinceMillis, "ka": sinceMillis}
 	bad := func(l clientLine) {
@@ -190,7 +202,7 @@ func analyzeClients(log []byte, sinceMillis int64) (clientStats, error) {
 			}
 			continue
 		}
-		if l.T < sinceMillis {
+		if l.T < sinceMillis || (untilMillis > 0 && l.T >= untilMillis) {
 			continue
 		}
 		if _, known := prev[l.C]; !known {

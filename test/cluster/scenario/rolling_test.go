@@ -39,6 +39,10 @@ func TestAnalyzeClients(t *testing.T) {
 			t.Errorf("%s: %+v, want %+v", tc.name, st, tc.want)
 		}
 	}
+	st, err := analyzeClientsUntil([]byte(`{"c":"new","t":1000,"end":1005,`+conc+`}`+"\n"+`{"c":"new","t":1500,"end":1505,`+conc+`}`+"\n"), 1000, 1200)
+	if err != nil || st.requests != 1 {
+		t.Errorf("until 1200: %+v, %v; want the one request before it", st, err)
+	}
 	if _, err := analyzeClients([]byte(`{"c":"other","t":2000}`+"\n"), 0); err == nil {
 		t.Error("an unknown client was accepted")
 	}
