@@ -14,6 +14,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sync/errgroup"
@@ -38,6 +40,8 @@ type App struct {
 	pods    *podindex.Index
 	relay   *altsrelay.Relay // nil without ALTS listen addresses
 	ready   readiness        // what /readyz says besides the upstream (ready.go)
+	// freshSeen: connections in StateNew, counted by countFresh.
+	freshSeen sync.Map
 }
 
 // New validates o, every option before anything is changed, and builds the parts
@@ -173,8 +177,15 @@ func (a *App) Run(ctx context.Context) error {
 	}
 
 	srv := proxy.NewServer(handler, log)
+	fresh := a.countFresh(srv)
 	for _, ln := range lns.proxy {
-		g.Go(func() error { return served(srv.Serve(handler.Listener(ln))) }) // per-pod connection caps
+		g.Go(func() error { // per-pod connection caps
+			err := srv.Serve(handler.Listener(ln))
+			if a.ready.draining.Load() && errors.Is(err, net.ErrClosed) {
+				return nil // shutdown closed the listener itself, before srv.Shutdown
+			}
+			return served(err)
+		})
 	}
 	for _, ln := range lns.alts {
 		g.Go(func() error { return served(a.relay.Serve(ln)) })
@@ -197,7 +208,7 @@ func (a *App) Run(ctx context.Context) error {
 	} else {
 		log.Error("listener failed", "err", context.Cause(serving))
 	}
-	a.shutdown(handler, srv, admin)
+	a.shutdown(handler, srv, admin, lns.proxy, fresh)
 	stopLoops()
 	return g.Wait()
 }
@@ -249,12 +260,12 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 	return lns, nil
 }
 
-// shutdown stops serving, within one ShutdownGrace: the proxy's server and the relay
-// concurrently (each closes its listeners first; net/http answers what is in flight
-// with "Connection: close" and closes idle keep-alive connections; the handler's Drain,
-// run by Shutdown once the listeners are closed, hands held long polls back), then the
-// metrics server. Requests still open after the grace are cut.
-func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
+// shutdown stops serving, within one ShutdownGrace: the pods' listeners close first,
+// the handler's Drain hands held long polls back, connections just accepted get to
+// send their first request, then net/http's Shutdown answers what is in flight with
+// "Connection: close" and closes idle keep-alive connections, concurrently with the
+// relay's; then the metrics server. Requests still open after the grace are cut.
+func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server, proxyListeners []net.Listener, fresh *atomic.Int64) {
 	log := a.log
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.opts.ShutdownGrace)
@@ -270,13 +281,21 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 	// once the listeners are closed, held long polls are handed back (Drain returns
 	// when their answers are written: the process must not exit before), and once
 	// more after Shutdown, for polls parked meanwhile on keep-alive connections.
-	listenersClosed := make(chan struct{})
-	srv.RegisterOnShutdown(func() { close(listenersClosed) })
-	srvDone := make(chan error, 1)
-	go func() { srvDone <- srv.Shutdown(ctx) }()
-	<-listenersClosed
+	// net/http drops, unanswered, a request it finishes reading after Shutdown began
+	// (a connection accepted just before). So the pods' listeners are closed first,
+	// and Shutdown waits until every connection accepted has had its first request
+	// read (at most freshWait); those requests are answered as usual.
+	for _, ln := range proxyListeners {
+		ln.Close()
+	}
 	handler.Drain()
-	err := <-srvDone
+	for wait := time.Now().Add(freshWait); fresh.Load() > 0 && time.Now().Before(wait); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	err := srv.Shutdown(ctx)
+	if errors.Is(err, net.ErrClosed) {
+		err = nil // a listener closed above, again: every connection was done
+	}
 	handler.Drain()
 	if err != nil {
 		// Requests still open after the grace period: close them; clients retry.
@@ -295,6 +314,36 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 			log.Warn("metrics listener did not shut down cleanly", "err", err)
 		}
 	}
+}
+
+// freshWait bounds how long shutdown waits for accepted connections to send their first
+// request before net/http's Shutdown (a client that sends nothing is closed by it).
+const freshWait = time.Second
+
+// countFresh counts srv's connections accepted and not yet past their first request
+// (StateNew), through its ConnState hook.
+func (a *App) countFresh(srv *http.Server) *atomic.Int64 {
+	var n atomic.Int64
+	next := srv.ConnState
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			n.Add(1)
+		case http.StateActive, http.StateHijacked, http.StateClosed:
+			if c != nil {
+				if _, counted := a.freshSeen.LoadAndDelete(c); counted {
+					n.Add(-1)
+				}
+			}
+		}
+		if st == http.StateNew && c != nil {
+			a.freshSeen.Store(c, struct{}{})
+		}
+		if next != nil {
+			next(c, st)
+		}
+	}
+	return &n
 }
 
 // setMigrateReq sets net.ipv4.tcp_migrate_req=1 in the node's netns when asked to:
