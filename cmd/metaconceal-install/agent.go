@@ -11,7 +11,6 @@ import (
 	"flag"
 	"fmt"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/netip"
 	"sync"
@@ -29,6 +28,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/nodegate"
 	"github.com/metaconceal/metaconceal/pkg/podevents"
 	"github.com/metaconceal/metaconceal/pkg/repair"
+	"github.com/metaconceal/metaconceal/pkg/reuseport"
 	"github.com/metaconceal/metaconceal/pkg/selftest"
 	"github.com/metaconceal/metaconceal/pkg/state"
 	"github.com/metaconceal/metaconceal/pkg/xtables"
@@ -294,8 +294,8 @@ func (a *agentOptions) metricsServer(ctx context.Context, reg *prometheus.Regist
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, WriteTimeout: 30 * time.Second,
 		ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelWarn)}
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "tcp", a.metricsListen)
+	// SO_REUSEPORT: the next agent of a rolling update binds beside this one.
+	ln, err := reuseport.Listen(ctx, a.metricsListen)
 	if err != nil {
 		return nil, fmt.Errorf("--metrics-listen: %w", err)
 	}

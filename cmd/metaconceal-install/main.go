@@ -26,6 +26,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/installer"
 	"github.com/metaconceal/metaconceal/pkg/netconf"
 	"github.com/metaconceal/metaconceal/pkg/nodegate"
+	"github.com/metaconceal/metaconceal/pkg/nodelock"
 	"github.com/metaconceal/metaconceal/pkg/selftest"
 )
 
@@ -51,6 +52,7 @@ type options struct {
 	exclude                      cliflag.List
 	debounce, resync, waitTime   time.Duration
 	logFormat, logLevel          string
+	lockFile                     string       // watch mode: one agent per node (pkg/nodelock)
 	agent                        agentOptions // node agent (watch mode): agent.go
 }
 
@@ -73,6 +75,7 @@ func parseFlags(args []string, stderr io.Writer) (*options, error) {
 	fs.DurationVar(&o.resync, "resync", installer.DefaultResync, "watch: how often to check binary and entry without any change (0 disables)")
 	fs.DurationVar(&o.waitTime, "wait-timeout", 0, "--once: give up when no CNI config appears within this time (0 waits forever)")
 	o.agent.register(fs)
+	fs.StringVar(&o.lockFile, "lock-file", "", "watch mode: take this file's exclusive lock (a host directory, e.g. the state dir) before doing anything, so that of two DaemonSet pods side by side in a rolling update only one keeps the entry, the taint and repair; the other waits and takes over when the first exits. Empty: no lock")
 	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	if err := fs.Parse(args); err != nil {
@@ -127,6 +130,16 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 			log.Info("removed the self-test outcome", "dir", o.agent.stateDir, "file", selftest.OutcomeFile)
 		}
 		err = errors.Join(err, rerr)
+		// The node agent's lock file (--lock-file, named in the state dir by default).
+		lockPath := o.lockFile
+		if lockPath == "" {
+			lockPath = filepath.Join(o.agent.stateDir, nodelock.FileName)
+		}
+		removed, rerr = nodelock.Remove(lockPath)
+		if removed {
+			log.Info("removed the node agent lock file", "file", lockPath)
+		}
+		err = errors.Join(err, rerr)
 		if removed, merr := nodegate.RemoveMarker(o.agent.stateDir); removed {
 			log.Info("removed the readiness gate's marker", "dir", o.agent.stateDir, "file", nodegate.OpenedMarker)
 		} else {
@@ -140,7 +153,18 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		}
 		err = in.Once(ctx)
 	default:
-		log.Info("watching", "dir", o.confDir, "uninstall_on_exit", o.uninstallOn)
+		var lock *nodelock.Lock
+		if o.lockFile != "" {
+			if lock, err = nodelock.Acquire(ctx, o.lockFile, lockHolder(), log); err != nil {
+				if ctx.Err() != nil {
+					log.Info("stopped while waiting for the node agent lock")
+					return 0
+				}
+				break
+			}
+			defer lock.Release()
+		}
+		log.Info("watching", "dir", o.confDir, "uninstall_on_exit", o.uninstallOn, "lock", o.lockFile)
 		err = o.agent.runBeside(ctx, o.confDir, log, func(ctx context.Context) error { return in.Run(ctx, o.uninstallOn) })
 	}
 	if err != nil {
@@ -148,6 +172,16 @@ func run(ctx context.Context, args []string, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// lockHolder names this agent in the lock file: its pod (POD_NAME, set by the
+// DaemonSet) or its host.
+func lockHolder() string {
+	if p := os.Getenv("POD_NAME"); p != "" {
+		return "pod=" + p
+	}
+	h, _ := os.Hostname()
+	return "host=" + h
 }
 
 func entryOf(o *options) conflist.Entry {

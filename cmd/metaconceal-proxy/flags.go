@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -56,10 +57,14 @@ type flagValues struct {
 	guardConnRate   int // --guard-conn-rate, --guard-conn-burst: the host guard's per-source limit
 	guardConnBurst  int
 	guardReconcile  time.Duration // --guard-reconcile-interval
+	guardGeneration uint64        // --guard-generation
 	logFormat       string
 	logLevel        string
 	upstreamTimeout time.Duration
 	shutdownGrace   time.Duration
+	probeSocket     string // --probe-socket: the admin endpoints on a unix socket, for exec probes
+	tcpMigrateReq   bool   // --tcp-migrate-req: set net.ipv4.tcp_migrate_req=1 through --proc-sys
+	procSys         string
 	cache           bool
 	cacheTTL        time.Duration
 	gcPercent       int // gc.go
@@ -77,7 +82,7 @@ func parseFlags(args []string, stderr io.Writer) (flagValues, error) {
 	fs := flag.NewFlagSet("metaconceal-proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	fs.Usage = func() {
-		fmt.Fprintln(stderr, "usage: metaconceal-proxy [flags]\n       metaconceal-proxy doctor [flags]\n       metaconceal-proxy remove-host-guard [flags]\nflags:")
+		fmt.Fprintln(stderr, "usage: metaconceal-proxy [flags]\n       metaconceal-proxy doctor [flags]\n       metaconceal-proxy remove-host-guard [flags]\n       metaconceal-proxy probe [--socket PATH] [--path /readyz]\nflags:")
 		fs.PrintDefaults()
 	}
 	addGuardFlags(fs, &f)
@@ -89,11 +94,24 @@ func parseFlags(args []string, stderr io.Writer) (flagValues, error) {
 	fs.BoolVar(&f.removeHostGuard, "remove-host-guard", false, "deprecated: use `metaconceal-proxy remove-host-guard`")
 	fs.IntVar(&f.guardConnRate, "guard-conn-rate", hostguard.DefaultConnRate, "host guard: new TCP connections per second per source IP to the proxy and the ALTS relay; SYNs over it (once --guard-conn-burst is spent) are dropped in the kernel, before the proxy accepts. 0 turns it off")
 	fs.DurationVar(&f.guardReconcile, "guard-reconcile-interval", hostguard.DefaultReconcileInterval, "host guard: how often the proxy checks that every chain, rule and jump of the guard, and its listen addresses on lo, are in place, and puts back what is missing (logged, metaconceal_guard_repairs_total)")
+	fs.Func("guard-generation", "host guard: this proxy's generation (the DaemonSet passes its pod's pod-template-generation); while a proxy of a newer generation keeps the guard (its heartbeat on the guard is fresh), this one installs and repairs nothing (metaconceal_guard_deferred_to_generation). Empty or unset: 0, the lowest",
+		func(v string) error {
+			if v == "" {
+				f.guardGeneration = 0
+				return nil
+			}
+			n, err := strconv.ParseUint(v, 10, 64)
+			f.guardGeneration = n
+			return err
+		})
 	fs.IntVar(&f.guardConnBurst, "guard-conn-burst", hostguard.DefaultConnBurst, "host guard: new TCP connections a source IP may open at once before --guard-conn-rate applies (1-10000 with a rate)")
 	fs.DurationVar(&f.altsHandshakeTimeout, "alts-handshake-timeout", altsrelay.DefaultHandshakeTimeout, "ALTS relay: a connection that has not sent the HTTP/2 preface and its first gRPC call to the handshaker service within this is closed")
 	fs.DurationVar(&f.altsIdleTimeout, "alts-idle-timeout", altsrelay.DefaultIdleTimeout, "ALTS relay: a connection on which no byte moved either way for this long is closed")
 	fs.DurationVar(&f.upstreamTimeout, "upstream-timeout", proxy.DefaultUpstreamTimeout, "limit for an upstream answer that is not a long poll (504 after it)")
-	fs.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM, how long open ordinary requests may finish before connections are closed (held long polls are answered 503 at once, so clients retry)")
+	fs.DurationVar(&f.shutdownGrace, "shutdown-grace", 10*time.Second, "on SIGTERM the listeners close at once (the next instance, bound beside with SO_REUSEPORT, takes new connections), held long polls are handed back with the current value (as when their timeout_sec ends), and open requests may finish for this long before their connections are closed; keep it below the pod's terminationGracePeriodSeconds minus 5 s")
+	fs.StringVar(&f.probeSocket, "probe-socket", "", "unix socket path on which /healthz, /readyz and /metrics are also served, for exec probes (`metaconceal-proxy probe`) that must reach this instance, not another one sharing --metrics-listen during a rolling update; empty disables")
+	fs.BoolVar(&f.tcpMigrateReq, "tcp-migrate-req", true, "set net.ipv4.tcp_migrate_req=1 in the node's network namespace at start (through --proc-sys), so that connections queued on a closing listener move to the next instance's; false leaves the sysctl alone, and so does --host-guard=false. Failing to set it is logged, not fatal")
+	fs.StringVar(&f.procSys, "proc-sys", "/proc/sys", "where the node's /proc/sys is mounted read-write (a container's own /proc/sys is read-only; the DaemonSet mounts the node's at /host/proc/sys)")
 	fs.BoolVar(&f.cache, "cache", true, "cache service-account tokens (until a safety margin before expiry) and VM-lifetime facts (project-id, instance id/zone/name/..., for --cache-ttl); --cache=false sends every request upstream (identical concurrent GETs still share one)")
 	f.kube.Register(fs, eventsHelp)
 	fs.DurationVar(&f.cacheTTL, "cache-ttl", proxy.DefaultFactTTL, fmt.Sprintf("how long VM-lifetime facts are served from the cache (at most %s)", proxy.MaxFactTTL))
@@ -236,8 +254,16 @@ func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 		MetricsListen: f.metricsListen, UpstreamTimeout: f.upstreamTimeout, StateDir: f.stateDir,
 		Cache: proxy.CacheConfig{Disabled: !f.cache, FactTTL: f.cacheTTL}, Limits: f.limits,
 		ALTS:          proxyapp.ALTSOptions{HandshakeTimeout: f.altsHandshakeTimeout, IdleTimeout: f.altsIdleTimeout},
-		ShutdownGrace: f.shutdownGrace, Log: log,
+		ShutdownGrace: f.shutdownGrace, Log: log, ProbeSocket: f.probeSocket,
 		Collectors: []prometheus.Collector{buildinfo.NewCollector()}, // metaconceal_build_info
+	}
+	// Like the guard, the sysctl belongs to the node's netns: with --host-guard=false
+	// (tests, benchmarks on a machine's own netns) it is never touched.
+	if f.tcpMigrateReq && f.hostGuard {
+		if f.procSys == "" {
+			return o, errors.New("--proc-sys: empty; want where /proc/sys is, or --tcp-migrate-req=false")
+		}
+		o.ProcSys = f.procSys
 	}
 	var err error
 	if o.Listen, err = addrPorts("--listen", f.listen); err != nil {
@@ -254,7 +280,7 @@ func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 		if err != nil {
 			return o, err
 		}
-		o.Guard = &proxyapp.GuardOptions{Config: gcfg, Reconcile: f.guardReconcile}
+		o.Guard = &proxyapp.GuardOptions{Config: gcfg, Reconcile: f.guardReconcile, Generation: f.guardGeneration}
 	} else {
 		log.Warn(hostGuardOffWarning)
 	}
@@ -283,7 +309,7 @@ var optionFlags = map[string]string{
 	"Upstream": "--upstream", "Policy": "--policy", "ShutdownGrace": "--shutdown-grace",
 	"Cache": "--cache-ttl", "Limits": "--pod-* and --max-upstream-*", "ALTS.HandshakeTimeout": "--alts-handshake-timeout",
 	"ALTS.IdleTimeout": "--alts-idle-timeout", "Guard.Reconcile": "--guard-reconcile-interval",
-	"Events": "--pod-events",
+	"Events": "--pod-events", "ProbeSocket": "--probe-socket",
 }
 
 // namingFlag prefixes an error about an option with the flag to change.

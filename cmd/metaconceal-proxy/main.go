@@ -2,7 +2,8 @@
 // metadata requests (redirected to it by the metaconceal CNI plugin), conceals
 // kube-env and identity tokens, denies ambiguous requests, and forwards the rest to
 // the real metadata server. Subcommands: `metaconceal-proxy doctor` checks a node,
-// `metaconceal-proxy remove-host-guard` takes the host guard away (uninstall).
+// `metaconceal-proxy remove-host-guard` takes the host guard away (uninstall),
+// `metaconceal-proxy probe` is the DaemonSet's exec probe.
 //
 // The command line only: flags.go turns the flags into one proxyapp.Options, and
 // internal/proxyapp validates it, builds the parts (pkg/policy, pkg/proxy,
@@ -42,6 +43,8 @@ func dispatch(args []string, stdout, stderr io.Writer) int {
 			return doctor.Main(args[1:], stdout, stderr)
 		case "remove-host-guard":
 			return runRemoveHostGuard(args[1:], stderr) // remove.go
+		case "probe":
+			return runProbe(args[1:], stdout, stderr) // probe.go
 		}
 	}
 	return run(args, stderr)

@@ -12,8 +12,10 @@ import (
 	"testing"
 
 	admissionv1 "k8s.io/api/admissionregistration/v1"
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/klog/v2"
 	"sigs.k8s.io/yaml"
 
@@ -60,6 +62,31 @@ func TestKustomizationsListExistingFiles(t *testing.T) {
 	}
 }
 
+// The rolling update opens no window: the new pod starts beside the old one, which
+// only works when no container declares a port (hostNetwork turns it into a hostPort,
+// kubernetes#106417).
+func TestDaemonSetRollingUpdate(t *testing.T) {
+	t.Parallel()
+	var ds appsv1.DaemonSet
+	manifest.Decode(t, "daemonset.yaml", manifest.ReadDocs(t, "daemonset.yaml")[0], &ds)
+	ru := ds.Spec.UpdateStrategy.RollingUpdate
+	if ds.Spec.UpdateStrategy.Type != appsv1.RollingUpdateDaemonSetStrategyType || ru == nil || ru.MaxSurge == nil || ru.MaxUnavailable == nil {
+		t.Fatalf("updateStrategy %+v: want RollingUpdate with maxSurge and maxUnavailable", ds.Spec.UpdateStrategy)
+	}
+	if surge, err := intstr.GetScaledValueFromIntOrPercent(ru.MaxSurge, 1, true); err != nil || surge < 1 {
+		t.Errorf("maxSurge %s on a node: %d, %v; want at least 1", ru.MaxSurge.String(), surge, err)
+	}
+	if ru.MaxUnavailable.String() != "0" {
+		t.Errorf("maxUnavailable %s, want 0", ru.MaxUnavailable.String())
+	}
+	spec := ds.Spec.Template.Spec
+	for _, c := range append(spec.InitContainers, spec.Containers...) {
+		if len(c.Ports) > 0 {
+			t.Errorf("container %s declares ports %+v: the surge pod could not be scheduled", c.Name, c.Ports)
+		}
+	}
+}
+
 func TestDaemonSet(t *testing.T) {
 	t.Parallel()
 	spec := manifest.DaemonSetPodSpec(t, "daemonset.yaml")
@@ -93,13 +120,17 @@ func TestDaemonSet(t *testing.T) {
 	if !slices.Contains(proxy.Command, "--host-guard") {
 		t.Errorf("proxy command %v lacks --host-guard", proxy.Command)
 	}
+	// The probes ask this pod's proxy on its own socket: the TCP metrics address is
+	// shared with the other pod during a rolling update (SO_REUSEPORT).
+	const socket = "/tmp/metaconceal-proxy.sock"
 	for probe, path := range map[*corev1.Probe]string{proxy.ReadinessProbe: "/readyz", proxy.LivenessProbe: "/healthz"} {
-		if probe == nil || probe.HTTPGet == nil || probe.HTTPGet.Path != path || probe.HTTPGet.Host != "127.0.0.1" || probe.HTTPGet.Port.IntValue() != 989 {
-			t.Errorf("probe for %s: %+v; want httpGet 127.0.0.1:989%s", path, probe, path)
+		want := []string{"/metaconceal/metaconceal-proxy", "probe", "--socket=" + socket, "--path=" + path}
+		if probe == nil || probe.Exec == nil || !slices.Equal(probe.Exec.Command, want) {
+			t.Errorf("probe for %s: %+v; want exec %v", path, probe, want)
 		}
 	}
-	if !slices.Contains(proxy.Command, "--metrics-listen=127.0.0.1:989") {
-		t.Errorf("the probes assume --metrics-listen=127.0.0.1:989: %v", proxy.Command)
+	if !slices.Contains(proxy.Command, "--probe-socket="+socket) || manifest.MountedAt(proxy, "/tmp") == nil {
+		t.Errorf("the probes assume --probe-socket=%s on a pod-private /tmp: %v", socket, proxy.Command)
 	}
 	caps := proxy.SecurityContext.Capabilities
 	if caps == nil || !slices.Contains(caps.Add, "NET_ADMIN") {

@@ -14,6 +14,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -27,6 +29,7 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/podindex"
 	"github.com/metaconceal/metaconceal/pkg/policy"
 	"github.com/metaconceal/metaconceal/pkg/proxy"
+	"github.com/metaconceal/metaconceal/pkg/reuseport"
 )
 
 // App is the proxy built from Options. Run it once.
@@ -42,6 +45,9 @@ type App struct {
 	// connections to (pkg/hostguard, attest.go); none without the guard, so that every
 	// connection is then unattributed (fail closed).
 	attested []hostguard.AttestedListener
+	ready    readiness // what /readyz says besides the upstream (ready.go)
+	// freshSeen: connections in StateNew, counted by countFresh.
+	freshSeen sync.Map
 }
 
 // New validates o, every option before anything is changed, and builds the parts
@@ -72,7 +78,7 @@ func New(o Options) (*App, error) {
 		if err := cfg.Validate(); err != nil {
 			return nil, &OptionError{Option: "Guard.Config", Err: err}
 		}
-		a.guard, err = hostguard.New(cfg, hostguard.Options{Interval: o.Guard.Reconcile, Log: a.log, Registerer: a.metrics.Registry})
+		a.guard, err = hostguard.New(cfg, hostguard.Options{Interval: o.Guard.Reconcile, Log: a.log, Registerer: a.metrics.Registry, Generation: o.Guard.Generation})
 		if err != nil { // the config is valid: what is left is the interval
 			return nil, &OptionError{Option: "Guard.Reconcile", Err: err}
 		}
@@ -99,11 +105,11 @@ func New(o Options) (*App, error) {
 	return a, nil
 }
 
-// listeners are the open sockets of one Run.
+// listeners are the open sockets of one Run, each tracked by readiness.
 type listeners struct {
 	proxy, alts []net.Listener
 	attested    []attestedListener
-	admin       net.Listener // nil without MetricsListen
+	admin       []net.Listener // MetricsListen and the probe socket, when set
 }
 
 // attestedListener is one open listener of App.attested.
@@ -113,22 +119,22 @@ type attestedListener struct {
 }
 
 func (l *listeners) close() {
-	for _, ln := range append(l.proxy, l.alts...) {
+	for _, ln := range append(append(l.proxy, l.alts...), l.admin...) {
 		ln.Close()
 	}
 	for _, al := range l.attested {
 		al.ln.Close()
 	}
-	if l.admin != nil {
-		l.admin.Close()
-	}
 }
 
-// Run serves until ctx is done or a listener fails, then shuts down: the metrics
-// server first, then the proxy's and the relay's connections drain together within
-// ShutdownGrace (held long polls are answered 503 when the grace ends), then the
+// Run serves until ctx is done or a listener fails, then shuts down (see shutdown):
+// /readyz fails at once, the pods' and the relay's listeners close first (with
+// SO_REUSEPORT the next instance's listeners take every new connection), held long
+// polls are handed back, what is in flight is answered within ShutdownGrace, idle
+// keep-alive connections are closed, and the metrics server stops last; then the
 // guard's reconciliation stops. The host guard is never removed: a restart opens no
-// window (`metaconceal-proxy remove-host-guard` takes it away). Run returns nil after
+// window (`metaconceal-proxy remove-host-guard` takes it away). /readyz succeeds only
+// once every listener accepts and the guard was reconciled once. Run returns nil after
 // a shutdown asked for by ctx, or the listener's error.
 func (a *App) Run(ctx context.Context) error {
 	o, log := a.opts, a.log
@@ -158,11 +164,17 @@ func (a *App) Run(ctx context.Context) error {
 	g, serving := errgroup.WithContext(ctx)
 	loops, stopLoops := context.WithCancel(ctx)
 	defer stopLoops()
-	if a.guard != nil {
+	if a.guard == nil {
+		a.ready.guardOK.Store(true)
+	} else {
 		// Installed after every option was validated and before listening: it also
 		// puts the listen addresses on lo.
 		if err := a.guard.Install(ctx); err != nil {
 			return fmt.Errorf("install host guard: %w", err)
+		}
+		// One full pass before readiness: the guard as installed is checked whole.
+		if _, err := a.guard.Reconcile(ctx); err != nil {
+			return fmt.Errorf("first reconciliation of the host guard: %w", err)
 		}
 		g.Go(func() error {
 			defer a.guard.Start(loops)() // re-asserted every Reconcile until the loops stop
@@ -174,7 +186,9 @@ func (a *App) Run(ctx context.Context) error {
 		// after its record appears (inotify; the interval is the fallback).
 		a.pods.Refresh(true)
 		g.Go(func() error { a.pods.Run(loops, RefreshInterval, int(time.Minute/RefreshInterval)); return nil })
+		a.ready.guardOK.Store(true)
 	}
+	a.setMigrateReq()
 	lns, err := a.listen(ctx)
 	if err != nil {
 		stopLoops()
@@ -183,34 +197,53 @@ func (a *App) Run(ctx context.Context) error {
 	}
 
 	srv := proxy.NewServer(handler, log)
+	fresh := a.countFresh(srv)
 	for _, ln := range lns.proxy {
-		g.Go(func() error { return served(srv.Serve(handler.Listener(ln))) }) // unattributed; per-pod connection caps
+		g.Go(func() error { // per-pod connection caps
+			err := srv.Serve(handler.Listener(ln))
+			if a.ready.draining.Load() && errors.Is(err, net.ErrClosed) {
+				return nil // shutdown closed the listener itself, before srv.Shutdown
+			}
+			return served(err)
+		})
 	}
 	for _, ln := range lns.alts {
 		g.Go(func() error { return served(a.relay.Serve(ln)) })
 	}
+	podListeners := lns.proxy // closed first on shutdown, before net/http's Shutdown
 	for _, al := range lns.attested {
 		if al.Relay {
 			g.Go(func() error { return served(a.relay.ServeIngress(al.ln, al.Ingress)) })
-		} else {
-			g.Go(func() error { return served(srv.Serve(handler.ListenerFor(al.ln, al.Ingress))) })
+			continue
 		}
+		podListeners = append(podListeners, al.ln)
+		g.Go(func() error {
+			err := srv.Serve(handler.ListenerFor(al.ln, al.Ingress))
+			if a.ready.draining.Load() && errors.Is(err, net.ErrClosed) {
+				return nil // shutdown closed the listener itself, before srv.Shutdown
+			}
+			return served(err)
+		})
 	}
 	var admin *http.Server
-	if lns.admin != nil {
+	if len(lns.admin) > 0 {
 		admin = proxy.NewAdminServer(handler, log)
-		g.Go(func() error { return served(admin.Serve(lns.admin)) })
+		admin.Handler = a.ready.adminHandler(handler, admin.Handler)
+		for _, ln := range lns.admin {
+			g.Go(func() error { return served(admin.Serve(ln)) })
+		}
 	}
 	log.Info("metaconceal-proxy serving", "listen", o.Listen, "upstream", o.Upstream.Redacted(),
-		"alts_listen", o.ALTS.Listen, "metrics", o.MetricsListen, "recursive", o.Policy.Recursive.String(), "host_guard", a.guard != nil)
+		"alts_listen", o.ALTS.Listen, "metrics", o.MetricsListen, "probe_socket", o.ProbeSocket, "recursive", o.Policy.Recursive.String(), "host_guard", a.guard != nil)
 
 	<-serving.Done()
+	a.ready.draining.Store(true)
 	if ctx.Err() != nil {
 		log.Info("shutting down", "grace", o.ShutdownGrace.String())
 	} else {
 		log.Error("listener failed", "err", context.Cause(serving))
 	}
-	a.shutdown(handler, srv, admin)
+	a.shutdown(handler, srv, admin, podListeners, fresh)
 	stopLoops()
 	return g.Wait()
 }
@@ -233,7 +266,7 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "Listen", Err: err}
 		}
-		lns.proxy = append(lns.proxy, ln)
+		lns.proxy = append(lns.proxy, a.ready.Track("proxy "+addr.String(), ln))
 	}
 	for _, addr := range o.ALTS.Listen {
 		ln, err := proxy.Listen(ctx, addr.String())
@@ -241,7 +274,7 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "ALTS.Listen", Err: err}
 		}
-		lns.alts = append(lns.alts, ln)
+		lns.alts = append(lns.alts, a.ready.Track("alts "+addr.String(), ln))
 	}
 	for _, al := range a.attested {
 		if al.Relay && a.relay == nil {
@@ -252,6 +285,7 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "Guard.Config", Err: fmt.Errorf("%s listener: %w", al.Ingress, err)}
 		}
+		ln = a.ready.Track(fmt.Sprintf("%s %s", al.Ingress, al.Addr), ln)
 		lns.attested = append(lns.attested, attestedListener{AttestedListener: al, ln: ln})
 	}
 	if o.MetricsListen != "" {
@@ -260,22 +294,29 @@ func (a *App) listen(ctx context.Context) (*listeners, error) {
 			lns.close()
 			return nil, &OptionError{Option: "MetricsListen", Err: err}
 		}
-		lns.admin = ln
+		lns.admin = append(lns.admin, a.ready.Track("metrics "+o.MetricsListen, ln))
+	}
+	if o.ProbeSocket != "" {
+		ln, err := listenProbeSocket(ctx, o.ProbeSocket)
+		if err != nil {
+			lns.close()
+			return nil, &OptionError{Option: "ProbeSocket", Err: err}
+		}
+		lns.admin = append(lns.admin, a.ready.Track("probe "+o.ProbeSocket, ln))
 	}
 	return lns, nil
 }
 
-// shutdown stops serving: the metrics server, then the proxy's server and the relay
-// concurrently within one grace; requests still open after it are cut.
-func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
+// shutdown stops serving, within one ShutdownGrace: the pods' listeners close first,
+// the handler's Drain hands held long polls back, connections just accepted get to
+// send their first request, then net/http's Shutdown answers what is in flight with
+// "Connection: close" and closes idle keep-alive connections, concurrently with the
+// relay's; then the metrics server. Requests still open after the grace are cut.
+func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server, proxyListeners []net.Listener, fresh *atomic.Int64) {
 	log := a.log
+	start := time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), a.opts.ShutdownGrace)
 	defer cancel()
-	if admin != nil {
-		if err := admin.Shutdown(ctx); err != nil {
-			log.Warn("metrics listener did not shut down cleanly", "err", err)
-		}
-	}
 	relayDone := make(chan error, 1)
 	if a.relay != nil {
 		// The relay drains within the same grace as the HTTP side, concurrently.
@@ -283,7 +324,27 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 	} else {
 		relayDone <- nil
 	}
-	if err := srv.Shutdown(ctx); err != nil {
+	// Shutdown closes the listeners at once, then waits for the requests in flight;
+	// once the listeners are closed, held long polls are handed back (Drain returns
+	// when their answers are written: the process must not exit before), and once
+	// more after Shutdown, for polls parked meanwhile on keep-alive connections.
+	// net/http drops, unanswered, a request it finishes reading after Shutdown began
+	// (a connection accepted just before). So the pods' listeners are closed first,
+	// and Shutdown waits until every connection accepted has had its first request
+	// read (at most freshWait); those requests are answered as usual.
+	for _, ln := range proxyListeners {
+		ln.Close()
+	}
+	handler.Drain()
+	for wait := time.Now().Add(freshWait); fresh.Load() > 0 && time.Now().Before(wait); {
+		time.Sleep(5 * time.Millisecond)
+	}
+	err := srv.Shutdown(ctx)
+	if errors.Is(err, net.ErrClosed) {
+		err = nil // a listener closed above, again: every connection was done
+	}
+	handler.Drain()
+	if err != nil {
 		// Requests still open after the grace period: close them; clients retry.
 		log.Warn("open requests cut after the shutdown grace", "err", err)
 		handler.Close()
@@ -293,6 +354,62 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server) {
 	}
 	if err := <-relayDone; err != nil {
 		log.Warn("ALTS connections cut after the shutdown grace", "err", err)
+	}
+	log.Info("drained: listeners closed, open requests answered", "took", time.Since(start).String())
+	if admin != nil {
+		if err := admin.Shutdown(ctx); err != nil {
+			log.Warn("metrics listener did not shut down cleanly", "err", err)
+		}
+	}
+}
+
+// freshWait bounds how long shutdown waits for accepted connections to send their first
+// request before net/http's Shutdown (a client that sends nothing is closed by it).
+const freshWait = time.Second
+
+// countFresh counts srv's connections accepted and not yet past their first request
+// (StateNew), through its ConnState hook.
+func (a *App) countFresh(srv *http.Server) *atomic.Int64 {
+	var n atomic.Int64
+	next := srv.ConnState
+	srv.ConnState = func(c net.Conn, st http.ConnState) {
+		switch st {
+		case http.StateNew:
+			n.Add(1)
+		case http.StateActive, http.StateHijacked, http.StateClosed:
+			if c != nil {
+				if _, counted := a.freshSeen.LoadAndDelete(c); counted {
+					n.Add(-1)
+				}
+			}
+		}
+		if st == http.StateNew && c != nil {
+			a.freshSeen.Store(c, struct{}{})
+		}
+		if next != nil {
+			next(c, st)
+		}
+	}
+	return &n
+}
+
+// setMigrateReq sets net.ipv4.tcp_migrate_req=1 in the node's netns when asked to:
+// connections still queued on this instance's listeners when it closes them then go to
+// the next instance's instead of being reset. Failing to is logged, not fatal (an old
+// kernel, a read-only /proc/sys): the listeners still overlap.
+func (a *App) setMigrateReq() {
+	if a.opts.ProcSys == "" {
+		a.log.Info("net.ipv4.tcp_migrate_req left as it is (--tcp-migrate-req=false)")
+		return
+	}
+	changed, err := reuseport.MigrateReq(a.opts.ProcSys)
+	switch {
+	case err != nil:
+		a.log.Warn("could not set net.ipv4.tcp_migrate_req=1: connections queued on a closing listener are reset in a rolling update", "err", err)
+	case changed:
+		a.log.Info("set net.ipv4.tcp_migrate_req=1 in the node's network namespace", "proc_sys", a.opts.ProcSys)
+	default:
+		a.log.Info("net.ipv4.tcp_migrate_req is already 1")
 	}
 }
 

@@ -24,6 +24,14 @@ type Options struct {
 	// MetricsListen is where /metrics, /healthz and /readyz are served, as net.Listen
 	// takes it (the host may be empty or a name); empty turns them off.
 	MetricsListen string
+	// ProbeSocket, when set, is a unix socket path on which /healthz and /readyz (and
+	// /metrics) are also served, for exec probes that must reach this instance and not
+	// another one sharing MetricsListen through SO_REUSEPORT.
+	ProbeSocket string
+	// ProcSys, when set, is where the node's /proc/sys is, through which Run sets
+	// net.ipv4.tcp_migrate_req=1 in the netns of Run's thread: set it only where Run
+	// runs in the node's netns (as with Guard); empty leaves it alone.
+	ProcSys string
 	// Upstream is the real metadata server, scheme and host only.
 	Upstream *url.URL
 	// UpstreamTimeout bounds an upstream answer that is not a long poll.
@@ -76,6 +84,9 @@ type GuardOptions struct {
 	// Reconcile is how often the guard is checked and repaired; 0 is
 	// hostguard.DefaultReconcileInterval.
 	Reconcile time.Duration
+	// Generation is this proxy's generation: a guard written by a newer one, alive,
+	// is left alone (hostguard.Options.Generation).
+	Generation uint64
 }
 
 // An OptionError is an Options value that cannot be used. Option names the field

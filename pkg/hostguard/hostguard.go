@@ -592,7 +592,7 @@ func Remove(ctx context.Context, cfg Config, log *slog.Logger) error {
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, removeSpoof(ctx, cfg, log), removeListenAddrs(cfg, log))
+	errs = append(errs, removeSpoof(ctx, cfg, log), removeListenAddrs(cfg, log), removeGeneration(ctx, cfg))
 	return errors.Join(errs...)
 }
 

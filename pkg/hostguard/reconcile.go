@@ -44,6 +44,9 @@ type Options struct {
 	// proxy runs wholly in the node's): every later call checks that it runs there,
 	// and changes nothing otherwise.
 	NetnsPath string
+	// Generation is this proxy's generation (generation.go): the guard is left alone
+	// while a proxy of a newer one keeps it.
+	Generation uint64
 }
 
 // Guard is the host guard as desired state, with one lifecycle: Install puts it in
@@ -73,6 +76,7 @@ type Guard struct {
 	mu         sync.Mutex        // one pass at a time
 	lastRepair map[bool][]string // per family (v6): what the previous pass put back
 	warnedLoop map[bool]bool     // per family: the repeated-repair error was logged
+	gen        *generationState  // the generation marker (generation.go)
 }
 
 // New validates cfg and opts and returns the Guard; nothing is changed before Install.
@@ -107,7 +111,7 @@ func New(cfg Config, opts Options) (*Guard, error) {
 		spoof.home = home
 	}
 	g := &Guard{cfg: cfg, fams: families(cfg), spoof: spoof, interval: opts.Interval, log: log, netns: opts.NetnsPath,
-		lastRepair: map[bool][]string{}, warnedLoop: map[bool]bool{}, home: home,
+		lastRepair: map[bool][]string{}, warnedLoop: map[bool]bool{}, home: home, gen: newGenerationState(opts.Generation),
 		repairs: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "metaconceal_guard_repairs_total",
 			Help: "Repairs of the host guard by its reconciliation, by family (ipv4, ipv6) and table (raw, nat, filter; lo: a listen address put back on lo).",
@@ -118,7 +122,7 @@ func New(cfg Config, opts Options) (*Guard, error) {
 		}),
 	}
 	if opts.Registerer != nil {
-		for _, c := range []prometheus.Collector{g.repairs, g.failures} {
+		for _, c := range []prometheus.Collector{g.repairs, g.failures, g.gen.deferred} {
 			if err := opts.Registerer.Register(c); err != nil {
 				return nil, fmt.Errorf("hostguard: registering metrics: %w", err)
 			}
@@ -149,7 +153,13 @@ func (g *Guard) Install(ctx context.Context) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.in(func() error {
+		if yield, err := g.yield(ctx, nil); err != nil || yield {
+			return err // a newer generation keeps the guard
+		}
 		if err := Install(ctx, g.cfg, g.log); err != nil {
+			return err
+		}
+		if err := g.stamp(ctx, nil, true); err != nil {
 			return err
 		}
 		g.spoof.mu.Lock()
@@ -190,6 +200,18 @@ func familyLabel(f xtables.Family) string {
 
 func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 	var rep Repair
+	// The IPv4 save first: it carries the generation marker, and serves the pass.
+	var v4 *xtables.Snapshot
+	if f, ok := g.markerFamily(); ok {
+		snap, err := f.run.Snapshot(ctx, f.fam)
+		if err != nil {
+			return rep, fmt.Errorf("hostguard: %w", err)
+		}
+		v4 = &snap
+	}
+	if yield, err := g.yield(ctx, v4); err != nil || yield {
+		return rep, err // a newer generation keeps the guard: nothing is repaired
+	}
 	// Addresses first: the DNAT target must be local before traffic is sent to it.
 	added, err := addListenAddrs(g.cfg, g.log)
 	for _, a := range added {
@@ -213,8 +235,10 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 		if len(f.metadata) == 0 && sf == nil {
 			continue
 		}
-		snap, err := f.run.Snapshot(ctx, f.fam)
-		if err != nil {
+		var snap xtables.Snapshot
+		if !f.v6 && v4 != nil {
+			snap = *v4
+		} else if snap, err = f.run.Snapshot(ctx, f.fam); err != nil {
 			errs = append(errs, fmt.Errorf("hostguard: %w", err))
 			continue
 		}
@@ -253,6 +277,9 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 			rep.Missing = append(rep.Missing, f.fam.String()+" "+m)
 		}
 		g.log.Warn("host guard repaired: missing parts put back", "iptables", f.names.Iptables, "tables", tables, "missing", missing)
+	}
+	if err := g.stamp(ctx, v4, false); err != nil { // the marker's heartbeat, when due
+		errs = append(errs, err)
 	}
 	return rep, errors.Join(errs...)
 }

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/metaconceal/metaconceal/pkg/reuseport"
 )
 
 // Server timeouts. Every phase of a client connection has a deadline: reading the
@@ -85,11 +87,11 @@ func NewAdminServer(h *Handler, log *slog.Logger) *http.Server {
 // ErrAddressNotConfigured is returned by Listen when the address is not on the host.
 var ErrAddressNotConfigured = errors.New("listen address is not configured on this host")
 
-// Listen opens a TCP listener, turning "cannot assign requested address" into a
-// message that says what to do.
+// Listen opens a TCP listener with SO_REUSEPORT (pkg/reuseport: the next instance of
+// a rolling update binds beside this one), turning "cannot assign requested address"
+// into a message that says what to do.
 func Listen(ctx context.Context, addr string) (net.Listener, error) {
-	var lc net.ListenConfig
-	ln, err := lc.Listen(ctx, "tcp", addr)
+	ln, err := reuseport.Listen(ctx, addr)
 	if errors.Is(err, syscall.EADDRNOTAVAIL) {
 		host, _, _ := net.SplitHostPort(addr)
 		return nil, fmt.Errorf("listen on %s: %w (add it to lo, e.g. `ip addr add %s/32 dev lo`, or let the host guard add it): %w",

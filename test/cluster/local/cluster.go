@@ -638,6 +638,7 @@ func (c *Cluster) writeOverlays(context.Context) error {
 			return err
 		}
 		data = bytes.ReplaceAll(data, []byte("/NODE_ROOT"), []byte(c.nodeRoot))
+		data = bytes.ReplaceAll(data, []byte("/CONTAINERD_SOCKET_DIR"), []byte(filepath.Dir(c.socket)))
 		data = bytes.ReplaceAll(data, []byte("/CONTAINERD_SOCKET"), []byte(c.socket))
 		data = bytes.ReplaceAll(data, []byte("/CONTAINERD_NETNS"), []byte(c.netnsDir()))
 		dir := filepath.Join(c.Dir, o.dst)

@@ -66,7 +66,7 @@ func TestWriteOverlays(t *testing.T) {
 		}
 	}
 	deploy, _ := os.ReadFile(filepath.Join(c.DeployDir(), "kustomization.yaml"))
-	for _, want := range []string{c.socket, c.netnsDir()} {
+	for _, want := range []string{filepath.Dir(c.socket), c.netnsDir()} {
 		if !bytes.Contains(deploy, []byte(want)) {
 			t.Errorf("deploy overlay does not name %s:\n%s", want, deploy)
 		}

@@ -5,12 +5,22 @@
 //	probe idle                         block until SIGTERM (the pod's main process)
 //	probe get [-H 'Name: value'] URL   one GET, one JSON line {"status","body","leak","err"}
 //	probe loop -interval 100ms URL     a GET every interval, one JSON line each, with "t"
+//	probe clients -interval 20ms -poll POLLURL URL
+//	                                   what clients feel during an upgrade, three at once,
+//	                                   one JSON line per answer with "c" naming the client:
+//	                                   "new" GETs URL on a new connection every interval,
+//	                                   "ka" GETs URL every interval on one keep-alive
+//	                                   connection (re-dialled by net/http when closed),
+//	                                   "poll" holds a long poll on POLLURL (wait_for_change
+//	                                   with the last ETag, as Google's client libraries
+//	                                   do) and polls again after each answer
 //	probe alts HOST:PORT               the ALTS handshaker call, then each request a relay
 //	                                   carrying only ALTS must not pass; one JSON line each
 //	                                   {"name","answered","body","err"}
 //
-// Every request carries Metadata-Flavor: Google and its own connection (no keep-alive),
-// so each one goes through the pod's rules anew.
+// Every request carries Metadata-Flavor: Google and, but for the "ka" and "poll"
+// clients of `probe clients`, its own connection (no keep-alive), so each one goes
+// through the pod's rules anew.
 package main
 
 import (
@@ -25,6 +35,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -33,9 +44,12 @@ import (
 
 // Line is one printed result.
 type Line struct {
-	T      int64  `json:"t,omitempty"` // Unix milliseconds at the request's start (loop)
-	Status int    `json:"status"`      // HTTP status; 0 when no answer
-	Body   string `json:"body"`        // the first 200 bytes
+	T      int64  `json:"t,omitempty"`   // Unix milliseconds at the request's start (loop)
+	End    int64  `json:"end,omitempty"` // Unix milliseconds at the answer (clients)
+	C      string `json:"c,omitempty"`   // which client asked (clients)
+	ETag   string `json:"etag,omitempty"`
+	Status int    `json:"status"` // HTTP status; 0 when no answer
+	Body   string `json:"body"`   // the first 200 bytes
 	// Leak: the whole body holds the fake metadata server's kube-env or identity-token
 	// marker, i.e. a concealed answer got through.
 	Leak bool   `json:"leak"`
@@ -92,6 +106,15 @@ func run(args []string) int {
 			case <-tick.C:
 			}
 		}
+	case "clients":
+		fs := flag.NewFlagSet("clients", flag.ContinueOnError)
+		interval := fs.Duration("interval", 20*time.Millisecond, "time between request starts of the new-connection and the keep-alive client")
+		pollURL := fs.String("poll", "", "URL of the held long poll (wait_for_change is added)")
+		if err := fs.Parse(args[1:]); err != nil || fs.NArg() != 1 || *pollURL == "" {
+			fmt.Fprintln(os.Stderr, "usage: probe clients [-interval D] -poll URL URL")
+			return 2
+		}
+		return clients(ctx, *interval, *pollURL, fs.Arg(0))
 	case "alts":
 		if len(args) != 2 {
 			fmt.Fprintln(os.Stderr, "usage: probe alts HOST:PORT")
@@ -129,6 +152,7 @@ func get(ctx context.Context, client *http.Client, url string, headers ...string
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
 	l := Line{
+		ETag:   resp.Header.Get("ETag"),
 		Status: resp.StatusCode,
 		Body:   string(body[:min(len(body), 200)]),
 		Leak:   bytes.Contains(body, []byte(fakegce.KubeEnvMarker)) || bytes.Contains(body, []byte(fakegce.IdentityTokenMarker)),
@@ -137,6 +161,64 @@ func get(ctx context.Context, client *http.Client, url string, headers ...string
 		l.Err = "body: " + err.Error()
 	}
 	return l
+}
+
+// clients runs the three clients of `probe clients` until ctx is done.
+func clients(ctx context.Context, interval time.Duration, pollURL, url string) int {
+	var mu sync.Mutex
+	out := func(c string, start time.Time, l Line) {
+		l.C, l.T, l.End = c, start.UnixMilli(), time.Now().UnixMilli()
+		mu.Lock()
+		defer mu.Unlock()
+		emit(l)
+	}
+	every := func(c string, client *http.Client) {
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			start := time.Now()
+			out(c, start, get(ctx, client, url))
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+			}
+		}
+	}
+	var wg sync.WaitGroup
+	wg.Add(3)
+	go func() {
+		defer wg.Done()
+		every("new", &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}})
+	}()
+	go func() {
+		defer wg.Done()
+		every("ka", &http.Client{Timeout: 3 * time.Second, Transport: &http.Transport{Proxy: nil, MaxIdleConnsPerHost: 1}})
+	}()
+	go func() {
+		defer wg.Done()
+		client := &http.Client{Transport: &http.Transport{Proxy: nil}} // held as long as the server wants
+		etag := ""
+		for ctx.Err() == nil {
+			u := pollURL
+			if etag != "" {
+				u += "?wait_for_change=true&timeout_sec=3600&last_etag=" + etag
+			}
+			start := time.Now()
+			l := get(ctx, client, u)
+			if ctx.Err() != nil {
+				return // cut by the end of the probe, not an answer
+			}
+			out("poll", start, l)
+			if l.Status == http.StatusOK && l.ETag != "" {
+				etag = l.ETag
+			} else {
+				time.Sleep(interval) // no spin on a failure
+			}
+		}
+	}()
+	wg.Wait()
+	return 0
 }
 
 func emit(l Line) int {

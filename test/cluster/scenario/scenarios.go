@@ -328,52 +328,7 @@ func waitEntry(ctx context.Context, env *Env, node string, ok func(map[string]an
 
 var proberManifest = namespaceDoc("{{.WorkloadNamespace}}") + probePod("prober", "{{.WorkloadNamespace}}", probeSpec{Command: `["/probe", "loop", "-interval", "100ms", "{{.URL}}"]`})
 
-// rollingUpdate: while a prober pod asks for kube-env every 100 ms, the DaemonSet
-// gets a new image tag and rolls. No answer may carry kube-env; the longest time
-// without a concealed answer is reported.
-func rollingUpdate(ctx context.Context, env *Env) (string, error) {
-	if err := apply(ctx, env, proberManifest, map[string]string{"URL": kubeEnvURL}); err != nil {
-		return "", err
-	}
-	if _, err := waitPodsReady(ctx, env, WorkloadNamespace, "app=prober", 2*time.Minute); err != nil {
-		return "", err
-	}
-	// Let it answer for a second before the update, so the window has a start.
-	time.Sleep(time.Second)
-	start := time.Now()
-	img := env.Cluster.Images().Update
-	// Every container and init container of the DaemonSet: all run the one image.
-	if _, err := kubectl(ctx, env, nil, "-n", deployNamespace, "set", "image", "daemonset/"+daemonSet, "*="+img); err != nil {
-		return "", err
-	}
-	if err := rolloutStatus(ctx, env, 3*time.Minute); err != nil {
-		return "", err
-	}
-	rolled := time.Since(start)
-	// Keep asking for a while after the new proxy is ready.
-	time.Sleep(3 * time.Second)
-	out, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "logs", "prober")
-	if err != nil {
-		return "", err
-	}
-	if _, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "delete", "pod", "prober", "--wait=false"); err != nil {
-		return "", err
-	}
-	st, err := analyzeProbeLog(out, start.Add(-500*time.Millisecond).UnixMilli())
-	if err != nil {
-		return "", err
-	}
-	detail := st.String() + fmt.Sprintf(" rollout=%.1fs", rolled.Seconds())
-	switch {
-	case st.leaks > 0:
-		return detail, errf("%d answers carried kube-env", st.leaks)
-	case st.requests < 20:
-		return detail, errf("only %d requests in the window", st.requests)
-	case !st.lastConcealed:
-		return detail, errf("the last answer was not concealed: %s", st.last)
-	}
-	return detail, nil
-}
+// rollingUpdate is in rolling.go.
 
 type probeStats struct {
 	requests, concealed, leaks, noAnswer, other int

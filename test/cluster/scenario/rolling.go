@@ -1,0 +1,230 @@
+package scenario
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// The rolling update's bar (issue 18): what a client feels during a DaemonSet image
+// change, asking every 20 ms.
+const (
+	updateInterval   = 20 * time.Millisecond
+	updateMaxGap     = 100 * time.Millisecond
+	updateMinReqs    = 1000
+	updateMinWindow  = 12 * time.Second // at 2 x 50 requests/s: above updateMinReqs
+	updateAfterReady = 3 * time.Second  // asking goes on after the old pod is gone
+)
+
+var clientsManifest = namespaceDoc("{{.WorkloadNamespace}}") + probePod("upgrade-clients", "{{.WorkloadNamespace}}", probeSpec{
+	Command: `["/probe", "clients", "-interval", "20ms", "-poll", "{{.PollURL}}", "{{.URL}}"]`})
+
+// rollingUpdate: while a pod runs three clients (a new connection every 20 ms and one
+// keep-alive connection asking every 20 ms, both for kube-env, and a long poll held on
+// project-id, re-polled after each answer), the DaemonSet gets a new image tag and
+// rolls: the new pod starts beside the old one, goes ready, and the old one drains. No
+// answer may carry kube-env, every request is answered (no-answer: no connection or
+// no response; errors: an answer other than the concealed one, or a long poll answered
+// other than 200), the longest time between two concealed answers of one client is at
+// most 100 ms, and at least 1,000 requests fall in the window.
+func rollingUpdate(ctx context.Context, env *Env) (string, error) {
+	if err := apply(ctx, env, clientsManifest, map[string]string{"URL": kubeEnvURL, "PollURL": projectURL}); err != nil {
+		return "", err
+	}
+	if _, err := waitPodsReady(ctx, env, WorkloadNamespace, "app=upgrade-clients", 2*time.Minute); err != nil {
+		return "", err
+	}
+	// Let them answer for a second before the update, so the window has a start.
+	time.Sleep(time.Second)
+	// The old proxy's log until it exits (its pod is gone afterwards): the drain lines.
+	oldPods, err := podNames(ctx, env, deployNamespace, "app.kubernetes.io/name=metaconceal")
+	if err != nil {
+		return "", err
+	}
+	oldLogs := make(chan string, len(oldPods))
+	for _, p := range oldPods {
+		go func() {
+			out, _ := env.Cluster.Kubectl(ctx, nil, "-n", deployNamespace, "logs", "-f", p, "-c", "proxy", "--tail=1")
+			oldLogs <- string(out)
+		}()
+	}
+	defer func() {
+		for range oldPods {
+			select {
+			case out := <-oldLogs:
+				for l := range strings.SplitSeq(out, "\n") {
+					if strings.Contains(l, "drain") || strings.Contains(l, "shutting") || strings.Contains(l, "cut") || strings.Contains(l, "generation") {
+						env.Logf("old proxy: %s", l)
+					}
+				}
+			case <-time.After(5 * time.Second):
+			}
+		}
+	}()
+	start := time.Now()
+	img := env.Cluster.Images().Update
+	// Every container and init container of the DaemonSet: all run the one image.
+	if _, err := kubectl(ctx, env, nil, "-n", deployNamespace, "set", "image", "daemonset/"+daemonSet, "*="+img); err != nil {
+		return "", err
+	}
+	if err := rolloutStatus(ctx, env, 3*time.Minute); err != nil {
+		return "", err
+	}
+	rolled := time.Since(start)
+	// The old pod drains after the new one is ready: wait until it is gone.
+	nodes := len(env.Cluster.Nodes())
+	if err := poll(ctx, 2*time.Minute, func() error {
+		out, err := kubectl(ctx, env, nil, "-n", deployNamespace, "get", "pods", "-l", "app.kubernetes.io/name=metaconceal", "-o", "name")
+		if err != nil {
+			return err
+		}
+		if n := len(strings.Fields(string(out))); n > nodes {
+			return errf("%d metaconceal pods for %d nodes: the old one is still draining", n, nodes)
+		}
+		return nil
+	}); err != nil {
+		return "", err
+	}
+	drained := time.Since(start)
+	time.Sleep(max(updateAfterReady, updateMinWindow-time.Since(start)))
+	out, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "logs", "upgrade-clients")
+	if err != nil {
+		return "", err
+	}
+	if _, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "delete", "pod", "upgrade-clients", "--wait=false"); err != nil {
+		return "", err
+	}
+	st, err := analyzeClients(out, start.Add(-500*time.Millisecond).UnixMilli())
+	if err != nil {
+		return "", err
+	}
+	// The handover: from a second before the new pod was ready (the old one deleted)
+	// to a second after the old one was gone.
+	ho, err := analyzeClientsUntil(out, start.Add(rolled-time.Second).UnixMilli(), start.Add(drained+time.Second).UnixMilli())
+	if err != nil {
+		return "", err
+	}
+	detail := st.String() + fmt.Sprintf(" rollout=%.1fs old-pod-gone=%.1fs gap-from=+%.2fs handover-gap=%.3fs", rolled.Seconds(), drained.Seconds(),
+		float64(st.gapAt-start.UnixMilli())/1000, ho.longestGap.Seconds())
+	env.Logf("rolling-update: %d poll lines, the last: %s", st.pollLines, st.lastPoll)
+	switch {
+	case st.leaks > 0:
+		return detail, errf("%d answers carried kube-env", st.leaks)
+	case st.noAnswer > 0:
+		return detail, errf("%d requests got no answer, e.g. %s", st.noAnswer, st.firstBad)
+	case st.errors > 0:
+		return detail, errf("%d requests got an error, e.g. %s", st.errors, st.firstBad)
+	case st.longestGap > updateMaxGap:
+		return detail, errf("a client went %.2fs without a concealed answer (at most %.2fs)", st.longestGap.Seconds(), updateMaxGap.Seconds())
+	case st.requests < updateMinReqs:
+		return detail, errf("only %d requests in the window (at least %d)", st.requests, updateMinReqs)
+	case st.pollAnswers == 0:
+		return detail, errf("the held long poll was never answered during the update (not handed back)")
+	}
+	return detail, nil
+}
+
+// clientStats is what the three clients of `probe clients` felt in a window.
+type clientStats struct {
+	requests    int // "new" and "ka" requests
+	leaks       int
+	noAnswer    int // no connection, no response, or a timeout (any client)
+	errors      int // an answer, but not the concealed one ("new", "ka") or not 200 ("poll")
+	longestGap  time.Duration
+	gapClient   string
+	pollAnswers int // long poll answers (200): each a hand-back or a change
+	pollLines   int // long poll lines in the whole log (diagnostics)
+	lastPoll    string
+	gapAt       int64 // Unix ms: the start of the longest gap
+	firstBad    string
+}
+
+func (s clientStats) String() string {
+	return fmt.Sprintf("leaks=%d no-answer=%d errors=%d requests=%d longest-gap=%.3fs (%s) poll-answers=%d",
+		s.leaks, s.noAnswer, s.errors, s.requests, s.longestGap.Seconds(), s.gapClient, s.pollAnswers)
+}
+
+// clientLine is one line of `probe clients`.
+type clientLine struct {
+	probeLine
+	End int64  `json:"end"`
+	C   string `json:"c"`
+}
+
+// analyzeClients reads the clients' lines of requests started from sinceMillis on.
+// The gap of a client is the time between the starts of two consecutive requests it
+// got a concealed answer to (from sinceMillis for the first).
+func analyzeClients(log []byte, sinceMillis int64) (clientStats, error) {
+	return analyzeClientsUntil(log, sinceMillis, 0)
+}
+
+// analyzeClientsUntil is analyzeClients over requests started before untilMillis too
+// (0: no end).
+func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStats, error) {
+	var st clientStats
+	prev := map[string]int64{"new": sinceMillis, "ka": sinceMillis}
+	bad := func(l clientLine) {
+		if st.firstBad == "" {
+			st.firstBad = fmt.Sprintf("%s at %s: %s", l.C, time.UnixMilli(l.T).UTC().Format("15:04:05.000"), l.probeLine)
+		}
+	}
+	for _, raw := range bytes.Split(log, []byte("\n")) {
+		raw = bytes.TrimSpace(raw)
+		if len(raw) == 0 {
+			continue
+		}
+		var l clientLine
+		if err := json.Unmarshal(raw, &l); err != nil {
+			return st, fmt.Errorf("clients line %q: %w", raw, err)
+		}
+		if l.C == "poll" {
+			st.pollLines++
+			st.lastPoll = fmt.Sprintf("%s t=%d end=%d", l.probeLine, l.T-sinceMillis, l.End-sinceMillis)
+			// A poll held from before the window counts when it is answered in it.
+			if l.End < sinceMillis {
+				continue
+			}
+			switch {
+			case l.Leak:
+				st.leaks++
+				bad(l)
+			case l.Err != "" || l.Status == 0:
+				st.noAnswer++
+				bad(l)
+			case l.Status != 200:
+				st.errors++
+				bad(l)
+			default:
+				st.pollAnswers++
+			}
+			continue
+		}
+		if l.T < sinceMillis || (untilMillis > 0 && l.T >= untilMillis) {
+			continue
+		}
+		if _, known := prev[l.C]; !known {
+			return st, fmt.Errorf("clients line %q: unknown client %q", raw, l.C)
+		}
+		st.requests++
+		switch {
+		case l.Leak || l.Status == 200:
+			st.leaks++
+			bad(l)
+		case l.Err != "" || l.Status == 0:
+			st.noAnswer++
+			bad(l)
+		case !l.concealed():
+			st.errors++
+			bad(l)
+		default:
+			if gap := time.Duration(l.T-prev[l.C]) * time.Millisecond; gap > st.longestGap {
+				st.longestGap, st.gapClient, st.gapAt = gap, l.C, prev[l.C]
+			}
+			prev[l.C] = l.T
+		}
+	}
+	return st, nil
+}
