@@ -51,13 +51,16 @@ func TestDaemonSetNodeAgentArgs(t *testing.T) {
 		t.Errorf("keep-entry: gate %v, repair %q, events %v, metrics %q: want the gate, repair=repair, Events and metrics",
 			o.agent.gate, o.agent.repair, o.agent.kube.Events, o.agent.metricsListen)
 	}
-	for _, path := range []string{o.agent.criSocket, o.agent.stateDir} {
-		switch m := manifest.MountedAt(agent, path); {
-		case m == nil:
-			t.Errorf("keep-entry does not mount %s", path)
-		case m.ReadOnly:
-			t.Errorf("keep-entry mounts %s read-only; the repair writes there", path)
-		}
+	switch m := manifest.MountedAt(agent, o.agent.stateDir); {
+	case m == nil:
+		t.Errorf("keep-entry does not mount %s", o.agent.stateDir)
+	case m.ReadOnly:
+		t.Errorf("keep-entry mounts %s read-only; the repair writes there", o.agent.stateDir)
+	}
+	// The CRI socket's directory, not the socket file: a restarted runtime makes a new
+	// socket, which a file mount would not see (read-only is enough to connect).
+	if m := manifest.MountedAt(agent, filepath.Dir(o.agent.criSocket)); m == nil {
+		t.Errorf("keep-entry does not mount the directory of %s (mount %+v)", o.agent.criSocket, m)
 	}
 }
 

@@ -344,6 +344,9 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server, proxyLis
 		err = nil // a listener closed above, again: every connection was done
 	}
 	handler.Drain()
+	if err == nil && !handler.Settle(settleWait) {
+		log.Warn("long polls handed back but not all answered yet", "waited", settleWait.String())
+	}
 	if err != nil {
 		// Requests still open after the grace period: close them; clients retry.
 		log.Warn("open requests cut after the shutdown grace", "err", err)
@@ -362,6 +365,10 @@ func (a *App) shutdown(handler *proxy.Handler, srv, admin *http.Server, proxyLis
 		}
 	}
 }
+
+// settleWait bounds how long shutdown waits, after net/http's Shutdown, for the long
+// polls Drain handed back to be answered (they are on hijacked connections).
+const settleWait = 5 * time.Second
 
 // freshWait bounds how long shutdown waits for accepted connections to send their first
 // request before net/http's Shutdown (a client that sends nothing is closed by it).

@@ -205,6 +205,15 @@ func (h *Handler) Drain() {
 	}
 }
 
+// Settle refuses new long polls from now on and waits up to d for every one held to
+// be answered (after Drain: handed back); it reports whether they all were. Parked
+// polls live on hijacked connections, which http.Server.Shutdown does not wait for:
+// a process that exits without Settle can cut the answers Drain started.
+func (h *Handler) Settle(d time.Duration) bool {
+	h.polls.Stop()
+	return h.polls.Wait(d)
+}
+
 // Close cancels every upstream long poll still open, answers their clients 503
 // (shutting down, retry), waits up to 5 s for those answers to be written, and closes
 // idle upstream connections.
