@@ -200,6 +200,12 @@ func familyLabel(f xtables.Family) string {
 
 func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 	var rep Repair
+	// Attest changes the attestation part: not while a pass reads and writes it. The
+	// lock is taken before the first save, which the pass compares with what Attest
+	// last wrote: a save taken before an Attest that lands meanwhile would show its
+	// rules as missing, and count a repair that is none.
+	g.spoof.mu.Lock()
+	defer g.spoof.mu.Unlock()
 	// The IPv4 save first: it carries the generation marker, and serves the pass.
 	var v4 *xtables.Snapshot
 	if f, ok := g.markerFamily(); ok {
@@ -222,9 +228,6 @@ func (g *Guard) reconcile(ctx context.Context) (Repair, error) {
 		g.log.Warn("host guard repaired: listen addresses put back on lo", "addrs", added)
 	}
 	errs := []error{err}
-	// Attest changes the attestation part: not while a pass reads and writes it.
-	g.spoof.mu.Lock()
-	defer g.spoof.mu.Unlock()
 	for _, f := range g.fams {
 		var sf *spoofFamily
 		for i := range g.spoof.fams {

@@ -77,9 +77,11 @@ func TestPodEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	pods2 := podindex.New(stateDir, nil)
+	pods2.Refresh(true) // what the proxy's refresher does when the records appear
 	h, err := proxy.New(proxy.Config{
 		Upstream: &url.URL{Scheme: "http", Host: "127.0.0.1:1"}, // blocked requests never go upstream
-		Policy:   pol, Pods: podindex.New(stateDir, nil), Notify: rec,
+		Policy:   pol, Pods: pods2, Notify: rec,
 		Log: slog.New(slog.DiscardHandler),
 	})
 	if err != nil {
@@ -90,8 +92,10 @@ func TestPodEvents(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &http.Server{Handler: h}
-	go func() { _ = srv.Serve(ln) }()
+	// Events name only attested pods: loopback plays the attested listener (on a node,
+	// the host guard DNATs a recorded pod's connections to it).
+	srv := proxy.NewServer(h, slog.New(slog.DiscardHandler))
+	go func() { _ = srv.Serve(h.ListenerFor(ln, podindex.Attested)) }()
 	defer srv.Close()
 
 	ask := func(from, path string) int {
