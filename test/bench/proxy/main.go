@@ -34,7 +34,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"syscall"
-	"text/tabwriter"
 	"time"
 
 	"github.com/metaconceal/metaconceal/internal/testutil"
@@ -267,49 +266,11 @@ func bench(cfg benchConfig) error {
 	fmt.Printf("%d rounds of %s per target and concurrency, alternating targets; %d CPUs shared by all processes\n\n",
 		cfg.rounds, cfg.roundTime, numCPU())
 
-	type key struct {
-		p     *process
-		conns int
+	if err := alternating(cfg, targets, labels, bare, func(addr string, conns int, d time.Duration) (*result, error) {
+		return load(addr, path, conns, d)
+	}); err != nil {
+		return err
 	}
-	results := map[key]*result{}
-	for _, t := range targets {
-		// Warm-up: connections, pools and JIT-free but cache-warm paths.
-		if _, err := load(t.addr, path, 50, 500*time.Millisecond); err != nil {
-			return fmt.Errorf("warm-up %s: %w", t.name, err)
-		}
-	}
-	for round := range cfg.rounds {
-		for _, conns := range cfg.conns {
-			order := slices.Clone(targets)
-			// Rotate the order each round, so no target always runs first or last.
-			for range round % len(order) {
-				order = append(order[1:], order[0])
-			}
-			for _, t := range order {
-				r, err := load(t.addr, path, conns, cfg.roundTime)
-				if err != nil {
-					return fmt.Errorf("%s at %d conns: %w", t.name, conns, err)
-				}
-				k := key{t, conns}
-				if results[k] == nil {
-					results[k] = &result{}
-				}
-				results[k].merge(r)
-			}
-		}
-	}
-
-	tw := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "target\tconns\treq/s\tp50\tp99\terrors\tvs bare\t")
-	for _, conns := range cfg.conns {
-		bareRPS := results[key{bare, conns}].rps()
-		for _, t := range targets {
-			r := results[key{t, conns}]
-			fmt.Fprintf(tw, "%s\t%d\t%.0f\t%s\t%s\t%d\t%.2fx\t\n", labels[t], conns, r.rps(),
-				fmtDur(r.percentile(50)), fmtDur(r.percentile(99)), r.errors, r.rps()/bareRPS)
-		}
-	}
-	tw.Flush()
 	if rss, err := mc.peakRSS(); err == nil {
 		fmt.Printf("\nmetaconceal-proxy peak RSS after the throughput rounds: %.1f MiB\n", float64(rss)/1024)
 	}

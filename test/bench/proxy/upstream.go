@@ -41,13 +41,41 @@ func upstreamRounds(cfg benchConfig, bare, mc *process, keys string, pathOf func
 		keys, cfg.rounds, cfg.roundTime, loadAvg())
 	targets := []*process{bare, mc}
 	labels := map[*process]string{bare: "bare httputil.ReverseProxy", mc: "metaconceal-proxy, cache off"}
+	if err := alternating(cfg, targets, labels, bare, func(addr string, conns int, d time.Duration) (*result, error) {
+		return loadEach(addr, pathOf, conns, d)
+	}); err != nil {
+		return err
+	}
+	fmt.Printf("load average after: %s\n", loadAvg())
+	return nil
+}
+
+// loadAvg is the first three fields of /proc/loadavg.
+func loadAvg() string {
+	data, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(data))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// alternating runs every target at every concurrency of cfg for cfg.rounds rounds,
+// after a warm-up, rotating the order each round so that no target always runs first
+// or last, and prints a row per target and concurrency with its throughput against
+// bare's.
+func alternating(cfg benchConfig, targets []*process, labels map[*process]string, bare *process, run func(addr string, conns int, d time.Duration) (*result, error)) error {
 	type key struct {
 		p     *process
 		conns int
 	}
 	results := map[key]*result{}
 	for _, t := range targets {
-		if _, err := loadEach(t.addr, pathOf, 50, 500*time.Millisecond); err != nil {
+		// Warm-up: connections, pools and cache-warm paths.
+		if _, err := run(t.addr, 50, 500*time.Millisecond); err != nil {
 			return fmt.Errorf("warm-up %s: %w", t.name, err)
 		}
 	}
@@ -58,7 +86,7 @@ func upstreamRounds(cfg benchConfig, bare, mc *process, keys string, pathOf func
 				order = append(order[1:], order[0])
 			}
 			for _, t := range order {
-				r, err := loadEach(t.addr, pathOf, conns, cfg.roundTime)
+				r, err := run(t.addr, conns, cfg.roundTime)
 				if err != nil {
 					return fmt.Errorf("%s at %d conns: %w", t.name, conns, err)
 				}
@@ -80,20 +108,5 @@ func upstreamRounds(cfg benchConfig, bare, mc *process, keys string, pathOf func
 				fmtDur(r.percentile(50)), fmtDur(r.percentile(99)), r.errors, r.rps()/bareRPS)
 		}
 	}
-	tw.Flush()
-	fmt.Printf("load average after: %s\n", loadAvg())
-	return nil
-}
-
-// loadAvg is the first three fields of /proc/loadavg.
-func loadAvg() string {
-	data, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
-	}
-	f := strings.Fields(string(data))
-	if len(f) < 3 {
-		return "unknown"
-	}
-	return strings.Join(f[:3], " ")
+	return tw.Flush()
 }
