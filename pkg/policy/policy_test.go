@@ -221,6 +221,11 @@ func TestEvaluate(t *testing.T) {
 		{name: "filter project alt text", mode: RecursiveFilter, target: v1 + "project?alt=TEXT&recursive=true", want: deny(RuleRecursiveAltText)},
 		{name: "filter tags alt text", mode: RecursiveFilter, target: v1 + "instance/tags?alt=text&recursive=true", want: allow(RuleRecursiveFiltered, v1+"instance/tags", "recursive=true&alt=text")},
 		{name: "filter root still denied", mode: RecursiveFilter, target: "/?recursive=true", want: deny(RuleRecursive)},
+		// recursive=false is GCE's default: never sent upstream, where a lenient reading
+		// of the key would answer a listing the proxy does not filter (found by
+		// FuzzProxyNeverLeaksConcealed).
+		{name: "filter recursive false dropped", mode: RecursiveFilter, target: v1 + "instAnCe/AttriButes/?reCursive=fAlse", want: allow(RuleRecursiveFiltered, v1+"instAnCe/AttriButes/", "")},
+		{name: "recursive false under sa dropped", target: v1 + "instance/service-accounts/default/?recursive=false&alt=text", want: allow(RuleServiceAccountRecursive, v1+"instance/service-accounts/default/", "alt=text")},
 		{name: "filter kube-env still concealed", mode: RecursiveFilter, target: v1 + "instance/attributes/kube-env?recursive=true", want: conceal(RuleKubeEnv)},
 	}
 	for _, tc := range cases {

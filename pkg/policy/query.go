@@ -286,6 +286,12 @@ func (p *Policy) canonical(q *query) string {
 		if !q.has(i) {
 			continue
 		}
+		if i == keyRecursive && q.values[i] == "false" {
+			// GCE's default, so nothing is lost; and a lenient upstream that reads any
+			// mention of the key as a recursive listing would answer one, which the
+			// proxy does not filter (Decision.Recursive is false).
+			continue
+		}
 		if b.Len() > 0 {
 			b.WriteByte('&')
 		}
