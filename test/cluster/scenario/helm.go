@@ -269,9 +269,17 @@ func helmInstall(ctx context.Context, env *Env) (string, error) {
 		}); err != nil {
 			return "", err
 		}
-		body, err := env.Cluster.NodeExec(ctx, n, "curl", "-sS", "--max-time", "5", agentMetrics)
-		if err != nil {
-			return "", fmt.Errorf("node %s: %s: %w", n, agentMetrics, err)
+		// The new agent opens its metrics listener once it runs (the readiness the
+		// rollout waited for is the proxy's): ask until it answers.
+		var body []byte
+		if err := poll(ctx, time.Minute, func() error {
+			var err error
+			if body, err = env.Cluster.NodeExec(ctx, n, "curl", "-sS", "--max-time", "5", agentMetrics); err != nil {
+				return fmt.Errorf("node %s: %s: %w", n, agentMetrics, err)
+			}
+			return nil
+		}); err != nil {
+			return "", err
 		}
 		exported := metricrefs.Exported{}
 		if err := exported.AddExposition(string(body)); err != nil {
