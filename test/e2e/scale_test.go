@@ -76,7 +76,14 @@ func TestFiftyPodsEightAtATime(t *testing.T) {
 			}
 		}
 	}
-	if after := rulesOfOurs(t, e.NS.Path); after != before {
+	// The attestation rules follow the state dir in the proxy's refresher, after the
+	// records are gone (at most one apply plus podindex.MinRefreshGap): wait for it.
+	after := rulesOfOurs(t, e.NS.Path)
+	for wait := time.Now().Add(10 * time.Second); after != before && time.Now().Before(wait); {
+		time.Sleep(100 * time.Millisecond)
+		after = rulesOfOurs(t, e.NS.Path)
+	}
+	if after != before {
 		t.Errorf("node rules changed across 50 pods added and removed:\nbefore:\n%s\nafter:\n%s", before, after)
 	}
 	for i, id := range ids {
