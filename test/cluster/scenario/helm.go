@@ -270,33 +270,36 @@ func helmInstall(ctx context.Context, env *Env) (string, error) {
 			return "", err
 		}
 		// The new agent opens its metrics listener once it runs (the readiness the
-		// rollout waited for is the proxy's): ask until it answers.
-		var body []byte
+		// rollout waited for is the proxy's), and sets some series only after its
+		// first self-test: ask until every one is there.
+		var found []string
 		if err := poll(ctx, time.Minute, func() error {
-			var err error
-			if body, err = env.Cluster.NodeExec(ctx, n, "curl", "-sS", "--max-time", "5", agentMetrics); err != nil {
+			found = found[:0]
+			body, err := env.Cluster.NodeExec(ctx, n, "curl", "-sS", "--max-time", "5", agentMetrics)
+			if err != nil {
 				return fmt.Errorf("node %s: %s: %w", n, agentMetrics, err)
+			}
+			exported := metricrefs.Exported{}
+			if err := exported.AddExposition(string(body)); err != nil {
+				return err
+			}
+			for m, labels := range metricrefs.ClusterOnly {
+				got, ok := exported[m]
+				if !ok {
+					return errf("node %s: the node agent exports no %s", n, m)
+				}
+				for _, l := range labels {
+					if !got[l] {
+						return errf("node %s: %s has no label %s", n, m, l)
+					}
+				}
+				found = append(found, m)
 			}
 			return nil
 		}); err != nil {
 			return "", err
 		}
-		exported := metricrefs.Exported{}
-		if err := exported.AddExposition(string(body)); err != nil {
-			return "", err
-		}
-		for m, labels := range metricrefs.ClusterOnly {
-			got, ok := exported[m]
-			if !ok {
-				return "", errf("node %s: the node agent exports no %s", n, m)
-			}
-			for _, l := range labels {
-				if !got[l] {
-					return "", errf("node %s: %s has no label %s", n, m, l)
-				}
-			}
-			metrics = append(metrics, m)
-		}
+		metrics = append(metrics, found...)
 	}
 	slices.Sort(metrics)
 	return fmt.Sprintf("release %s deployed; DaemonSet %d/%d ready (maxSurge 10%%, maxUnavailable 0, no ports); taint gone, %s True, kube-env concealed; agent exports %s",
