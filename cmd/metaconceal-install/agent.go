@@ -22,7 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"k8s.io/client-go/kubernetes"
 
-	"github.com/metaconceal/metaconceal/internal/buildinfo"
+	"github.com/metaconceal/metaconceal/internal/buildinfo/buildmetric"
 	"github.com/metaconceal/metaconceal/internal/kubeflags"
 	"github.com/metaconceal/metaconceal/pkg/cri"
 	"github.com/metaconceal/metaconceal/pkg/nodegate"
@@ -114,7 +114,7 @@ func (a *agentOptions) runBeside(ctx context.Context, confDir string, log *slog.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildinfo.NewCollector())
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), buildmetric.New())
 
 	var client kubernetes.Interface
 	var events *podevents.Recorder

@@ -15,7 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/metaconceal/metaconceal/internal/buildinfo"
+	"github.com/metaconceal/metaconceal/internal/buildinfo/buildmetric"
 	"github.com/metaconceal/metaconceal/internal/cliflag"
 	"github.com/metaconceal/metaconceal/internal/kubeflags"
 	"github.com/metaconceal/metaconceal/internal/proxyapp"
@@ -255,7 +255,7 @@ func (f flagValues) appOptions(log *slog.Logger) (proxyapp.Options, error) {
 		Cache: proxy.CacheConfig{Disabled: !f.cache, FactTTL: f.cacheTTL}, Limits: f.limits,
 		ALTS:          proxyapp.ALTSOptions{HandshakeTimeout: f.altsHandshakeTimeout, IdleTimeout: f.altsIdleTimeout},
 		ShutdownGrace: f.shutdownGrace, Log: log, ProbeSocket: f.probeSocket,
-		Collectors: []prometheus.Collector{buildinfo.NewCollector()}, // metaconceal_build_info
+		Collectors: []prometheus.Collector{buildmetric.New()}, // metaconceal_build_info
 	}
 	// Like the guard, the sysctl belongs to the node's netns: with --host-guard=false
 	// (tests, benchmarks on a machine's own netns) it is never touched.

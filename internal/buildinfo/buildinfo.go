@@ -1,16 +1,15 @@
 // Package buildinfo says which build a program is: its version and commit, set by the
 // Makefile through -ldflags -X (VersionVar, CommitVar), else read from the Go build
 // information (the module version, vcs.revision), and the Go version it was built
-// with. Every program prints it for --version and exports it as the
-// metaconceal_build_info metric.
+// with. Every program prints it for --version; the proxy and the node agent export it as
+// the metaconceal_build_info metric (package buildmetric, kept apart so that the CNI
+// plugin, started once per pod, does not link the Prometheus client).
 package buildinfo
 
 import (
 	"fmt"
 	"runtime"
 	"runtime/debug"
-
-	"github.com/prometheus/client_golang/prometheus"
 )
 
 // Set by the linker: go build -ldflags "-X <VersionVar>=1.2.3 -X <CommitVar>=<sha>".
@@ -21,9 +20,6 @@ const (
 	VersionVar = "github.com/metaconceal/metaconceal/internal/buildinfo.version"
 	CommitVar  = "github.com/metaconceal/metaconceal/internal/buildinfo.commit"
 )
-
-// MetricName is the build info gauge's name: value 1, labels version, commit and goversion.
-const MetricName = "metaconceal_build_info"
 
 // What a build without either source reports.
 const (
@@ -89,19 +85,3 @@ func String(program string) string { return Get().String(program) }
 func VersionRequested(args []string) bool {
 	return len(args) == 1 && (args[0] == "--version" || args[0] == "-version")
 }
-
-// Collector returns the metaconceal_build_info gauge of this build, for the caller to
-// register on its own registry.
-func (i Info) Collector() prometheus.Collector {
-	g := prometheus.NewGauge(prometheus.GaugeOpts{
-		Name:        MetricName,
-		Help:        "Always 1; its labels name the build: version, commit and the Go version it was built with.",
-		ConstLabels: prometheus.Labels{"version": i.Version, "commit": i.Commit, "goversion": i.GoVersion},
-	})
-	g.Set(1)
-	return g
-}
-
-// NewCollector returns this program's metaconceal_build_info gauge, for the caller
-// to register on its own registry.
-func NewCollector() prometheus.Collector { return Get().Collector() }

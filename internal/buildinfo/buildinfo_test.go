@@ -3,11 +3,7 @@ package buildinfo
 import (
 	"runtime"
 	"runtime/debug"
-	"strings"
 	"testing"
-
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 func TestResolve(t *testing.T) {
@@ -80,27 +76,5 @@ func TestVersionRequested(t *testing.T) {
 		if got := VersionRequested(tc.args); got != tc.want {
 			t.Errorf("VersionRequested(%q) = %v, want %v", tc.args, got, tc.want)
 		}
-	}
-}
-
-// TestCollector registers the gauge on a fresh registry and reads it back as a scrape
-// would.
-func TestCollector(t *testing.T) {
-	t.Parallel()
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(Info{Version: "1.2.3", Commit: "abc123", GoVersion: "go1.26.8"}.Collector())
-	want := `
-# HELP metaconceal_build_info Always 1; its labels name the build: version, commit and the Go version it was built with.
-# TYPE metaconceal_build_info gauge
-metaconceal_build_info{commit="abc123",goversion="go1.26.8",version="1.2.3"} 1
-`
-	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), MetricName); err != nil {
-		t.Error(err)
-	}
-	// This build's own collector registers on another fresh registry: one series.
-	reg2 := prometheus.NewRegistry()
-	reg2.MustRegister(NewCollector())
-	if n, err := testutil.GatherAndCount(reg2, MetricName); err != nil || n != 1 {
-		t.Errorf("NewCollector: %d series, %v; want 1", n, err)
 	}
 }
