@@ -139,9 +139,11 @@ func coldBurst() error {
 	defer srv.Close()
 	upAddr := ln.Addr().String()
 
-	// Default flags: every client below is a pod of its own (its own source IP), as
-	// in a real start-up burst, so the per-pod limits stay on.
-	cold, metricsAddr, stop, err := startProxy("cold metaconceal-proxy", "http://"+upAddr)
+	// Outside a node netns no client is an attested pod: all 1,000 share the one
+	// unattributed budget, whose per-pod connection cap and rate would refuse most of
+	// them (the per-pod limits with attested pods are the node sections' work). Off
+	// here; the node-wide upstream caps stay on, as in a real start-up burst.
+	cold, metricsAddr, stop, err := startProxy("cold metaconceal-proxy", "http://"+upAddr, "--pod-rate=0", "--pod-max-conns=0")
 	if err != nil {
 		return err
 	}

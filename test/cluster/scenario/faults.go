@@ -279,12 +279,14 @@ func kubeletRestart(ctx context.Context, env *Env) (string, error) {
 }
 
 // nodeReboot: the node's processes stop (pods included) and what a reboot empties is
-// emptied (Shutdown); its Node object is deleted meanwhile, as for a node recreated
-// under its name (a plain reboot keeps the object, and the kubelet applies
-// --register-with-taints only when it creates it); it boots. It must come back with
-// the readiness taint, lose it only once metaconceal protects it, and every workload
-// pod must run again in a new sandbox (its state record, emptied with /run, written
-// anew by the plugin's ADD or the repair) and be concealed.
+// emptied (Shutdown); it boots. The Node object stays, as in a reboot, so the
+// kubelet's --register-with-taints does not apply again: the node agent, finding no
+// marker in its tmpfs state dir, must put the readiness taint back until metaconceal
+// protects the node (nodegate's CloseAtStart). The taint must be seen on the node,
+// or, if it came and went between two looks, in the agent's log; it must be gone once
+// the proxy is ready, and every workload pod must run again in a new sandbox (its
+// state record, emptied with /run, written anew by the plugin's ADD or the repair)
+// and be concealed.
 func nodeReboot(ctx context.Context, env *Env) (string, error) {
 	f, err := nodeFaults(env)
 	if err != nil {
@@ -304,24 +306,20 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 		return "", err
 	}
 	down := time.Since(start)
-	if _, err := kubectl(ctx, env, nil, "delete", "node", node, "--wait=true", "--timeout=60s"); err != nil {
-		return "", err
-	}
 	boot := time.Now()
+	// Look at the node's taints from the start of the boot until they are gone again.
+	looks, stopLooking := context.WithCancel(ctx)
+	defer stopLooking()
+	taints := make(chan taintTimes, 1)
+	go func() { taints <- watchTaint(looks, env, node, boot) }()
 	if err := f.Boot(ctx, node); err != nil {
 		return "", err
 	}
 	booted := time.Since(boot)
-	// The node registered with the taint; the gate takes it away once protected.
-	tainted, err := nodeTainted(ctx, env, node)
-	if err != nil {
-		return "", err
-	}
-	if !tainted {
-		return "", errf("node %s came back without %s", node, nodegate.TaintKey)
-	}
-	taintSeen := time.Since(boot)
 	if err := poll(ctx, 3*time.Minute, func() error {
+		if err := proxyReady(ctx, env, node); err != nil {
+			return err
+		}
 		t, err := nodeTainted(ctx, env, node)
 		if err == nil && t {
 			err = errf("node %s still carries %s", node, nodegate.TaintKey)
@@ -331,8 +329,23 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 		return "", err
 	}
 	untainted := time.Since(boot)
-	if err := proxyReady(ctx, env, node); err != nil {
-		return "", errf("taint removed but the proxy is not ready: %w", err)
+	stopLooking()
+	seen := <-taints
+	// The agent says when its gate closed the node at its start.
+	agentLog, err := kubectl(ctx, env, nil, "-n", deployNamespace, "logs", "-l", "app.kubernetes.io/name=metaconceal", "-c", "keep-entry", "--tail=-1")
+	if err != nil {
+		return "", err
+	}
+	closedAtStart := strings.Contains(string(agentLog), "since it booted; tainting it until it does")
+	var taintDetail string
+	switch {
+	case seen.on > 0:
+		taintDetail = fmt.Sprintf("the node agent put %s back (seen %.1fs after boot start, gone %.1fs, in %d looks)",
+			nodegate.TaintKey, seen.on.Seconds(), seen.off.Seconds(), seen.looks)
+	case closedAtStart:
+		taintDetail = fmt.Sprintf("the node agent put %s back and took it away between two looks (its log; %d looks)", nodegate.TaintKey, seen.looks)
+	default:
+		return "", errf("node %s came back from the reboot and was never tainted (%d looks, the agent's log has no closing at start): new pods could land on it before metaconceal protects it", node, seen.looks)
 	}
 	pods, err := allWorkloadsConcealed(ctx, env, true)
 	if err != nil {
@@ -342,8 +355,8 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 		return "", errf("%d workload pods after the reboot, %d before", len(pods), len(before))
 	}
 	concealedAt := time.Since(boot)
-	detail := fmt.Sprintf("shutdown %.1fs; boot %.1fs; node re-registered with %s (seen %.1fs after boot start), removed %.1fs after boot start with the proxy ready; %d workload pods in new sandboxes, recorded and concealed %.1fs after boot start",
-		down.Seconds(), booted.Seconds(), nodegate.TaintKey, taintSeen.Seconds(), untainted.Seconds(), len(pods), concealedAt.Seconds())
+	detail := fmt.Sprintf("shutdown %.1fs; boot %.1fs; Node object kept; %s; proxy ready and untainted %.1fs after boot start; %d workload pods in new sandboxes, recorded and concealed %.1fs after boot start",
+		down.Seconds(), booted.Seconds(), taintDetail, untainted.Seconds(), len(pods), concealedAt.Seconds())
 	// Pods the kubelet restarts do not wait for the proxy: until it is ready they get
 	// no answer, and until it has put the host guard back nothing but their own rules
 	// stands between them and the metadata server. Say how long that was.
@@ -562,4 +575,34 @@ func podsBeforeProxy(ctx context.Context, env *Env, node string, pods []workload
 		return "", errf("no workload pod")
 	}
 	return fmt.Sprintf("first workload pod running again %.0fs before the proxy pod was Ready", proxyReadyAt.Sub(first).Seconds()), nil
+}
+
+// taintTimes is what watchTaint saw: when the readiness taint was first seen on the
+// node and when first seen gone after that (0: not seen), from its start.
+type taintTimes struct {
+	on, off time.Duration
+	looks   int
+}
+
+// watchTaint looks at node's taints every 200 ms from since until ctx is done or the
+// taint, once seen, is gone.
+func watchTaint(ctx context.Context, env *Env, node string, since time.Time) taintTimes {
+	var tt taintTimes
+	for ctx.Err() == nil {
+		if t, err := nodeTainted(ctx, env, node); err == nil {
+			tt.looks++
+			switch {
+			case t && tt.on == 0:
+				tt.on = time.Since(since)
+			case !t && tt.on > 0:
+				tt.off = time.Since(since)
+				return tt
+			}
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+	return tt
 }

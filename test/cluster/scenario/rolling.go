@@ -145,12 +145,20 @@ type clientStats struct {
 	pollLines   int // long poll lines in the whole log (diagnostics)
 	lastPoll    string
 	gapAt       int64 // Unix ms: the start of the longest gap
-	firstBad    string
+	// The longest gap in two parts: how long the request that opened it waited for
+	// its answer (the proxy's part), and how long the client then took to ask again
+	// (at most one interval when the client runs; more is the client itself not
+	// scheduled, on a shared machine).
+	gapWait, gapIdle time.Duration
+	longestWait      time.Duration // the longest any "new" or "ka" request waited for its answer
+	waitClient       string
+	firstBad         string
 }
 
 func (s clientStats) String() string {
-	return fmt.Sprintf("leaks=%d no-answer=%d errors=%d requests=%d longest-gap=%.3fs (%s) poll-answers=%d",
-		s.leaks, s.noAnswer, s.errors, s.requests, s.longestGap.Seconds(), s.gapClient, s.pollAnswers)
+	return fmt.Sprintf("leaks=%d no-answer=%d errors=%d requests=%d longest-gap=%.3fs (%s: answer %.3fs, then asked again %.3fs later) longest-wait=%.3fs (%s) poll-answers=%d",
+		s.leaks, s.noAnswer, s.errors, s.requests, s.longestGap.Seconds(), s.gapClient, s.gapWait.Seconds(), s.gapIdle.Seconds(),
+		s.longestWait.Seconds(), s.waitClient, s.pollAnswers)
 }
 
 // clientLine is one line of `probe clients`.
@@ -172,6 +180,7 @@ func analyzeClients(log []byte, sinceMillis int64) (clientStats, error) {
 func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStats, error) {
 	var st clientStats
 	prev := map[string]int64{"new": sinceMillis, "ka": sinceMillis}
+	prevEnd := map[string]int64{"new": sinceMillis, "ka": sinceMillis}
 	bad := func(l clientLine) {
 		if st.firstBad == "" {
 			st.firstBad = fmt.Sprintf("%s at %s: %s", l.C, time.UnixMilli(l.T).UTC().Format("15:04:05.000"), l.probeLine)
@@ -215,6 +224,9 @@ func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStat
 			return st, fmt.Errorf("clients line %q: unknown client %q", raw, l.C)
 		}
 		st.requests++
+		if wait := time.Duration(l.End-l.T) * time.Millisecond; wait > st.longestWait {
+			st.longestWait, st.waitClient = wait, l.C
+		}
 		switch {
 		case l.Leak || l.Status == 200:
 			st.leaks++
@@ -228,8 +240,10 @@ func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStat
 		default:
 			if gap := time.Duration(l.T-prev[l.C]) * time.Millisecond; gap > st.longestGap {
 				st.longestGap, st.gapClient, st.gapAt = gap, l.C, prev[l.C]
+				st.gapWait = time.Duration(prevEnd[l.C]-prev[l.C]) * time.Millisecond
+				st.gapIdle = time.Duration(l.T-prevEnd[l.C]) * time.Millisecond
 			}
-			prev[l.C] = l.T
+			prev[l.C], prevEnd[l.C] = l.T, l.End
 		}
 	}
 	return st, nil

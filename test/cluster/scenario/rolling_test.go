@@ -21,14 +21,22 @@ func TestAnalyzeClients(t *testing.T) {
 			`{"c":"new","t":1020,"end":1025,` + conc + `}`,
 			`{"c":"ka","t":1090,"end":1091,` + conc + `}`,
 			`{"c":"poll","t":500,"end":1100,"status":200,"body":"p"}`,
-		}, clientStats{requests: 4, longestGap: 80 * time.Millisecond, gapClient: "ka", pollAnswers: 1}},
+		}, clientStats{requests: 4, longestGap: 80 * time.Millisecond, gapClient: "ka", pollAnswers: 1,
+			gapWait: time.Millisecond, gapIdle: 79 * time.Millisecond, longestWait: 5 * time.Millisecond, waitClient: "new"}},
+		{"the gap is a slow answer", []string{
+			`{"c":"ka","t":1000,"end":1002,` + conc + `}`,
+			`{"c":"ka","t":1020,"end":1170,` + conc + `}`,
+			`{"c":"ka","t":1170,"end":1171,` + conc + `}`,
+		}, clientStats{requests: 3, longestGap: 150 * time.Millisecond, gapClient: "ka",
+			gapWait: 150 * time.Millisecond, gapIdle: 0, longestWait: 150 * time.Millisecond, waitClient: "ka"}},
 		{"refused, 503, leak", []string{
 			`{"c":"new","t":1000,"end":1001,"status":0,"err":"connection refused"}`,
 			`{"c":"ka","t":1000,"end":1001,"status":503,"body":"x"}`,
 			`{"c":"new","t":1200,"end":1201,` + conc + `}`,
 			`{"c":"ka","t":1020,"end":1021,"status":200,"body":"KUBE"}`,
 			`{"c":"poll","t":1000,"end":1300,"status":503,"body":"shutting down"}`,
-		}, clientStats{requests: 4, noAnswer: 1, errors: 2, leaks: 1, longestGap: 200 * time.Millisecond, gapClient: "new"}},
+		}, clientStats{requests: 4, noAnswer: 1, errors: 2, leaks: 1, longestGap: 200 * time.Millisecond, gapClient: "new",
+			gapIdle: 200 * time.Millisecond, longestWait: time.Millisecond, waitClient: "new"}},
 	} {
 		st, err := analyzeClients([]byte(strings.Join(tc.log, "\n")+"\n"), 1000)
 		if err != nil {
