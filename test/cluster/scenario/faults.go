@@ -281,10 +281,10 @@ func kubeletRestart(ctx context.Context, env *Env) (string, error) {
 // nodeReboot: the node's processes stop (pods included) and what a reboot empties is
 // emptied (Shutdown); it boots. The Node object stays, as in a reboot, so the
 // kubelet's --register-with-taints does not apply again: the node agent, finding no
-// marker in its tmpfs state dir, must put the readiness taint back until metaconceal
-// protects the node (nodegate's CloseAtStart). The taint must be seen on the node,
-// or, if it came and went between two looks, in the agent's log; it must be gone once
-// the proxy is ready, and every workload pod must run again in a new sandbox (its
+// marker in its tmpfs state dir, must put the readiness taint back when its first
+// step finds metaconceal not protecting the node yet (nodegate's CloseAtStart), or
+// find every check passing. A taint seen on the node must be the agent's (its log);
+// it must be gone once the proxy is ready, and every workload pod must run again in a new sandbox (its
 // state record, emptied with /run, written anew by the plugin's ADD or the repair)
 // and be concealed.
 func nodeReboot(ctx context.Context, env *Env) (string, error) {
@@ -316,7 +316,27 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 		return "", err
 	}
 	booted := time.Since(boot)
+	// The node agent restarted by the kubelet decides at its first step: it taints
+	// the node when metaconceal does not protect it yet (nodegate's CloseAtStart:
+	// no marker since the boot), or finds every check passing and leaves it open.
+	var agentLog string
+	var agentAt time.Duration
 	if err := poll(ctx, 3*time.Minute, func() error {
+		started, err := agentStarted(ctx, env, node)
+		if err != nil {
+			return err
+		}
+		if !started.After(boot) {
+			return errf("the node agent has not started again since the boot")
+		}
+		agentAt = started.Sub(boot)
+		out, err := kubectl(ctx, env, nil, "-n", deployNamespace, "logs", "-l", "app.kubernetes.io/name=metaconceal", "-c", "keep-entry", "--tail=-1")
+		if err != nil {
+			return err
+		}
+		if agentLog = string(out); !strings.Contains(agentLog, gateClosedAtBoot) && !strings.Contains(agentLog, gateOpen) {
+			return errf("the node agent's readiness gate has not decided yet")
+		}
 		if err := proxyReady(ctx, env, node); err != nil {
 			return err
 		}
@@ -331,21 +351,22 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 	untainted := time.Since(boot)
 	stopLooking()
 	seen := <-taints
-	// The agent says when its gate closed the node at its start.
-	agentLog, err := kubectl(ctx, env, nil, "-n", deployNamespace, "logs", "-l", "app.kubernetes.io/name=metaconceal", "-c", "keep-entry", "--tail=-1")
-	if err != nil {
-		return "", err
-	}
-	closedAtStart := strings.Contains(string(agentLog), "since it booted; tainting it until it does")
+	closedAtStart := strings.Contains(agentLog, gateClosedAtBoot)
 	var taintDetail string
 	switch {
+	case seen.on > 0 && !closedAtStart:
+		return "", errf("node %s carried %s after the boot but its agent's log does not say it closed the gate", node, nodegate.TaintKey)
 	case seen.on > 0:
-		taintDetail = fmt.Sprintf("the node agent put %s back (seen %.1fs after boot start, gone %.1fs, in %d looks)",
-			nodegate.TaintKey, seen.on.Seconds(), seen.off.Seconds(), seen.looks)
+		taintDetail = fmt.Sprintf("the node agent (started %.1fs after boot start) put %s back: seen %.1fs, gone %.1fs after boot start (%d looks)",
+			agentAt.Seconds(), nodegate.TaintKey, seen.on.Seconds(), seen.off.Seconds(), seen.looks)
 	case closedAtStart:
-		taintDetail = fmt.Sprintf("the node agent put %s back and took it away between two looks (its log; %d looks)", nodegate.TaintKey, seen.looks)
+		taintDetail = fmt.Sprintf("the node agent (started %.1fs after boot start) put %s back and took it away between two looks (its log; %d looks)",
+			agentAt.Seconds(), nodegate.TaintKey, seen.looks)
 	default:
-		return "", errf("node %s came back from the reboot and was never tainted (%d looks, the agent's log has no closing at start): new pods could land on it before metaconceal protects it", node, seen.looks)
+		// Its first step found the node protected (the proxy ready, its guard in
+		// place, the plugin in the conflist): nothing to close.
+		taintDetail = fmt.Sprintf("the node agent (started %.1fs after boot start) found the node protected at its first step: no taint needed (%d looks, none tainted)",
+			agentAt.Seconds(), seen.looks)
 	}
 	pods, err := allWorkloadsConcealed(ctx, env, true)
 	if err != nil {
@@ -576,6 +597,12 @@ func podsBeforeProxy(ctx context.Context, env *Env, node string, pods []workload
 	}
 	return fmt.Sprintf("first workload pod running again %.0fs before the proxy pod was Ready", proxyReadyAt.Sub(first).Seconds()), nil
 }
+
+// What the node agent's readiness gate logs at its first step after a boot.
+const (
+	gateClosedAtBoot = "since it booted; tainting it until it does"
+	gateOpen         = "readiness gate open"
+)
 
 // taintTimes is what watchTaint saw: when the readiness taint was first seen on the
 // node and when first seen gone after that (0: not seen), from its start.

@@ -25,11 +25,13 @@ var clientsManifest = namespaceDoc("{{.WorkloadNamespace}}") + probePod("upgrade
 // rollingUpdate: while a pod runs three clients (a new connection every 20 ms and one
 // keep-alive connection asking every 20 ms, both for kube-env, and a long poll held on
 // project-id, re-polled after each answer), the DaemonSet gets a new image tag and
-// rolls: the new pod starts beside the old one, goes ready, and the old one drains. No
-// answer may carry kube-env, every request is answered (no-answer: no connection or
-// no response; errors: an answer other than the concealed one, or a long poll answered
-// other than 200), the longest time between two concealed answers of one client is at
-// most 100 ms, and at least 1,000 requests fall in the window.
+// rolls: the new pod starts beside the old one, goes ready, and the old one drains.
+// Then it rolls back to the first tag the same way, so each pass measures two
+// updates. In each, no answer may carry kube-env, every request is answered (no-answer:
+// no connection or no response; errors: an answer other than the concealed one, or a
+// long poll answered other than 200), at least 1,000 requests fall in the window, and
+// the held long poll is handed back; the longest time between two concealed answers of
+// one client is reported against its 100 ms target.
 func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	if err := apply(ctx, env, clientsManifest, map[string]string{"URL": kubeEnvURL, "PollURL": projectURL}); err != nil {
 		return "", err
@@ -37,8 +39,27 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	if _, err := waitPodsReady(ctx, env, WorkloadNamespace, "app=upgrade-clients", 2*time.Minute); err != nil {
 		return "", err
 	}
+	defer func() {
+		_, _ = kubectl(context.WithoutCancel(ctx), env, nil, "-n", WorkloadNamespace, "delete", "pod", "upgrade-clients", "--wait=false")
+	}()
 	// Let them answer for a second before the update, so the window has a start.
 	time.Sleep(time.Second)
+	imgs := env.Cluster.Images()
+	var details []string
+	for i, img := range []string{imgs.Update, imgs.Metaconceal} {
+		detail, err := rollTo(ctx, env, img)
+		details = append(details, fmt.Sprintf("update %d (to %s): %s", i+1, img, detail))
+		if err != nil {
+			return strings.Join(details, "; "), err
+		}
+	}
+	return strings.Join(details, "; "), nil
+}
+
+// rollTo rolls the DaemonSet to img while the upgrade-clients pod asks, and judges
+// what its clients felt from the update's start until updateAfterReady after the old
+// pod is gone.
+func rollTo(ctx context.Context, env *Env, img string) (string, error) {
 	// The old proxy's log until it exits (its pod is gone afterwards): the drain lines.
 	oldPods, err := podNames(ctx, env, deployNamespace, "app.kubernetes.io/name=metaconceal")
 	if err != nil {
@@ -65,7 +86,6 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 		}
 	}()
 	start := time.Now()
-	img := env.Cluster.Images().Update
 	// Every container and init container of the DaemonSet: all run the one image.
 	if _, err := kubectl(ctx, env, nil, "-n", deployNamespace, "set", "image", "daemonset/"+daemonSet, "*="+img); err != nil {
 		return "", err
@@ -90,14 +110,12 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	}
 	drained := time.Since(start)
 	time.Sleep(max(updateAfterReady, updateMinWindow-time.Since(start)))
+	end := time.Now()
 	out, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "logs", "upgrade-clients")
 	if err != nil {
 		return "", err
 	}
-	if _, err := kubectl(ctx, env, nil, "-n", WorkloadNamespace, "delete", "pod", "upgrade-clients", "--wait=false"); err != nil {
-		return "", err
-	}
-	st, err := analyzeClients(out, start.Add(-500*time.Millisecond).UnixMilli())
+	st, err := analyzeClientsUntil(out, start.Add(-500*time.Millisecond).UnixMilli(), end.UnixMilli())
 	if err != nil {
 		return "", err
 	}
@@ -112,10 +130,17 @@ func rollingUpdate(ctx context.Context, env *Env) (string, error) {
 	// The longest gap is a time on a shared 2-core machine (the gaps fall while the new
 	// pod's containers start): reported against its target, not a failure. What fails
 	// is what a client cannot retry around: kube-env, no answer, an error.
-	if st.longestGap > updateMaxGap {
-		detail += fmt.Sprintf(" gap-target=%.2fs MISSED", updateMaxGap.Seconds())
-	} else {
+	// The client's own pause beyond its interval is the machine's scheduling, not the
+	// proxy's: say which part of a missed target was the proxy's.
+	clientPause := max(0, st.gapIdle-updateInterval)
+	switch proxyPart := st.longestGap - clientPause; {
+	case st.longestGap <= updateMaxGap:
 		detail += fmt.Sprintf(" gap-target=%.2fs met", updateMaxGap.Seconds())
+	case proxyPart <= updateMaxGap:
+		detail += fmt.Sprintf(" gap-target=%.2fs MISSED by the client's own pause of %.3fs beyond its interval (the rest, %.3fs, within it)",
+			updateMaxGap.Seconds(), clientPause.Seconds(), proxyPart.Seconds())
+	default:
+		detail += fmt.Sprintf(" gap-target=%.2fs MISSED (%.3fs of it not the client's own pause)", updateMaxGap.Seconds(), proxyPart.Seconds())
 	}
 	env.Logf("rolling-update: %d poll lines, the last: %s", st.pollLines, st.lastPoll)
 	switch {
