@@ -123,3 +123,113 @@ func (c Config) Validate() error {
 	_, err := c.normalized()
 	return err
 }
+
+// Config says what to guard and where to send it.
+type Config struct {
+	// ListenAddrs are the proxy's listen addresses; TCP to the metadata port is
+	// DNATed to the first one of the same family, and each is put on lo if missing.
+	ListenAddrs []netip.AddrPort
+	// MetadataAddrs are the metadata server's addresses (default 169.254.169.254).
+	MetadataAddrs []netip.Addr
+	// MetadataPort is the metadata server's port (default 80).
+	MetadataPort uint16
+	// ALTSListenAddrs are the ALTS relay's listen addresses; TCP to the metadata
+	// addresses' ALTSPort is DNATed to the first one of the same family, and each is
+	// put on lo if missing. Without one of a family, that port is rejected.
+	ALTSListenAddrs []netip.AddrPort
+	// ALTSPort is the ALTS handshaker's port on the metadata server (default 8080).
+	ALTSPort uint16
+	// ConnRate limits, per source IP, new TCP connections per second to each listen
+	// address (the proxy's and the relay's) in ChainLimit; 0 turns the limit off.
+	ConnRate uint32
+	// ConnBurst is how many new connections a source may open at once before
+	// ConnRate applies (1-10000 when ConnRate is set).
+	ConnBurst uint32
+	// Attest are the ports of the attested listeners (attest.go); zero is
+	// DefaultAttestPorts.
+	Attest AttestPorts
+	// KeepConntrack skips deleting the conntrack entries of pod connections that
+	// reached the metadata server directly (tests that inspect them use it).
+	KeepConntrack bool
+	// Backend selects the iptables programs (pkg/xtables); empty is
+	// xtables.BackendAuto, iptables on PATH.
+	Backend xtables.Backend
+}
+
+// DefaultMetadataAddr is GCE's metadata server address.
+var DefaultMetadataAddr = gce.MetadataIPv4
+
+func (c Config) normalized() (Config, error) {
+	if len(c.ListenAddrs) == 0 {
+		return c, errors.New("hostguard: no listen address to redirect to")
+	}
+	if err := checkTargets("listen address", c.ListenAddrs, gce.Proxy); err != nil {
+		return c, err
+	}
+	if err := checkTargets("ALTS relay listen address", c.ALTSListenAddrs, gce.ALTSRelay); err != nil {
+		return c, err
+	}
+	if len(c.MetadataAddrs) == 0 {
+		c.MetadataAddrs = []netip.Addr{DefaultMetadataAddr}
+	}
+	if err := checkMetadataAddrs(c.MetadataAddrs); err != nil {
+		return c, err
+	}
+	if c.MetadataPort == 0 {
+		c.MetadataPort = gce.MetadataPort
+	}
+	if c.ALTSPort == 0 {
+		c.ALTSPort = gce.ALTSPort
+	}
+
+	var err error
+	if c.Attest, err = c.Attest.normalized(c); err != nil {
+		return c, err
+	}
+	if err := validateConnLimit(c.ConnRate, c.ConnBurst); err != nil {
+		return c, err
+	}
+	if c.Backend == "" {
+		c.Backend = xtables.BackendAuto
+	}
+	if err := c.Backend.Validate(); err != nil {
+		return c, fmt.Errorf("hostguard: %w", err)
+	}
+	return c, nil
+}
+
+// checkMetadataAddrs refuses guarded addresses that are not specific.
+func checkMetadataAddrs(addrs []netip.Addr) error {
+	for _, a := range addrs {
+		if !a.IsValid() || a.IsUnspecified() {
+			return fmt.Errorf("hostguard: metadata address %q is not a specific address", a)
+		}
+	}
+	return nil
+}
+
+// checkTargets validates listen addresses of which the first of each family is a DNAT
+// target.
+func checkTargets(what string, addrs []netip.AddrPort, example netip.AddrPort) error {
+	for _, ap := range addrs {
+		if !ap.IsValid() || ap.Port() == 0 || ap.Addr().IsUnspecified() {
+			return fmt.Errorf("hostguard: %s %q: want a specific address and a non-zero port", what, ap)
+		}
+	}
+	seenFamily := map[bool]bool{}
+	for _, ap := range addrs {
+		v6 := ap.Addr().Unmap().Is6()
+		if seenFamily[v6] {
+			continue
+		}
+		seenFamily[v6] = true
+		// The first address of each family is the DNAT target: the kernel drops
+		// packets from pods DNATed to loopback (unless route_localnet is set).
+		if ap.Addr().Unmap().IsLoopback() {
+			return fmt.Errorf("hostguard: %s %s is a loopback address and cannot receive pod traffic redirected by DNAT: list a node-local address (e.g. %s) first", what, ap, example)
+		}
+	}
+	return nil
+}
+
+// family is one IP family's view of the config and its programs.

@@ -269,17 +269,7 @@ func (f spoofFamily) apply(ctx context.Context, attest []string) error {
 	chains, hooks := f.chains(attest, true), f.hooks()
 	var b strings.Builder
 	for _, table := range []string{xtables.TableNAT, xtables.TableFilter} {
-		b.WriteString("*" + table + "\n")
-		for _, c := range chains {
-			if c.table == table {
-				writeChain(&b, c)
-			}
-		}
-		for _, l := range stale[table] {
-			b.WriteString(l + "\n")
-		}
-		writeHooks(&b, table, hooks)
-		b.WriteString("COMMIT\n")
+		writeTable(&b, table, chains, stale[table], hooks, "")
 	}
 	return f.restore(ctx, b.String())
 }
