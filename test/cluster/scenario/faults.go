@@ -351,6 +351,9 @@ func nodeReboot(ctx context.Context, env *Env) (string, error) {
 	untainted := time.Since(boot)
 	stopLooking()
 	seen := <-taints
+	if seen.on > 0 && seen.off == 0 {
+		seen.off = untainted // the check above saw it gone before the watcher's next look
+	}
 	closedAtStart := strings.Contains(agentLog, gateClosedAtBoot)
 	var taintDetail string
 	switch {
