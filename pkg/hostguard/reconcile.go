@@ -156,7 +156,20 @@ func (g *Guard) Install(ctx context.Context) error {
 		if yield, err := g.yield(ctx, nil); err != nil || yield {
 			return err // a newer generation keeps the guard
 		}
-		if err := Install(ctx, g.cfg, g.log); err != nil {
+		// A guard already whole (the previous generation's, same config) is kept as
+		// it is: rewriting it is one transaction per table and family that the
+		// node's datapath pays for (new connections waited 50-120 ms on the cluster
+		// during the surge proxy's rewrite; docs/figures.md).
+		whole, err := g.whole(ctx)
+		if err != nil {
+			return err
+		}
+		if whole {
+			if _, err := addListenAddrs(g.cfg, g.log); err != nil {
+				return err
+			}
+			g.log.Info("host guard already in place and whole: kept as it is")
+		} else if err := Install(ctx, g.cfg, g.log); err != nil {
 			return err
 		}
 		if err := g.stamp(ctx, nil, true); err != nil {
@@ -167,6 +180,32 @@ func (g *Guard) Install(ctx context.Context) error {
 		clear(g.spoof.last) // rewrite whatever an earlier run left
 		return g.spoof.attest(ctx, g.spoof.records)
 	})
+}
+
+// whole reports whether every family's guard is in place exactly as this config
+// wants it, attestation chains aside (Install rewrites them from the records).
+func (g *Guard) whole(ctx context.Context) (bool, error) {
+	for _, f := range g.fams {
+		if len(f.metadata) == 0 {
+			continue
+		}
+		snap, err := f.run.Snapshot(ctx, f.fam)
+		if err != nil {
+			return false, fmt.Errorf("hostguard: %w", err)
+		}
+		chains, hooks, ours := g.desired(f, nil)
+		if missing, _ := check(snap, chains, hooks, ours, true); len(missing) > 0 {
+			g.log.Info("host guard not whole: installing it", "iptables", f.names.Iptables, "missing", missing)
+			return false, nil
+		}
+		for _, sf := range g.spoof.fams {
+			if sf.v6 == f.v6 && !snap.HasChain(xtables.TableNAT, AttestChain) {
+				g.log.Info("host guard not whole: installing it", "iptables", f.names.Iptables, "missing", "nat chain "+AttestChain)
+				return false, nil
+			}
+		}
+	}
+	return true, nil
 }
 
 // Repair is what one pass found missing and put back.

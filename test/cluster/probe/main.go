@@ -32,6 +32,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"os"
 	"os/signal"
 	"strings"
@@ -54,6 +55,12 @@ type Line struct {
 	// marker, i.e. a concealed answer got through.
 	Leak bool   `json:"leak"`
 	Err  string `json:"err,omitempty"`
+	// Where the time of a request went (clients), in milliseconds from its start: the
+	// connection established (0 for a reused one), the request written, the first
+	// byte of the answer read.
+	Conn  int64 `json:"conn,omitempty"`
+	Wrote int64 `json:"wrote,omitempty"`
+	First int64 `json:"first,omitempty"`
 }
 
 func main() {
@@ -145,9 +152,17 @@ func get(ctx context.Context, client *http.Client, url string, headers ...string
 		}
 		req.Header.Set(strings.TrimSpace(name), strings.TrimSpace(value))
 	}
+	var conn, wrote, first int64
+	start := time.Now()
+	since := func() int64 { return max(1, time.Since(start).Milliseconds()) }
+	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		ConnectDone:          func(string, string, error) { conn = since() },
+		WroteRequest:         func(httptrace.WroteRequestInfo) { wrote = since() },
+		GotFirstResponseByte: func() { first = since() },
+	}))
 	resp, err := client.Do(req)
 	if err != nil {
-		return Line{Err: err.Error()}
+		return Line{Err: err.Error(), Conn: conn, Wrote: wrote, First: first}
 	}
 	defer resp.Body.Close()
 	body, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
@@ -156,6 +171,7 @@ func get(ctx context.Context, client *http.Client, url string, headers ...string
 		Status: resp.StatusCode,
 		Body:   string(body[:min(len(body), 200)]),
 		Leak:   bytes.Contains(body, []byte(fakegce.KubeEnvMarker)) || bytes.Contains(body, []byte(fakegce.IdentityTokenMarker)),
+		Conn:   conn, Wrote: wrote, First: first,
 	}
 	if err != nil {
 		l.Err = "body: " + err.Error()

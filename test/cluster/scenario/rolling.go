@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 )
@@ -94,6 +95,19 @@ func rollTo(ctx context.Context, env *Env, img string) (string, error) {
 		return "", err
 	}
 	rolled := time.Since(start)
+	if pods, err := podNames(ctx, env, deployNamespace, "app.kubernetes.io/name=metaconceal"); err == nil {
+		for _, p := range pods {
+			if slices.Contains(oldPods, p) {
+				continue
+			}
+			out, _ := env.Cluster.Kubectl(ctx, nil, "-n", deployNamespace, "logs", p, "-c", "proxy")
+			for l := range strings.SplitSeq(string(out), "\n") {
+				if strings.Contains(l, "serving") || strings.Contains(l, "host guard") || strings.Contains(l, "tcp_migrate_req") {
+					env.Logf("new proxy: %s", l)
+				}
+			}
+		}
+	}
 	// The old pod drains after the new one is ready: wait until it is gone.
 	nodes := len(env.Cluster.Nodes())
 	if err := poll(ctx, 2*time.Minute, func() error {
@@ -143,6 +157,8 @@ func rollTo(ctx context.Context, env *Env, img string) (string, error) {
 		detail += fmt.Sprintf(" gap-target=%.2fs MISSED (%.3fs of it not the client's own pause)", updateMaxGap.Seconds(), proxyPart.Seconds())
 	}
 	env.Logf("rolling-update: %d poll lines, the last: %s", st.pollLines, st.lastPoll)
+	env.Logf("rolling-update: longest gap from %s, longest wait from %s (update at %s): %s",
+		time.UnixMilli(st.gapAt).UTC().Format("15:04:05.000"), time.UnixMilli(st.waitAt).UTC().Format("15:04:05.000"), start.UTC().Format("15:04:05.000"), st.waitLine)
 	switch {
 	case st.leaks > 0:
 		return detail, errf("%d answers carried kube-env", st.leaks)
@@ -177,6 +193,8 @@ type clientStats struct {
 	gapWait, gapIdle time.Duration
 	longestWait      time.Duration // the longest any "new" or "ka" request waited for its answer
 	waitClient       string
+	waitAt           int64 // Unix ms: when the longest wait began
+	waitLine         string
 	firstBad         string
 }
 
@@ -250,7 +268,7 @@ func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStat
 		}
 		st.requests++
 		if wait := time.Duration(l.End-l.T) * time.Millisecond; wait > st.longestWait {
-			st.longestWait, st.waitClient = wait, l.C
+			st.longestWait, st.waitClient, st.waitAt, st.waitLine = wait, l.C, l.T, string(raw)
 		}
 		switch {
 		case l.Leak || l.Status == 200:

@@ -42,7 +42,7 @@ func TestAnalyzeClients(t *testing.T) {
 		if err != nil {
 			t.Fatalf("%s: %v", tc.name, err)
 		}
-		st.firstBad, st.pollLines, st.lastPoll, st.gapAt = "", 0, "", 0
+		st.firstBad, st.pollLines, st.lastPoll, st.gapAt, st.waitAt, st.waitLine = "", 0, "", 0, 0, ""
 		if st != tc.want {
 			t.Errorf("%s: %+v, want %+v", tc.name, st, tc.want)
 		}
