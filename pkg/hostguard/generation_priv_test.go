@@ -101,52 +101,45 @@ func TestGenerationsDoNotFight(t *testing.T) {
 // (a rolling update of the same settings): no rewrite of the guard's tables, which
 // the node's datapath pays for; a guard missing a part is installed whole again.
 func TestInstallKeepsWholeGuard(t *testing.T) {
-	itestutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save", "iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")
-	t.Cleanup(func() { assertHostUntouched(t) })
-	for _, b := range backends {
-		t.Run(b.name, func(t *testing.T) {
-			t.Parallel()
-			ctx := context.Background()
-			node := newNode(t)
-			// As the proxy's defaults: both metadata addresses, an IPv4 listener only
-			// (so no IPv6 attestation chain).
-			cfg := Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")},
-				MetadataAddrs: []netip.Addr{gce.MetadataIPv4, gce.MetadataIPv6},
-				ConnRate:      DefaultConnRate, ConnBurst: DefaultConnBurst, Backend: b.backend}
-			install := func(gen uint64) string {
-				t.Helper()
-				var logs strings.Builder
-				g, err := New(cfg, Options{Log: slog.New(slog.NewTextHandler(&logs, nil)), NetnsPath: node.Path, Generation: gen})
-				if err != nil {
-					t.Fatal(err)
-				}
-				if err := g.Install(ctx); err != nil {
-					t.Fatalf("generation %d: %v", gen, err)
-				}
-				return logs.String()
-			}
-			if logs := install(1); !strings.Contains(logs, "host guard installed") {
-				t.Fatalf("first install did not install:\n%s", logs)
-			}
-			first := unmarkedLines(t, node, b.save)
-			logs := install(2)
-			if !strings.Contains(logs, "kept as it is") || strings.Contains(logs, "host guard installed") {
-				t.Errorf("second install of the same config rewrote the guard:\n%s", logs)
-			}
-			if got := unmarkedLines(t, node, b.save); !slices.Equal(got, first) {
-				t.Errorf("guard after the kept install differs:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(first, "\n"))
-			}
-			// A part gone: the next generation installs the guard whole again.
-			ipt := strings.TrimSuffix(b.save, "-save")
-			if _, err := node.Exec(ctx, ipt, "-t", "filter", "-F", ChainFrom); err != nil {
+	inEachBackend(t, func(t *testing.T, ctx context.Context, b backendCase, node *simnode.Node) {
+		// As the proxy's defaults: both metadata addresses, an IPv4 listener only
+		// (so no IPv6 attestation chain).
+		cfg := Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")},
+			MetadataAddrs: []netip.Addr{gce.MetadataIPv4, gce.MetadataIPv6},
+			ConnRate:      DefaultConnRate, ConnBurst: DefaultConnBurst, Backend: b.backend}
+		install := func(gen uint64) string {
+			t.Helper()
+			var logs strings.Builder
+			g, err := New(cfg, Options{Log: slog.New(slog.NewTextHandler(&logs, nil)), NetnsPath: node.Path, Generation: gen})
+			if err != nil {
 				t.Fatal(err)
 			}
-			if logs := install(3); !strings.Contains(logs, "host guard installed") {
-				t.Errorf("install over a guard missing its %s rules did not install:\n%s", ChainFrom, logs)
+			if err := g.Install(ctx); err != nil {
+				t.Fatalf("generation %d: %v", gen, err)
 			}
-			if got := unmarkedLines(t, node, b.save); !slices.Equal(got, first) {
-				t.Errorf("guard after the repairing install differs:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(first, "\n"))
-			}
-		})
-	}
+			return logs.String()
+		}
+		if logs := install(1); !strings.Contains(logs, "host guard installed") {
+			t.Fatalf("first install did not install:\n%s", logs)
+		}
+		first := unmarkedLines(t, node, b.save)
+		logs := install(2)
+		if !strings.Contains(logs, "kept as it is") || strings.Contains(logs, "host guard installed") {
+			t.Errorf("second install of the same config rewrote the guard:\n%s", logs)
+		}
+		if got := unmarkedLines(t, node, b.save); !slices.Equal(got, first) {
+			t.Errorf("guard after the kept install differs:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(first, "\n"))
+		}
+		// A part gone: the next generation installs the guard whole again.
+		ipt := strings.TrimSuffix(b.save, "-save")
+		if _, err := node.Exec(ctx, ipt, "-t", "filter", "-F", ChainFrom); err != nil {
+			t.Fatal(err)
+		}
+		if logs := install(3); !strings.Contains(logs, "host guard installed") {
+			t.Errorf("install over a guard missing its %s rules did not install:\n%s", ChainFrom, logs)
+		}
+		if got := unmarkedLines(t, node, b.save); !slices.Equal(got, first) {
+			t.Errorf("guard after the repairing install differs:\n%s\nwant\n%s", strings.Join(got, "\n"), strings.Join(first, "\n"))
+		}
+	})
 }

@@ -22,13 +22,31 @@ import (
 	"github.com/metaconceal/metaconceal/pkg/xtables"
 )
 
-var backends = []struct {
+// backendCase is one iptables backend the privileged tests run on.
+type backendCase struct {
 	name    string
 	backend xtables.Backend
 	save    string
-}{
+}
+
+var backends = []backendCase{
 	{"default", xtables.BackendAuto, "iptables-save"},
 	{"legacy", xtables.BackendLegacy, "iptables-legacy-save"},
+}
+
+// inEachBackend runs fn as a parallel subtest per backend, each in a simulated node of
+// its own, once both backends' iptables are there; the host netns must be untouched
+// at the end.
+func inEachBackend(t *testing.T, fn func(t *testing.T, ctx context.Context, b backendCase, node *simnode.Node)) {
+	t.Helper()
+	testutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save", "iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")
+	t.Cleanup(func() { assertHostUntouched(t) })
+	for _, b := range backends {
+		t.Run(b.name, func(t *testing.T) {
+			t.Parallel()
+			fn(t, context.Background(), b, newNode(t))
+		})
+	}
 }
 
 func testLogger(t *testing.T) *slog.Logger {
