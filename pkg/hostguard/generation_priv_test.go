@@ -13,7 +13,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/metaconceal/metaconceal/internal/testlib/simnode"
-	itestutil "github.com/metaconceal/metaconceal/internal/testutil"
 	"github.com/metaconceal/metaconceal/pkg/gce"
 )
 
@@ -29,72 +28,65 @@ func unmarkedLines(t *testing.T, node *simnode.Node, save string) []string {
 // and says so in its gauge; once the newer one's heartbeat is stale (it is gone), the
 // older one takes the guard over; a newer one running again takes it back.
 func TestGenerationsDoNotFight(t *testing.T) {
-	itestutil.RequirePrivileged(t, "ip", "iptables", "iptables-restore", "iptables-save", "iptables-legacy", "iptables-legacy-restore", "iptables-legacy-save")
-	t.Cleanup(func() { assertHostUntouched(t) })
-	for _, b := range backends {
-		t.Run(b.name, func(t *testing.T) {
-			t.Parallel()
-			ctx := context.Background()
-			node := newNode(t)
-			cfg := func(rate uint32) Config {
-				return Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")},
-					ConnRate: rate, ConnBurst: DefaultConnBurst, Backend: b.backend}
-			}
-			regOld := prometheus.NewRegistry()
-			older, err := New(cfg(DefaultConnRate), Options{Log: testLogger(t), Registerer: regOld, NetnsPath: node.Path, Generation: 1})
-			if err != nil {
-				t.Fatal(err)
-			}
-			newer, err := New(cfg(DefaultConnRate*2), Options{Log: testLogger(t), NetnsPath: node.Path, Generation: 2})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := older.Install(ctx); err != nil {
-				t.Fatal(err)
-			}
-			olderLines := unmarkedLines(t, node, b.save)
-			if err := newer.Install(ctx); err != nil {
-				t.Fatal(err)
-			}
-			newerLines := unmarkedLines(t, node, b.save)
-			if slices.Equal(olderLines, newerLines) {
-				t.Fatalf("the two configs give the same guard:\n%s", strings.Join(newerLines, "\n"))
-			}
-			for i := range 3 {
-				for _, g := range []*Guard{older, newer} {
-					if rep, err := g.Reconcile(ctx); err != nil || rep.Restores != 0 {
-						t.Fatalf("pass %d of generation %d: %+v, %v; want nothing written", i, g.gen.own, rep, err)
-					}
+	inEachBackend(t, func(t *testing.T, ctx context.Context, b backendCase, node *simnode.Node) {
+		cfg := func(rate uint32) Config {
+			return Config{ListenAddrs: []netip.AddrPort{netip.MustParseAddrPort("169.254.169.252:988")},
+				ConnRate: rate, ConnBurst: DefaultConnBurst, Backend: b.backend}
+		}
+		regOld := prometheus.NewRegistry()
+		older, err := New(cfg(DefaultConnRate), Options{Log: testLogger(t), Registerer: regOld, NetnsPath: node.Path, Generation: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		newer, err := New(cfg(DefaultConnRate*2), Options{Log: testLogger(t), NetnsPath: node.Path, Generation: 2})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := older.Install(ctx); err != nil {
+			t.Fatal(err)
+		}
+		olderLines := unmarkedLines(t, node, b.save)
+		if err := newer.Install(ctx); err != nil {
+			t.Fatal(err)
+		}
+		newerLines := unmarkedLines(t, node, b.save)
+		if slices.Equal(olderLines, newerLines) {
+			t.Fatalf("the two configs give the same guard:\n%s", strings.Join(newerLines, "\n"))
+		}
+		for i := range 3 {
+			for _, g := range []*Guard{older, newer} {
+				if rep, err := g.Reconcile(ctx); err != nil || rep.Restores != 0 {
+					t.Fatalf("pass %d of generation %d: %+v, %v; want nothing written", i, g.gen.own, rep, err)
 				}
 			}
-			if got := unmarkedLines(t, node, b.save); !slices.Equal(got, newerLines) {
-				t.Errorf("after both reconciled, the guard is not the newer generation's:\n%s", strings.Join(got, "\n"))
-			}
-			if v := testutil.ToFloat64(older.gen.deferred); v != 2 {
-				t.Errorf("older's metaconceal_guard_deferred_to_generation = %v, want 2", v)
-			}
-			// The newer one is gone: its heartbeat goes stale and the older one takes over.
-			older.gen.now = func() time.Time { return time.Now().Add(2 * generationLease) }
-			if rep, err := older.Reconcile(ctx); err != nil || rep.Restores == 0 {
-				t.Errorf("older's pass after the lease: %+v, %v; want its guard written back", rep, err)
-			}
-			if got := unmarkedLines(t, node, b.save); !slices.Equal(got, olderLines) {
-				t.Errorf("after the takeover, the guard is not the older generation's:\n%s", strings.Join(got, "\n"))
-			}
-			if v := testutil.ToFloat64(older.gen.deferred); v != 0 {
-				t.Errorf("older's gauge after the takeover = %v, want 0", v)
-			}
-			if rep, err := newer.Reconcile(ctx); err != nil || rep.Restores == 0 {
-				t.Errorf("newer's pass after the takeover: %+v, %v; want its guard written back", rep, err)
-			}
-			if err := inNetns(t, node.Path, func() error { return Remove(ctx, cfg(DefaultConnRate), nil) }); err != nil {
-				t.Fatal(err)
-			}
-			if left := metaconcealLines(t, node, b.save); len(left) > 0 {
-				t.Errorf("after Remove:\n%s", strings.Join(left, "\n"))
-			}
-		})
-	}
+		}
+		if got := unmarkedLines(t, node, b.save); !slices.Equal(got, newerLines) {
+			t.Errorf("after both reconciled, the guard is not the newer generation's:\n%s", strings.Join(got, "\n"))
+		}
+		if v := testutil.ToFloat64(older.gen.deferred); v != 2 {
+			t.Errorf("older's metaconceal_guard_deferred_to_generation = %v, want 2", v)
+		}
+		// The newer one is gone: its heartbeat goes stale and the older one takes over.
+		older.gen.now = func() time.Time { return time.Now().Add(2 * generationLease) }
+		if rep, err := older.Reconcile(ctx); err != nil || rep.Restores == 0 {
+			t.Errorf("older's pass after the lease: %+v, %v; want its guard written back", rep, err)
+		}
+		if got := unmarkedLines(t, node, b.save); !slices.Equal(got, olderLines) {
+			t.Errorf("after the takeover, the guard is not the older generation's:\n%s", strings.Join(got, "\n"))
+		}
+		if v := testutil.ToFloat64(older.gen.deferred); v != 0 {
+			t.Errorf("older's gauge after the takeover = %v, want 0", v)
+		}
+		if rep, err := newer.Reconcile(ctx); err != nil || rep.Restores == 0 {
+			t.Errorf("newer's pass after the takeover: %+v, %v; want its guard written back", rep, err)
+		}
+		if err := inNetns(t, node.Path, func() error { return Remove(ctx, cfg(DefaultConnRate), nil) }); err != nil {
+			t.Fatal(err)
+		}
+		if left := metaconcealLines(t, node, b.save); len(left) > 0 {
+			t.Errorf("after Remove:\n%s", strings.Join(left, "\n"))
+		}
+	})
 }
 
 // The next generation's Install keeps a guard that is already whole with its config
