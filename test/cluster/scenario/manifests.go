@@ -19,6 +19,10 @@ type probeSpec struct {
 	HostNetwork bool
 	TolerateAll bool   // tolerate every taint (as a DaemonSet would)
 	Command     string // the container's command, YAML flow style; default ["/probe", "idle"]
+	// CPURequest, when set, is the container's CPU request: without one the pod is
+	// BestEffort (cpu.shares 2) and, on a busy node, a measuring client waits for a
+	// CPU longer than for the answers it measures.
+	CPURequest string
 }
 
 // podSpec renders the pod spec at indent.
@@ -37,6 +41,9 @@ func (s probeSpec) podSpec(indent string) string {
 	}
 	fmt.Fprintf(&b, "%[1]scontainers:\n%[1]s  - name: probe\n%[1]s    image: {{.ProbeImage}}\n%[1]s    imagePullPolicy: Never\n%[1]s    command: %[2]s\n",
 		indent, command)
+	if s.CPURequest != "" {
+		fmt.Fprintf(&b, "%[1]s    resources:\n%[1]s      requests: {cpu: %[2]s}\n", indent, s.CPURequest)
+	}
 	return b.String()
 }
 

@@ -20,8 +20,10 @@ const (
 	updateAfterReady = 3 * time.Second  // asking goes on after the old pod is gone
 )
 
+// The clients ask for 100m of CPU, as a workload does: a BestEffort pod's cpu.shares
+// of 2 left them waiting for a CPU for up to 0.17 s while the surge pod started.
 var clientsManifest = namespaceDoc("{{.WorkloadNamespace}}") + probePod("upgrade-clients", "{{.WorkloadNamespace}}", probeSpec{
-	Command: `["/probe", "clients", "-interval", "20ms", "-poll", "{{.PollURL}}", "{{.URL}}"]`})
+	Command: `["/probe", "clients", "-interval", "20ms", "-poll", "{{.PollURL}}", "{{.URL}}"]`, CPURequest: "100m"})
 
 // rollingUpdate: while a pod runs three clients (a new connection every 20 ms and one
 // keep-alive connection asking every 20 ms, both for kube-env, and a long poll held on
