@@ -153,14 +153,23 @@ func (g *Guard) Install(ctx context.Context) error {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	return g.in(func() error {
-		if yield, err := g.yield(ctx, nil); err != nil || yield {
+		// The IPv4 save carries the generation marker and serves the check below.
+		var v4 *xtables.Snapshot
+		if f, ok := g.markerFamily(); ok {
+			snap, err := f.run.Snapshot(ctx, f.fam)
+			if err != nil {
+				return fmt.Errorf("hostguard: %w", err)
+			}
+			v4 = &snap
+		}
+		if yield, err := g.yield(ctx, v4); err != nil || yield {
 			return err // a newer generation keeps the guard
 		}
 		// A guard already whole (the previous generation's, same config) is kept as
 		// it is: a rolling update need not rewrite the node's rules (on the cluster
 		// e2e, pods' new connections waited 50-225 ms around the surge proxy's
 		// rewrite in four of six updates; docs/figures.md).
-		whole, err := g.whole(ctx)
+		whole, err := g.whole(ctx, v4)
 		if err != nil {
 			return err
 		}
@@ -183,26 +192,32 @@ func (g *Guard) Install(ctx context.Context) error {
 }
 
 // whole reports whether every family's guard is in place exactly as this config
-// wants it, attestation chains aside (Install rewrites them from the records).
-func (g *Guard) whole(ctx context.Context) (bool, error) {
+// wants it, attestation chains aside (Install rewrites them from the records) except
+// that they exist; v4 is the IPv4 family's save when the caller has it.
+func (g *Guard) whole(ctx context.Context, v4 *xtables.Snapshot) (bool, error) {
 	for _, f := range g.fams {
 		if len(f.metadata) == 0 {
 			continue
 		}
-		snap, err := f.run.Snapshot(ctx, f.fam)
-		if err != nil {
-			return false, fmt.Errorf("hostguard: %w", err)
+		var snap xtables.Snapshot
+		if !f.v6 && v4 != nil {
+			snap = *v4
+		} else {
+			var err error
+			if snap, err = f.run.Snapshot(ctx, f.fam); err != nil {
+				return false, fmt.Errorf("hostguard: %w", err)
+			}
 		}
 		chains, hooks, ours := g.desired(f, nil)
-		if missing, _ := check(snap, chains, hooks, ours, true); len(missing) > 0 {
-			g.log.Info("host guard not whole: installing it", "iptables", f.names.Iptables, "missing", missing)
-			return false, nil
-		}
+		missing, _ := check(snap, chains, hooks, ours, true)
 		for _, sf := range g.spoof.fams {
 			if sf.v6 == f.v6 && !snap.HasChain(xtables.TableNAT, AttestChain) {
-				g.log.Info("host guard not whole: installing it", "iptables", f.names.Iptables, "missing", "nat chain "+AttestChain)
-				return false, nil
+				missing = append(missing, "nat chain "+AttestChain)
 			}
+		}
+		if len(missing) > 0 {
+			g.log.Info("host guard not whole: installing it", "iptables", f.names.Iptables, "missing", missing)
+			return false, nil
 		}
 	}
 	return true, nil

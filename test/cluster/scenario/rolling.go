@@ -1,9 +1,7 @@
 package scenario
 
 import (
-	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -231,15 +229,12 @@ func analyzeClientsUntil(log []byte, sinceMillis, untilMillis int64) (clientStat
 			st.firstBad = fmt.Sprintf("%s at %s: %s", l.C, time.UnixMilli(l.T).UTC().Format("15:04:05.000"), l.probeLine)
 		}
 	}
-	for _, raw := range bytes.Split(log, []byte("\n")) {
-		raw = bytes.TrimSpace(raw)
-		if len(raw) == 0 {
-			continue
-		}
-		var l clientLine
-		if err := json.Unmarshal(raw, &l); err != nil {
-			return st, fmt.Errorf("clients line %q: %w", raw, err)
-		}
+	lines, err := decodeLines[clientLine](log, "clients")
+	if err != nil {
+		return st, err
+	}
+	for _, dl := range lines {
+		l, raw := dl.v, dl.raw
 		if l.C == "poll" {
 			st.pollLines++
 			st.lastPoll = fmt.Sprintf("%s t=%d end=%d", l.probeLine, l.T-sinceMillis, l.End-sinceMillis)

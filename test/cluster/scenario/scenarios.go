@@ -342,20 +342,40 @@ func (s probeStats) String() string {
 		s.leaks, s.requests, s.concealed, s.noAnswer, s.other, s.longestGap.Seconds())
 }
 
-// analyzeProbeLog reads the prober's lines from sinceMillis on: leaks, answers and
-// the longest time between two concealed answers (or from the window's start).
-func analyzeProbeLog(log []byte, sinceMillis int64) (probeStats, error) {
-	var st probeStats
-	prev := sinceMillis
+// decodedLine is one non-empty line of a probe's log, decoded, with its text.
+type decodedLine[T any] struct {
+	v   T
+	raw []byte
+}
+
+// decodeLines decodes every non-empty line of log as a T; what names the log in errors.
+func decodeLines[T any](log []byte, what string) ([]decodedLine[T], error) {
+	var out []decodedLine[T]
 	for _, raw := range bytes.Split(log, []byte("\n")) {
 		raw = bytes.TrimSpace(raw)
 		if len(raw) == 0 {
 			continue
 		}
-		var l probeLine
-		if err := json.Unmarshal(raw, &l); err != nil {
-			return st, fmt.Errorf("prober line %q: %w", raw, err)
+		var v T
+		if err := json.Unmarshal(raw, &v); err != nil {
+			return nil, fmt.Errorf("%s line %q: %w", what, raw, err)
 		}
+		out = append(out, decodedLine[T]{v, raw})
+	}
+	return out, nil
+}
+
+// analyzeProbeLog reads the prober's lines from sinceMillis on: leaks, answers and
+// the longest time between two concealed answers (or from the window's start).
+func analyzeProbeLog(log []byte, sinceMillis int64) (probeStats, error) {
+	var st probeStats
+	prev := sinceMillis
+	lines, err := decodeLines[probeLine](log, "prober")
+	if err != nil {
+		return st, err
+	}
+	for _, dl := range lines {
+		l := dl.v
 		if l.T < sinceMillis {
 			continue
 		}
